@@ -1,0 +1,1 @@
+"""SDXL ControlNet serving on BentoML: the modules behind ``service.py``."""

@@ -1,0 +1,148 @@
+"""Request models: every parameter with its default, bounds and description,
+so validation and the OpenAPI schema come from one declaration."""
+
+from __future__ import annotations
+
+import typing as t
+
+from bentoml.exceptions import InvalidArgument
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator, model_validator
+
+from . import settings
+
+MAX_SEED = 2**32 - 1
+Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
+OutputFormat = t.Literal["png", "jpeg", "webp"]
+
+
+class InvalidRequest(InvalidArgument):
+    """A request the client must fix; BentoML answers it with HTTP 400."""
+
+
+def check_image_size(image: Image.Image) -> Image.Image:
+    """Refuse oversized images from the header alone, before any pixel is decoded."""
+    width, height = image.size
+    if width * height > settings.MAX_INPUT_PIXELS:
+        raise InvalidRequest(
+            f"image is {width}×{height}; at most {settings.MAX_INPUT_PIXELS} pixels are accepted"
+        )
+    return image
+
+
+def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
+    try:
+        return check_image_size(open_image(value))
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidRequest(
+            "image is not a readable image file; send a JPEG, PNG or WebP"
+        ) from exc
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"image could not be read: {exc}") from exc
+
+
+# An uploaded image: BentoML opens it lazily (header only); we turn a file that
+# is not an image, or one too large, into a 400 before anything is decoded.
+ImageUpload = t.Annotated[Image.Image, WrapValidator(_open_upload)]
+
+
+class GenerationParams(BaseModel):
+    """What the GPU Service needs to generate from an edge map."""
+
+    # Unknown fields are typos a user wants to hear about; NaN and inf are never valid.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(
+        min_length=1, max_length=settings.MAX_PROMPT_CHARS, description="What to draw."
+    )
+    prompt_2: str | None = Field(
+        default=None,
+        max_length=settings.MAX_PROMPT_CHARS,
+        description="Prompt for SDXL's second text encoder; defaults to `prompt`.",
+    )
+    negative_prompt: str = Field(
+        default="", max_length=settings.MAX_PROMPT_CHARS, description="What to avoid."
+    )
+    negative_prompt_2: str | None = Field(
+        default=None,
+        max_length=settings.MAX_PROMPT_CHARS,
+        description="Negative prompt for the second text encoder; defaults to `negative_prompt`.",
+    )
+    controlnet_conditioning_scale: float = Field(
+        default=0.5, ge=0.0, le=2.0, description="How strongly the edge map steers the image."
+    )
+    control_guidance_start: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Fraction of the steps at which ControlNet starts."
+    )
+    control_guidance_end: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Fraction of the steps at which ControlNet stops."
+    )
+    guess_mode: bool = Field(
+        default=False, description="Let ControlNet recognise the content even without a prompt."
+    )
+    num_inference_steps: int = Field(
+        default=25, ge=1, le=settings.MAX_STEPS, description="Denoising steps."
+    )
+    guidance_scale: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=30.0,
+        description="Classifier-free guidance; 1 or less turns it off.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for reproducible images; a random one is drawn when absent. "
+        "Image i of a batch uses seed + i.",
+    )
+    scheduler: Scheduler = Field(default="euler", description="Sampler.")
+    num_images: int = Field(
+        default=1, ge=1, le=settings.MAX_IMAGES, description="Images to generate."
+    )
+
+    @model_validator(mode="after")
+    def _guidance_window(self) -> t.Self:
+        if self.control_guidance_start >= self.control_guidance_end:
+            raise ValueError("control_guidance_start must be less than control_guidance_end")
+        return self
+
+
+class Params(GenerationParams):
+    """The public request: generation settings plus edge detection, size and output."""
+
+    low_threshold: int = Field(default=100, ge=1, le=255, description="Canny lower threshold.")
+    high_threshold: int = Field(default=200, ge=1, le=255, description="Canny upper threshold.")
+    width: int | None = Field(
+        default=None,
+        ge=settings.MIN_OUTPUT_SIDE,
+        multiple_of=8,
+        description="Output width; with `height`, or the input's size snapped to multiples of 8.",
+    )
+    height: int | None = Field(
+        default=None,
+        ge=settings.MIN_OUTPUT_SIDE,
+        multiple_of=8,
+        description="Output height; with `width`.",
+    )
+    resize_mode: ResizeMode = Field(
+        default="crop_and_resize",
+        description="How the input meets width×height: stretch, cover and crop, or fit and pad.",
+    )
+    output_format: OutputFormat = Field(default="png", description="Image format returned.")
+
+    @model_validator(mode="after")
+    def _thresholds_and_size(self) -> t.Self:
+        if self.low_threshold > self.high_threshold:
+            raise ValueError("low_threshold must not exceed high_threshold")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        if self.width and self.height and self.width * self.height > settings.MAX_OUTPUT_PIXELS:
+            raise ValueError(f"width × height must be at most {settings.MAX_OUTPUT_PIXELS} pixels")
+        return self
+
+    def generation_params(self, seed: int) -> GenerationParams:
+        """The part the GPU Service takes, with the seed resolved."""
+        fields = self.model_dump(include=set(GenerationParams.model_fields))
+        return GenerationParams(**{**fields, "seed": seed})

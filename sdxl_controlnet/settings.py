@@ -1,0 +1,31 @@
+"""Every operator-tunable setting, read once from the environment.
+
+Model ids default to the production SDXL models; point them at local
+directories (``make tiny-model``) to run offline. Limits default to what one
+NVIDIA L4 (24 GB) serves comfortably.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+BASE_MODEL = os.environ.get("SDXL_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0")
+CONTROLNET_MODEL = os.environ.get("SDXL_CONTROLNET_MODEL", "diffusers/controlnet-canny-sdxl-1.0")
+VAE_MODEL = os.environ.get("SDXL_VAE_MODEL", "madebyollin/sdxl-vae-fp16-fix")
+
+# Uploads: checked from the image header, before any pixel is decoded.
+MAX_INPUT_PIXELS = _int("MAX_INPUT_PIXELS", 4096 * 4096)
+# Generated images: the input is scaled down to fit this area (SDXL's native 1024²).
+MAX_OUTPUT_PIXELS = _int("MAX_OUTPUT_PIXELS", 1024 * 1024)
+MIN_OUTPUT_SIDE = _int("MIN_OUTPUT_SIDE", 64)
+MAX_STEPS = _int("MAX_STEPS", 100)
+MAX_IMAGES = _int("MAX_IMAGES", 4)
+MAX_PROMPT_CHARS = _int("MAX_PROMPT_CHARS", 2000)
+
+# How long one generation may take, queue included, before the caller gets a 504.
+GENERATION_TIMEOUT_S = _int("GENERATION_TIMEOUT_S", 300)

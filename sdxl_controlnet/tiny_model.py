@@ -1,0 +1,149 @@
+"""Build a tiny random-weight SDXL ControlNet pipeline from configs, offline.
+
+The result has SDXL's architecture (two CLIP text encoders, a UNet with
+``text_time`` conditioning, a ControlNet whose conditioning embedding matches
+the VAE's x8 downsampling) at a fraction of the width, so the service, the
+tests and the demo run the real diffusers code path on a CPU in milliseconds
+per step. The weights are random: the pictures are noise, the shapes are real.
+
+    python -m sdxl_controlnet.tiny_model models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+# Where the three model paths live under the output directory; the service
+# loads them exactly like the three Hugging Face repositories they stand in for.
+BASE_SUBDIR = "base"
+CONTROLNET_SUBDIR = "controlnet"
+VAE_SUBDIR = "vae"
+
+TEXT_HIDDEN_SIZE = 32
+TIME_EMBED_DIM = 8
+# SDXL's added condition: the pooled text embedding plus six size/crop ids.
+TEXT_TIME_INPUT_DIM = 6 * TIME_EMBED_DIM + TEXT_HIDDEN_SIZE
+
+UNET_KWARGS = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    in_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED_DIM,
+    transformer_layers_per_block=1,
+    projection_class_embeddings_input_dim=TEXT_TIME_INPUT_DIM,
+    # Both encoders' hidden states are concatenated, as in SDXL.
+    cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+)
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A small CLIP BPE tokenizer: every printable character, its word-final
+    variant and a few merges (each merge's parts are in the vocabulary)."""
+    chars = [c for c in string.printable if not c.isspace()]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=merges,
+        model_max_length=77,
+    )
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        hidden_act="gelu",
+    )
+
+
+def build(output_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save base, ControlNet and VAE under ``output_dir``."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = text_encoder_config(tokenizer)
+
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        out_channels=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_KWARGS,
+    )
+    controlnet = ControlNetModel(
+        # Four stages of x2: the edge map is embedded at the latent resolution.
+        conditioning_embedding_out_channels=(8, 8, 8, 8),
+        **UNET_KWARGS,
+    )
+    # Four blocks make the VAE downsample x8, like SDXL's; latents keep SDXL's cost shape.
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    base = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(config),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    output_dir = Path(output_dir)
+    base.save_pretrained(output_dir / BASE_SUBDIR)
+    controlnet.save_pretrained(output_dir / CONTROLNET_SUBDIR)
+    vae.save_pretrained(output_dir / VAE_SUBDIR)
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", type=Path, help="directory to write the model to")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    args = parser.parse_args()
+    print(f"tiny SDXL ControlNet model written to {build(args.output_dir, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

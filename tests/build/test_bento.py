@@ -1,0 +1,61 @@
+"""`bentoml build` packs both Services, the pinned requirements and OpenCV's system packages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.build
+
+
+@pytest.fixture(scope="module")
+def bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("bentoml-home")
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "."],
+        cwd=ROOT,
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        check=True,
+        capture_output=True,
+    )
+    (bento_yaml,) = home.glob("bentos/sdxl-controlnet/*/bento.yaml")
+    return bento_yaml.parent
+
+
+def test_bento_serves_the_front_and_carries_both_services(bento: Path) -> None:
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert info["service"] == "service:ControlNet"
+    services = {service["name"]: service for service in info["services"]}
+    assert set(services) == {"ControlNet", "SDXLControlNetService"}
+    assert services["ControlNet"]["dependencies"] == [{"service": "SDXLControlNetService"}]
+    assert services["SDXLControlNetService"]["config"]["resources"] == {
+        "gpu": 1,
+        "gpu_type": "nvidia-l4",
+    }
+
+
+def test_bento_carries_the_code_and_not_the_rest(bento: Path) -> None:
+    src = bento / "src"
+    assert (src / "service.py").is_file()
+    assert (src / "sdxl_controlnet" / "pipeline.py").is_file()
+    for excluded in ("tests", "models", ".venv"):
+        assert not (src / excluded).exists()
+
+
+def test_bento_pins_the_requirements(bento: Path) -> None:
+    locked = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    for pin in (ROOT / "requirements.txt").read_text().splitlines():
+        if pin and not pin.startswith("#"):
+            assert pin in locked
+
+
+def test_dockerfile_installs_what_opencv_needs(bento: Path) -> None:
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "libstdc++6 zlib1g" in dockerfile

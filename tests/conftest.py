@@ -1,0 +1,135 @@
+"""Shared fixtures: the tiny model, sample images and a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "models" / "tiny"
+
+
+def tiny_model_env() -> dict[str, str]:
+    return {
+        "SDXL_BASE_MODEL": str(TINY_MODEL / "base"),
+        "SDXL_CONTROLNET_MODEL": str(TINY_MODEL / "controlnet"),
+        "SDXL_VAE_MODEL": str(TINY_MODEL / "vae"),
+    }
+
+
+# Settings are read at import time: point them at the tiny model before any test imports them.
+if not (TINY_MODEL / "base" / "model_index.json").exists():
+    from sdxl_controlnet.tiny_model import build
+
+    build(TINY_MODEL)
+os.environ.update(tiny_model_env())
+
+
+def shapes_image(width: int = 160, height: int = 120, mode: str = "RGB") -> Image.Image:
+    """A white picture with a dark rectangle and a circle: clear edges, flat areas."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([width // 8, height // 4, width // 2, 3 * height // 4], fill=(20, 40, 160))
+    draw.ellipse([width // 2, height // 8, 7 * width // 8, 5 * height // 8], fill=(200, 30, 30))
+    return image.convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A `bentoml serve` subprocess. BentoML starts each worker in a session of
+    its own, so stopping it means stopping the whole process tree."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = ROOT / "test-artifacts" / f"server-{self.port}.log"
+        self.log.parent.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", *args, "--port", str(self.port)],
+            cwd=ROOT,
+            env={**os.environ, **tiny_model_env(), **(env or {})},
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Seconds until /readyz answered 200."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready after {timeout}s; see {self.log}")
+
+    def stop(self) -> None:
+        try:
+            tree = [self.process_info(), *self.process_info().children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self.process.wait()
+
+    def process_info(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    """Both Services under one `bentoml serve`, on the tiny model."""
+    srv = Server(["serve", "."])
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

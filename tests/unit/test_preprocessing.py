@@ -1,0 +1,114 @@
+"""The front Service's CPU work: decoding any image a user has, sizing, Canny."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_controlnet import preprocessing, settings
+from sdxl_controlnet.schemas import InvalidRequest
+from tests.conftest import decode, encode, shapes_image
+
+
+def test_edges_follow_the_picture_and_flat_areas_have_none() -> None:
+    gray = preprocessing.to_grayscale(shapes_image(160, 120))
+    edges = preprocessing.edge_map(gray, 100, 200)
+    assert edges.shape == (120, 160) and edges.dtype == np.uint8
+    assert set(np.unique(edges)) == {0, 255}
+    # The rectangle's left side is at x=20, rows 30..90: an edge runs down it.
+    assert edges[40:80, 18:23].any(axis=1).all()
+    # Inside the rectangle and in the white background nothing changes: no edges.
+    assert not edges[40:80, 30:70].any()
+    assert not edges[100:, :].any()
+
+
+def test_flat_image_has_no_edges() -> None:
+    gray = preprocessing.to_grayscale(Image.new("RGB", (128, 128), (90, 120, 200)))
+    assert not preprocessing.edge_map(gray, 100, 200).any()
+
+
+def test_lower_thresholds_find_at_least_as_many_edges() -> None:
+    noisy = np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)
+    gray = preprocessing.to_grayscale(Image.fromarray(noisy).convert("RGB"))
+    low = preprocessing.edge_map(gray, 20, 60).astype(bool).sum()
+    high = preprocessing.edge_map(gray, 200, 250).astype(bool).sum()
+    assert low > high
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I", "I;16", "CMYK", "F"])
+def test_every_image_mode_finds_the_outline(mode: str) -> None:
+    edges = preprocessing.edge_map(preprocessing.to_grayscale(shapes_image(mode=mode)), 100, 200)
+    assert edges.shape == (120, 160)
+    # Whatever the mode, the rectangle's left side (x=20, rows 30..90) is found.
+    assert edges[40:80, 18:23].any(axis=1).all()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_encoded_formats_decode(fmt: str) -> None:
+    image = decode(encode(shapes_image(), fmt))
+    edges = preprocessing.edge_map(preprocessing.to_grayscale(image), 100, 200)
+    assert edges.shape == (120, 160) and edges.any()
+
+
+def test_transparent_areas_draw_no_edges() -> None:
+    # Black, fully transparent pixels: visible as nothing, so no edges against the white.
+    rgba = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    rgba.paste((255, 255, 255, 255), (0, 0, 64, 128))
+    assert not preprocessing.edge_map(preprocessing.to_grayscale(rgba), 100, 200).any()
+
+
+def test_exif_orientation_is_honoured() -> None:
+    image = shapes_image(160, 120)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert preprocessing.to_grayscale(decode(buffer.getvalue())).shape == (160, 120)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((160, 120), (160, 120)),
+        ((1024, 1024), (1024, 1024)),
+        ((1027, 771), (1024, 768)),  # snapped down to multiples of 8
+        ((4000, 3000), (1176, 880)),  # scaled into the area limit, aspect kept
+        ((20, 10), (128, 64)),  # scaled up to the minimum side
+    ],
+)
+def test_snapped_size(size: tuple[int, int], expected: tuple[int, int]) -> None:
+    width, height = preprocessing.snapped_size(*size)
+    assert (width, height) == expected
+    assert width % 8 == 0 and height % 8 == 0
+    assert width * height <= settings.MAX_OUTPUT_PIXELS
+
+
+def test_extreme_aspect_ratio_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="aspect ratio"):
+        preprocessing.snapped_size(20000, 10)
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop_and_resize", "resize_and_fill"])
+def test_explicit_size_in_every_resize_mode(mode: str) -> None:
+    gray = preprocessing.to_grayscale(shapes_image(160, 120))
+    edges = preprocessing.edge_map(gray, 100, 200, (96, 128), mode)
+    assert edges.shape == (128, 96) and edges.any()
+
+
+def test_resize_and_fill_pads_with_no_edges() -> None:
+    gray = preprocessing.to_grayscale(shapes_image(160, 120))
+    edges = preprocessing.edge_map(gray, 100, 200, (160, 240), "resize_and_fill")
+    # The 160×120 picture sits centred in 160×240: 60 empty rows above and below.
+    assert not edges[:58].any() and not edges[-58:].any()
+    assert edges[60:180].any()
+
+
+def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "MAX_INPUT_PIXELS", 100 * 100)
+    image = Image.open(io.BytesIO(encode(shapes_image(160, 120))))
+    with pytest.raises(InvalidRequest, match="at most 10000 pixels"):
+        preprocessing.to_grayscale(image)
+    assert image._im is None  # no pixel was decoded
