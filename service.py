@@ -1,9 +1,10 @@
 """Distributed SDXL ControlNet on BentoML.
 
-A request enters ``ControlNet`` (CPU): the upload is checked, decoded and turned
-into a Canny edge map. The one-channel edge map and the parameters cross to
-``SDXLControlNetService`` (GPU), which runs diffusers' SDXL ControlNet pipeline
-and returns the images as a uint8 array. The front encodes the reply.
+A request enters ``ControlNet`` (CPU): the upload is checked from its header,
+decoded and turned into a Canny edge map at the output size. The one-channel
+edge map and the generation parameters cross to ``SDXLControlNetService``
+(GPU), which runs diffusers' SDXL ControlNet pipeline and returns the images as
+a uint8 array. The front encodes them once, in the format the client asked for.
 
 torch and diffusers are imported only inside the GPU Service, so the CPU tier's
 workers stay small.
@@ -12,15 +13,43 @@ workers stay small.
 from __future__ import annotations
 
 import asyncio
-import secrets
+import contextlib
+import functools
+import json
+import logging
+import threading
+import time
 import typing as t
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import bentoml
+import httpx
 import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
+from starlette.responses import JSONResponse, Response
 
 from sdxl_controlnet import preprocessing, settings
-from sdxl_controlnet.schemas import GenerationParams, ImageUpload, InvalidRequest, Params
+from sdxl_controlnet.cancellation import ClientDisconnected, cancel_on_disconnect
+from sdxl_controlnet.encoding import MEDIA_TYPES, encode_base64, encode_image
+from sdxl_controlnet.errors import (
+    GenerationCancelled,
+    GenerationTimeout,
+    GPUServiceUnavailable,
+    InvalidRequest,
+)
+from sdxl_controlnet.schemas import (
+    BatchResult,
+    EdgeParams,
+    GeneratedImage,
+    GenerationParams,
+    ImageUpload,
+    Params,
+    check_edge_map,
+)
+
+logger = logging.getLogger(__name__)
 
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
@@ -29,7 +58,8 @@ Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 @bentoml.service(
     resources={"gpu": 1, "gpu_type": "nvidia-l4"},
     workers=1,
-    traffic={"timeout": settings.GENERATION_TIMEOUT_S},
+    # Beyond max_concurrency BentoML answers 503 at once: a bounded queue, not a pile-up.
+    traffic={"timeout": settings.GENERATION_TIMEOUT_S, "max_concurrency": settings.MAX_QUEUE},
 )
 class SDXLControlNetService:
     def __init__(self) -> None:
@@ -38,59 +68,157 @@ class SDXLControlNetService:
         self.pipeline = ControlNetPipeline(
             settings.BASE_MODEL, settings.CONTROLNET_MODEL, settings.VAE_MODEL
         )
-        # One generation at a time: the rest queue here instead of fighting for GPU memory.
+        # One generation at a time: the rest wait here instead of fighting for GPU memory.
         self.gpu_lock = asyncio.Lock()
 
     @bentoml.api
     async def generate(self, edges: EdgeMap, params: GenerationParams) -> Images:
-        """Generate images that follow ``edges`` (an H×W uint8 Canny map)."""
+        """Generate images that follow ``edges``, an H×W uint8 Canny edge map."""
         check_edge_map(edges)
-        if params.seed is None:
-            params = params.model_copy(update={"seed": secrets.randbelow(2**32)})
+        return await cancel_on_disconnect(self._run(edges, params.with_seed()))
+
+    async def _run(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Run the pipeline on a worker thread, so health checks and metrics keep
+        answering. If the caller is cancelled, the pipeline stops at its next
+        step, and the GPU is released only once it has."""
+        stop = threading.Event()
         async with self.gpu_lock:
-            # A worker thread keeps the event loop free for health checks meanwhile.
-            return await asyncio.to_thread(self.pipeline.generate, edges, params)
+            job = asyncio.get_running_loop().run_in_executor(
+                None, self.pipeline.generate, edges, params, on_step, stop.is_set
+            )
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                stop.set()
+                with contextlib.suppress(GenerationCancelled):
+                    await job
+                raise
 
 
-@bentoml.service(traffic={"timeout": settings.GENERATION_TIMEOUT_S + 30})
+@dataclass
+class Generation:
+    """What one request produced, and the settings that produced it."""
+
+    edges: np.ndarray
+    images: np.ndarray
+    params: Params  # seed, width and height resolved
+    timings_ms: dict[str, float]
+
+    def headers(self) -> dict[str, str]:
+        # Prompts stay out: they can be long, and the client sent them anyway.
+        settings_used = self.params.model_dump(
+            exclude={"prompt", "prompt_2", "negative_prompt", "negative_prompt_2"}
+        )
+        return {
+            "X-Seed": str(self.params.seed),
+            "X-Params": json.dumps(settings_used, separators=(",", ":")),
+            "Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in self.timings_ms.items()),
+        }
+
+
+def errors_as_json(api: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Awaitable[t.Any]]:
+    """Answer the errors a client can meet with a JSON body that says what happened.
+
+    BentoML itself replaces the message of any 5xx with a generic one."""
+
+    @functools.wraps(api)
+    async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return await api(*args, **kwargs)
+        except (InvalidRequest, GPUServiceUnavailable, GenerationTimeout) as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.error_code)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    return wrapper
+
+
+@bentoml.service(workers="cpu_count", traffic={"timeout": settings.GENERATION_TIMEOUT_S + 30})
 class ControlNet:
     controlnet_service = bentoml.depends(SDXLControlNetService)
 
     @bentoml.api
+    @errors_as_json
     async def generate(self, image: ImageUpload, params: Params) -> Image.Image:
-        """Generate an image that follows the edges of ``image``."""
-        edges = await asyncio.to_thread(edge_map, image, params)
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        images = await self.controlnet_service.generate(
-            edges=edges, params=params.generation_params(seed)
+        """Generate an image that follows the edges of ``image``.
+
+        The reply is the image in ``params.output_format``. ``X-Seed`` holds the seed
+        used, ``X-Params`` every resolved setting, ``Server-Timing`` the stage times.
+        """
+        generation = await self._generate(image, params)
+        start = time.perf_counter()
+        body = await asyncio.to_thread(encode_image, generation.images[0], params.output_format)
+        generation.timings_ms["encode"] = _ms_since(start)
+        return Response(
+            body, media_type=MEDIA_TYPES[params.output_format], headers=generation.headers()
         )
-        result = Image.fromarray(images[0])
-        result.format = params.output_format.upper()
-        return result
 
-
-def edge_map(image: Image.Image, params: Params) -> np.ndarray:
-    size = (params.width, params.height) if params.width and params.height else None
-    return preprocessing.edge_map(
-        preprocessing.to_grayscale(image),
-        params.low_threshold,
-        params.high_threshold,
-        size,
-        params.resize_mode,
-    )
-
-
-def check_edge_map(edges: np.ndarray) -> None:
-    """The GPU Service can be called directly: hold its input to the same limits."""
-    if edges.ndim != 2:
-        raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
-    height, width = edges.shape
-    if height % 8 or width % 8 or min(height, width) < settings.MIN_OUTPUT_SIDE:
-        raise InvalidRequest(
-            f"edges is {width}×{height}; both sides must be multiples of 8 "
-            f"and at least {settings.MIN_OUTPUT_SIDE}"
+    @bentoml.api
+    @errors_as_json
+    async def generate_batch(self, image: ImageUpload, params: Params) -> BatchResult:
+        """Generate ``params.num_images`` images; return them base64-encoded with the
+        edge map, the seed of each image, the resolved settings and the timings."""
+        generation = await self._generate(image, params)
+        start = time.perf_counter()
+        fmt = params.output_format
+        images = await asyncio.to_thread(lambda: [encode_base64(i, fmt) for i in generation.images])
+        edge_map = await asyncio.to_thread(encode_base64, generation.edges, "png")
+        generation.timings_ms["encode"] = _ms_since(start)
+        seed = generation.params.seed
+        return BatchResult(
+            images=[GeneratedImage(image=data, seed=seed + i) for i, data in enumerate(images)],
+            edge_map=edge_map,
+            params=generation.params,
+            timings_ms=generation.timings_ms,
         )
-    if height * width > settings.MAX_OUTPUT_PIXELS:
-        raise InvalidRequest(
-            f"edges is {width}×{height}; at most {settings.MAX_OUTPUT_PIXELS} pixels"
+
+    @bentoml.api
+    @errors_as_json
+    async def canny(self, image: ImageUpload, params: EdgeParams | None = None) -> Image.Image:
+        """The Canny edge map ``/generate`` would use, as a PNG, computed here on
+        the CPU: tune thresholds without spending GPU time."""
+        edges = await asyncio.to_thread(preprocessing.edge_map, image, params or EdgeParams())
+        return Response(encode_image(edges, "png"), media_type=MEDIA_TYPES["png"])
+
+    async def _generate(self, image: Image.Image, params: Params) -> Generation:
+        start = time.perf_counter()
+        edges = await asyncio.to_thread(preprocessing.edge_map, image, params)
+        timings_ms = {"preprocess": _ms_since(start)}
+
+        generation_params = params.generation_params()
+        start = time.perf_counter()
+        images = await cancel_on_disconnect(self._call_gpu(edges, generation_params))
+        timings_ms["generate"] = _ms_since(start)
+
+        height, width = edges.shape
+        resolved = params.model_copy(
+            update={"seed": generation_params.seed, "width": width, "height": height}
         )
+        return Generation(edges, images, resolved, timings_ms)
+
+    async def _call_gpu(self, edges: np.ndarray, params: GenerationParams) -> np.ndarray:
+        """The GPU Service's answer, with its failures turned into errors a client can act on."""
+        try:
+            async with asyncio.timeout(settings.GENERATION_TIMEOUT_S):
+                return await self.controlnet_service.generate(edges=edges, params=params)
+        except TimeoutError as exc:
+            raise GenerationTimeout(
+                f"generation took longer than {settings.GENERATION_TIMEOUT_S} s; "
+                "try fewer steps, fewer images or a smaller size"
+            ) from exc
+        except InvalidArgument as exc:
+            raise InvalidRequest(exc.message) from exc
+        except (httpx.TransportError, BentoMLException) as exc:
+            logger.exception("GPU Service call failed")
+            raise GPUServiceUnavailable(
+                "the GPU Service is unavailable or failed; retry in a moment"
+            ) from exc
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)

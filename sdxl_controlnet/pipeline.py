@@ -4,6 +4,7 @@ so torch and diffusers never load in the front Service's processes."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from .errors import GenerationCancelled
 from .schemas import GenerationParams, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,29 @@ class ControlNetPipeline:
         }
 
     @torch.inference_mode()
-    def generate(self, edges: np.ndarray, params: GenerationParams) -> np.ndarray:
+    def generate(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> np.ndarray:
         """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8),
-        returned as an N×H×W×3 uint8 array."""
+        returned as an N×H×W×3 uint8 array.
+
+        After each denoising step ``on_step(done, total)`` reports progress, and
+        ``cancelled()`` can stop the run (raising GenerationCancelled), so an
+        abandoned request frees the GPU within one step.
+        """
         assert params.seed is not None, "the caller resolves the seed"
+
+        def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            if cancelled():
+                raise GenerationCancelled
+            if on_step is not None:
+                on_step(step + 1, pipe.num_timesteps)
+            return tensors
+
         height, width = edges.shape
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         control = torch.from_numpy(edges).to(self.device, self.pipe.dtype).div_(255)
@@ -86,6 +107,7 @@ class ControlNetPipeline:
             guess_mode=params.guess_mode,
             num_images_per_prompt=params.num_images,
             generator=generators,
+            callback_on_step_end=step_end,
             output_type="pt",
         ).images
         # Quantize on the device: a quarter of the bytes to copy back.

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import settings
-from .schemas import InvalidRequest, ResizeMode, check_image_size
+from .errors import InvalidRequest
+from .schemas import EdgeParams, ResizeMode, check_image_size
 
 SIZE_STEP = 8  # SDXL's VAE downsamples x8: both sides must be multiples of 8.
 
@@ -50,7 +51,18 @@ def _resize(gray: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(gray, (width, height), interpolation=interpolation)
 
 
-def edge_map(
+def edge_map(image: Image.Image, params: EdgeParams) -> np.ndarray:
+    """The edge map a request asks for: ``image`` decoded, sized and run through Canny."""
+    return canny(
+        to_grayscale(image),
+        params.low_threshold,
+        params.high_threshold,
+        params.size,
+        params.resize_mode,
+    )
+
+
+def canny(
     gray: np.ndarray,
     low_threshold: int,
     high_threshold: int,

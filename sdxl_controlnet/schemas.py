@@ -3,22 +3,20 @@ so validation and the OpenAPI schema come from one declaration."""
 
 from __future__ import annotations
 
+import secrets
 import typing as t
 
-from bentoml.exceptions import InvalidArgument
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WrapValidator, model_validator
 
 from . import settings
+from .errors import InvalidRequest
 
 MAX_SEED = 2**32 - 1
 Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
-
-
-class InvalidRequest(InvalidArgument):
-    """A request the client must fix; BentoML answers it with HTTP 400."""
 
 
 def check_image_size(image: Image.Image) -> Image.Image:
@@ -29,6 +27,22 @@ def check_image_size(image: Image.Image) -> Image.Image:
             f"image is {width}×{height}; at most {settings.MAX_INPUT_PIXELS} pixels are accepted"
         )
     return image
+
+
+def check_edge_map(edges: np.ndarray) -> None:
+    """The GPU Service can be called directly: hold its input to the front's limits."""
+    if edges.ndim != 2:
+        raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
+    height, width = edges.shape
+    if height % 8 or width % 8 or min(height, width) < settings.MIN_OUTPUT_SIDE:
+        raise InvalidRequest(
+            f"edges is {width}×{height}; both sides must be multiples of 8 "
+            f"and at least {settings.MIN_OUTPUT_SIDE}"
+        )
+    if height * width > settings.MAX_OUTPUT_PIXELS:
+        raise InvalidRequest(
+            f"edges is {width}×{height}; at most {settings.MAX_OUTPUT_PIXELS} pixels"
+        )
 
 
 def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
@@ -108,9 +122,17 @@ class GenerationParams(BaseModel):
             raise ValueError("control_guidance_start must be less than control_guidance_end")
         return self
 
+    def with_seed(self) -> t.Self:
+        """These parameters with a seed drawn, where the client left it to chance."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
 
-class Params(GenerationParams):
-    """The public request: generation settings plus edge detection, size and output."""
+
+class EdgeParams(BaseModel):
+    """How the Canny edge map is made from the input, and at what size."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     low_threshold: int = Field(default=100, ge=1, le=255, description="Canny lower threshold.")
     high_threshold: int = Field(default=200, ge=1, le=255, description="Canny upper threshold.")
@@ -130,7 +152,6 @@ class Params(GenerationParams):
         default="crop_and_resize",
         description="How the input meets width×height: stretch, cover and crop, or fit and pad.",
     )
-    output_format: OutputFormat = Field(default="png", description="Image format returned.")
 
     @model_validator(mode="after")
     def _thresholds_and_size(self) -> t.Self:
@@ -142,7 +163,33 @@ class Params(GenerationParams):
             raise ValueError(f"width × height must be at most {settings.MAX_OUTPUT_PIXELS} pixels")
         return self
 
-    def generation_params(self, seed: int) -> GenerationParams:
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return (self.width, self.height) if self.width and self.height else None
+
+
+class Params(GenerationParams, EdgeParams):
+    """The public request: generation settings, edge detection, size and output."""
+
+    output_format: OutputFormat = Field(default="png", description="Image format returned.")
+
+    def generation_params(self) -> GenerationParams:
         """The part the GPU Service takes, with the seed resolved."""
         fields = self.model_dump(include=set(GenerationParams.model_fields))
-        return GenerationParams(**{**fields, "seed": seed})
+        return GenerationParams(**fields).with_seed()
+
+
+class GeneratedImage(BaseModel):
+    image: str = Field(description="The image, base64-encoded in `format`.")
+    seed: int = Field(description="The seed this image's noise was drawn from: the request's + i.")
+
+
+class BatchResult(BaseModel):
+    """Several images, the edge map that steered them, and how they were made."""
+
+    images: list[GeneratedImage]
+    edge_map: str = Field(description="The Canny edge map, base64-encoded PNG.")
+    params: Params = Field(description="Every setting used; seed, width and height resolved.")
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds spent in preprocess, generate and encode."
+    )

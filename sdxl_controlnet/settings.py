@@ -29,3 +29,6 @@ MAX_PROMPT_CHARS = _int("MAX_PROMPT_CHARS", 2000)
 
 # How long one generation may take, queue included, before the caller gets a 504.
 GENERATION_TIMEOUT_S = _int("GENERATION_TIMEOUT_S", 300)
+# Requests one GPU replica holds at once, one generating and the rest queued;
+# past that it answers 503 at once, and the front passes that on.
+MAX_QUEUE = _int("MAX_QUEUE", 32)

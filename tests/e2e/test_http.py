@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -77,6 +78,60 @@ def test_bad_requests_get_a_400_naming_the_problem(
     response = post_generate(server, image, params)
     assert response.status_code == 400, response.text
     assert message in response.text
+
+
+def test_generate_reports_the_seed_and_settings(server: Server) -> None:
+    response = post_generate(
+        server, encode(shapes_image(96, 64)), {"prompt": "x", "seed": 42, **FAST}
+    )
+    assert response.headers["x-seed"] == "42"
+    assert json.loads(response.headers["x-params"])["width"] == 96
+
+
+def test_canny_returns_the_edge_map_without_the_gpu(server: Server) -> None:
+    response = httpx.post(
+        f"{server.url}/canny",
+        files={"image": ("in.png", encode(shapes_image(160, 120)), "image/png")},
+        data={"params": json.dumps({"low_threshold": 50, "high_threshold": 100})},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    edges = decode(response.content)
+    assert edges.mode == "L" and edges.size == (160, 120)
+
+
+def test_generate_batch_returns_json_with_every_image(server: Server) -> None:
+    params = {"prompt": "x", "num_images": 2, "seed": 9, "output_format": "webp", **FAST}
+    response = httpx.post(
+        f"{server.url}/generate_batch",
+        files={"image": ("in.png", encode(shapes_image(96, 96)), "image/png")},
+        data={"params": json.dumps(params)},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert [image["seed"] for image in result["images"]] == [9, 10]
+    assert decode(base64.b64decode(result["images"][0]["image"])).format == "WEBP"
+    assert decode(base64.b64decode(result["edge_map"])).size == (96, 96)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1/", "http://localhost:3000/", "http://169.254.169.254/latest/"]
+)
+def test_image_urls_to_private_addresses_are_refused(server: Server, url: str) -> None:
+    response = httpx.post(
+        f"{server.url}/generate", files={"image": (None, url), "params": (None, '{"prompt": "x"}')}
+    )
+    assert response.status_code == 400
+    assert "blocked" in response.text
+
+
+def test_the_public_entry_point_refuses_pickle(server: Server) -> None:
+    response = httpx.post(
+        f"{server.url}/generate",
+        content=b"\x80\x04N.",  # pickle of None: never unpickled
+        headers={"content-type": "application/vnd.bentoml+pickle"},
+    )
+    assert response.status_code == 415
 
 
 def test_server_keeps_serving_after_bad_requests(server: Server) -> None:

@@ -3,16 +3,24 @@ SDXLControlNetService instance running the tiny pipeline."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 
-from sdxl_controlnet.schemas import GenerationParams, InvalidRequest, Params
-from tests.conftest import ROOT, as_array, shapes_image
+from sdxl_controlnet import settings
+from sdxl_controlnet.errors import InvalidRequest
+from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
+from tests.conftest import ROOT, as_array, decode, shapes_image
 
 pytestmark = pytest.mark.anyio
+
+FAST = {"prompt": "a red ball", "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -22,44 +30,188 @@ def front():
     return ControlNet()
 
 
-async def test_front_generates_an_image_of_the_input_size(front) -> None:
-    params = Params(prompt="a red ball", num_inference_steps=2, seed=3)
-    result = await front.generate(image=shapes_image(160, 120), params=params)
-    assert result.size == (160, 120)
-    assert as_array(result).std() > 0  # a generated picture, not a blank
+@pytest.fixture
+def gpu(front):
+    return front.controlnet_service
 
 
-async def test_same_seed_same_image_different_seed_different_image(front) -> None:
+@pytest.fixture
+def pipeline_calls(gpu, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Records the arguments of each diffusers pipeline call, then makes the real call."""
+    calls: list[dict] = []
+    pipe = gpu.pipeline.pipe
+    real_call = type(pipe).__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append({**kwargs, "scheduler": type(self.scheduler).__name__})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", recording_call)
+    return calls
+
+
+async def test_generate_returns_the_image_and_its_settings(front) -> None:
+    response = await front.generate(image=shapes_image(160, 120), params=Params(**FAST, seed=3))
+    assert response.status_code == 200 and response.media_type == "image/png"
+    image = decode(response.body)
+    assert image.size == (160, 120) and as_array(image).std() > 0
+    assert response.headers["x-seed"] == "3"
+    settings_used = json.loads(response.headers["x-params"])
+    assert settings_used["width"] == 160 and settings_used["num_inference_steps"] == 2
+    assert "prompt" not in settings_used
+    assert "generate;dur=" in response.headers["server-timing"]
+
+
+async def test_same_seed_same_bytes_different_seed_different_image(front) -> None:
     image = shapes_image(128, 128)
     first, again, other = [
-        as_array(
-            await front.generate(
-                image=image, params=Params(prompt="x", num_inference_steps=2, seed=seed)
-            )
-        )
+        (await front.generate(image=image, params=Params(**FAST, seed=seed))).body
         for seed in (1, 1, 2)
     ]
-    assert np.array_equal(first, again)
-    assert not np.array_equal(first, other)
+    assert first == again
+    assert not np.array_equal(as_array(decode(first)), as_array(decode(other)))
 
 
-async def test_gpu_service_validates_direct_calls(front) -> None:
-    gpu = front.controlnet_service
+async def test_a_random_seed_is_reported_and_reproduces_the_image(front) -> None:
+    image = shapes_image(96, 96)
+    first = await front.generate(image=image, params=Params(**FAST))
+    seed = int(first.headers["x-seed"])
+    again = await front.generate(image=image, params=Params(**FAST, seed=seed))
+    assert first.body == again.body
+
+
+@pytest.mark.parametrize(
+    ("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")]
+)
+async def test_output_formats(front, fmt: str, pil_format: str) -> None:
+    params = Params(**FAST, seed=0, output_format=fmt)
+    response = await front.generate(image=shapes_image(96, 64), params=params)
+    assert response.media_type == f"image/{fmt}"
+    image = decode(response.body)
+    assert image.format == pil_format and image.size == (96, 64)
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop_and_resize", "resize_and_fill"])
+async def test_explicit_output_size(front, mode: str) -> None:
+    params = Params(**FAST, width=128, height=64, resize_mode=mode)
+    response = await front.generate(image=shapes_image(100, 100), params=params)
+    assert decode(response.body).size == (128, 64)
+
+
+async def test_every_parameter_reaches_the_pipeline(front, pipeline_calls: list[dict]) -> None:
+    params = Params(
+        prompt="a castle",
+        prompt_2="oil painting",
+        negative_prompt="blurry",
+        negative_prompt_2="text",
+        controlnet_conditioning_scale=1.5,
+        control_guidance_start=0.1,
+        control_guidance_end=0.8,
+        guess_mode=True,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        seed=11,
+        scheduler="dpmpp_2m_karras",
+        num_images=2,
+        width=96,
+        height=64,
+    )
+    await front.generate(image=shapes_image(), params=params)
+    (call,) = pipeline_calls
+    assert call["prompt"] == "a castle" and call["prompt_2"] == "oil painting"
+    assert call["negative_prompt"] == "blurry" and call["negative_prompt_2"] == "text"
+    assert call["controlnet_conditioning_scale"] == 1.5
+    assert (call["control_guidance_start"], call["control_guidance_end"]) == (0.1, 0.8)
+    assert call["guess_mode"] is True
+    assert call["num_inference_steps"] == 3 and call["guidance_scale"] == 7.5
+    assert call["num_images_per_prompt"] == 2
+    assert (call["width"], call["height"]) == (96, 64)
+    assert call["scheduler"] == "DPMSolverMultistepScheduler"
+    assert [g.initial_seed() for g in call["generator"]] == [11, 12]
+
+
+async def test_batch_returns_every_image_the_edge_map_and_metadata(front) -> None:
+    params = Params(**FAST, seed=5, num_images=3, output_format="jpeg")
+    result = await front.generate_batch(image=shapes_image(128, 96), params=params)
+    assert isinstance(result, BatchResult)
+    assert [image.seed for image in result.images] == [5, 6, 7]
+    pictures = [decode(base64.b64decode(image.image)) for image in result.images]
+    assert all(p.format == "JPEG" and p.size == (128, 96) for p in pictures)
+    assert result.params.width == 128 and result.params.seed == 5
+    assert set(result.timings_ms) == {"preprocess", "generate", "encode"}
+
+    canny = await front.canny(image=shapes_image(128, 96), params=EdgeParams())
+    assert base64.b64decode(result.edge_map) == canny.body
+
+
+async def test_canny_matches_the_preprocessing_of_generate(front, pipeline_calls) -> None:
+    edge_params = EdgeParams(low_threshold=50, high_threshold=150, width=96, height=96)
+    response = await front.canny(image=shapes_image(), params=edge_params)
+    edges = np.asarray(decode(response.body))
+    assert edges.shape == (96, 96) and set(np.unique(edges)) == {0, 255}
+    assert pipeline_calls == []  # no GPU work for an edge preview
+
+    params = Params(**FAST, **edge_params.model_dump())
+    await front.generate(image=shapes_image(), params=params)
+    control = pipeline_calls[0]["image"]  # 1×3×H×W in [0, 1], from the one-channel map
+    assert np.array_equal((control[0, 0].numpy() * 255).astype(np.uint8), edges)
+
+
+async def test_gpu_service_validates_direct_calls(gpu) -> None:
+    params = GenerationParams(prompt="x")
     with pytest.raises(InvalidRequest, match="one-channel"):
-        await gpu.generate(
-            edges=np.zeros((64, 64, 3), np.uint8), params=GenerationParams(prompt="x")
-        )
+        await gpu.generate(edges=np.zeros((64, 64, 3), np.uint8), params=params)
     with pytest.raises(InvalidRequest, match="multiples of 8"):
-        await gpu.generate(edges=np.zeros((66, 64), np.uint8), params=GenerationParams(prompt="x"))
+        await gpu.generate(edges=np.zeros((66, 64), np.uint8), params=params)
+    with pytest.raises(InvalidRequest, match="at most"):
+        await gpu.generate(edges=np.zeros((2048, 2048), np.uint8), params=params)
 
 
-async def test_gpu_service_returns_uint8_rgb_batches(front) -> None:
+async def test_gpu_service_returns_uint8_rgb_batches(gpu) -> None:
     edges = np.zeros((64, 96), np.uint8)
     edges[20:40, 30:60] = 255
-    images = await front.controlnet_service.generate(
-        edges=edges, params=GenerationParams(prompt="x", num_inference_steps=1, num_images=2)
-    )
+    params = GenerationParams(prompt="x", num_inference_steps=1, num_images=2)
+    images = await gpu.generate(edges=edges, params=params)
     assert images.shape == (2, 64, 96, 3) and images.dtype == np.uint8
+
+
+async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None:
+    steps: list[int] = []
+    edges = np.zeros((64, 64), np.uint8)
+    long_run = GenerationParams(prompt="x", num_inference_steps=80, seed=0)
+    task = asyncio.create_task(
+        gpu._run(edges, long_run, on_step=lambda done, _: steps.append(done))
+    )
+    while not steps:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(steps) < 80
+    assert not gpu.gpu_lock.locked()
+    quick = GenerationParams(prompt="x", num_inference_steps=1, seed=0)
+    assert (await gpu._run(edges, quick)).shape == (1, 64, 64, 3)
+
+
+async def test_a_slow_gpu_service_gives_a_504(front, gpu, monkeypatch) -> None:
+    async def too_slow(**_: object) -> None:
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(settings, "GENERATION_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(gpu, "generate", too_slow)
+    response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST))
+    assert response.status_code == 504
+    assert "longer than 0.2 s" in json.loads(response.body)["error"]
+
+
+async def test_a_failing_gpu_service_gives_a_503(front, gpu, monkeypatch) -> None:
+    async def unreachable(**_: object) -> None:
+        raise httpx.ConnectError("All connection attempts failed")  # what a dead replica gives
+
+    monkeypatch.setattr(gpu, "generate", unreachable)
+    response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST))
+    assert response.status_code == 503
+    assert "GPU Service is unavailable" in json.loads(response.body)["error"]
 
 
 def test_front_never_imports_torch_or_diffusers() -> None:

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from sdxl_controlnet import preprocessing, settings
-from sdxl_controlnet.schemas import InvalidRequest
+from sdxl_controlnet.errors import InvalidRequest
 from tests.conftest import decode, encode, shapes_image
 
 
 def test_edges_follow_the_picture_and_flat_areas_have_none() -> None:
     gray = preprocessing.to_grayscale(shapes_image(160, 120))
-    edges = preprocessing.edge_map(gray, 100, 200)
+    edges = preprocessing.canny(gray, 100, 200)
     assert edges.shape == (120, 160) and edges.dtype == np.uint8
     assert set(np.unique(edges)) == {0, 255}
     # The rectangle's left side is at x=20, rows 30..90: an edge runs down it.
@@ -27,20 +27,20 @@ def test_edges_follow_the_picture_and_flat_areas_have_none() -> None:
 
 def test_flat_image_has_no_edges() -> None:
     gray = preprocessing.to_grayscale(Image.new("RGB", (128, 128), (90, 120, 200)))
-    assert not preprocessing.edge_map(gray, 100, 200).any()
+    assert not preprocessing.canny(gray, 100, 200).any()
 
 
 def test_lower_thresholds_find_at_least_as_many_edges() -> None:
     noisy = np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)
     gray = preprocessing.to_grayscale(Image.fromarray(noisy).convert("RGB"))
-    low = preprocessing.edge_map(gray, 20, 60).astype(bool).sum()
-    high = preprocessing.edge_map(gray, 200, 250).astype(bool).sum()
+    low = preprocessing.canny(gray, 20, 60).astype(bool).sum()
+    high = preprocessing.canny(gray, 200, 250).astype(bool).sum()
     assert low > high
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I", "I;16", "CMYK", "F"])
 def test_every_image_mode_finds_the_outline(mode: str) -> None:
-    edges = preprocessing.edge_map(preprocessing.to_grayscale(shapes_image(mode=mode)), 100, 200)
+    edges = preprocessing.canny(preprocessing.to_grayscale(shapes_image(mode=mode)), 100, 200)
     assert edges.shape == (120, 160)
     # Whatever the mode, the rectangle's left side (x=20, rows 30..90) is found.
     assert edges[40:80, 18:23].any(axis=1).all()
@@ -49,7 +49,7 @@ def test_every_image_mode_finds_the_outline(mode: str) -> None:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_encoded_formats_decode(fmt: str) -> None:
     image = decode(encode(shapes_image(), fmt))
-    edges = preprocessing.edge_map(preprocessing.to_grayscale(image), 100, 200)
+    edges = preprocessing.canny(preprocessing.to_grayscale(image), 100, 200)
     assert edges.shape == (120, 160) and edges.any()
 
 
@@ -57,7 +57,7 @@ def test_transparent_areas_draw_no_edges() -> None:
     # Black, fully transparent pixels: visible as nothing, so no edges against the white.
     rgba = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
     rgba.paste((255, 255, 255, 255), (0, 0, 64, 128))
-    assert not preprocessing.edge_map(preprocessing.to_grayscale(rgba), 100, 200).any()
+    assert not preprocessing.canny(preprocessing.to_grayscale(rgba), 100, 200).any()
 
 
 def test_exif_orientation_is_honoured() -> None:
@@ -94,13 +94,13 @@ def test_extreme_aspect_ratio_is_refused() -> None:
 @pytest.mark.parametrize("mode", ["resize", "crop_and_resize", "resize_and_fill"])
 def test_explicit_size_in_every_resize_mode(mode: str) -> None:
     gray = preprocessing.to_grayscale(shapes_image(160, 120))
-    edges = preprocessing.edge_map(gray, 100, 200, (96, 128), mode)
+    edges = preprocessing.canny(gray, 100, 200, (96, 128), mode)
     assert edges.shape == (128, 96) and edges.any()
 
 
 def test_resize_and_fill_pads_with_no_edges() -> None:
     gray = preprocessing.to_grayscale(shapes_image(160, 120))
-    edges = preprocessing.edge_map(gray, 100, 200, (160, 240), "resize_and_fill")
+    edges = preprocessing.canny(gray, 100, 200, (160, 240), "resize_and_fill")
     # The 160×120 picture sits centred in 160×240: 60 empty rows above and below.
     assert not edges[:58].any() and not edges[-58:].any()
     assert edges[60:180].any()

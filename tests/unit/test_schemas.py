@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_controlnet import settings
-from sdxl_controlnet.schemas import GenerationParams, Params
+from sdxl_controlnet.schemas import MAX_SEED, GenerationParams, Params
 
 
 def test_defaults_match_the_published_contract() -> None:
@@ -46,8 +46,13 @@ def test_invalid_params_are_rejected_naming_the_rule(fields: dict, message: str)
 
 
 def test_generation_params_keep_only_what_the_gpu_needs() -> None:
-    params = Params(prompt="a house", low_threshold=50, output_format="webp", num_images=2)
-    generation = params.generation_params(seed=7)
+    params = Params(prompt="a house", low_threshold=50, output_format="webp", num_images=2, seed=7)
+    generation = params.generation_params()
     assert type(generation) is GenerationParams
     assert generation.seed == 7 and generation.num_images == 2
     assert "low_threshold" not in generation.model_dump()
+
+
+def test_a_missing_seed_is_drawn_at_random() -> None:
+    seeds = {Params(prompt="a house").generation_params().seed for _ in range(5)}
+    assert len(seeds) == 5 and all(0 <= seed <= MAX_SEED for seed in seeds)

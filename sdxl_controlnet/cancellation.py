@@ -1,0 +1,38 @@
+"""Stop work nobody will read: cancel an awaitable when the HTTP client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import typing as t
+
+import bentoml
+
+T = t.TypeVar("T")
+
+POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def cancel_on_disconnect(awaitable: t.Awaitable[T]) -> T:
+    """Await ``awaitable``, cancelling it if the current request's client disconnects.
+
+    Outside a request (an in-process call) it simply awaits.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        request = bentoml.Context().request
+    except LookupError:
+        request = None
+    try:
+        while request is not None:
+            done, _ = await asyncio.wait({task}, timeout=POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                raise ClientDisconnected
+        return await task
+    finally:
+        task.cancel()
