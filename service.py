@@ -23,8 +23,8 @@ import typing as t
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
 import bentoml
-import httpx
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
@@ -39,6 +39,7 @@ from sdxl_controlnet.errors import (
     GPUServiceUnavailable,
     InvalidRequest,
 )
+from sdxl_controlnet.middleware import BodyGuard
 from sdxl_controlnet.schemas import (
     BatchResult,
     EdgeParams,
@@ -49,8 +50,10 @@ from sdxl_controlnet.schemas import (
     check_edge_map,
 )
 
-logger = logging.getLogger(__name__)
+# A child of BentoML's logger, so INFO lines reach the server log like BentoML's own.
+logger = logging.getLogger("bentoml").getChild(__name__)
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 
@@ -75,7 +78,10 @@ class SDXLControlNetService:
     async def generate(self, edges: EdgeMap, params: GenerationParams) -> Images:
         """Generate images that follow ``edges``, an H×W uint8 Canny edge map."""
         check_edge_map(edges)
-        return await cancel_on_disconnect(self._run(edges, params.with_seed()))
+        try:
+            return await cancel_on_disconnect(self._run(edges, params.with_seed()))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     async def _run(
         self,
@@ -97,6 +103,7 @@ class SDXLControlNetService:
                 stop.set()
                 with contextlib.suppress(GenerationCancelled):
                     await job
+                logger.info("generation cancelled: its caller went away or timed out")
                 raise
 
 
@@ -133,7 +140,7 @@ def errors_as_json(api: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Aw
         except (InvalidRequest, GPUServiceUnavailable, GenerationTimeout) as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.error_code)
         except ClientDisconnected:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     return wrapper
 
@@ -213,11 +220,15 @@ class ControlNet:
             ) from exc
         except InvalidArgument as exc:
             raise InvalidRequest(exc.message) from exc
-        except (httpx.TransportError, BentoMLException) as exc:
+        except (aiohttp.ClientError, BentoMLException) as exc:  # unreachable, died, or failed
             logger.exception("GPU Service call failed")
             raise GPUServiceUnavailable(
                 "the GPU Service is unavailable or failed; retry in a moment"
             ) from exc
+
+
+# Oversized or malformed uploads are refused before they are read, let alone decoded.
+ControlNet.add_asgi_middleware(BodyGuard, max_bytes=settings.MAX_UPLOAD_BYTES)
 
 
 def _ms_since(start: float) -> float:

@@ -22,7 +22,7 @@ from diffusers import (
 from .errors import GenerationCancelled
 from .schemas import GenerationParams, Scheduler
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
 SCHEDULERS: dict[Scheduler, tuple[type, dict]] = {
     "euler": (EulerDiscreteScheduler, {}),

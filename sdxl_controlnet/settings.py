@@ -18,7 +18,9 @@ BASE_MODEL = os.environ.get("SDXL_BASE_MODEL", "stabilityai/stable-diffusion-xl-
 CONTROLNET_MODEL = os.environ.get("SDXL_CONTROLNET_MODEL", "diffusers/controlnet-canny-sdxl-1.0")
 VAE_MODEL = os.environ.get("SDXL_VAE_MODEL", "madebyollin/sdxl-vae-fp16-fix")
 
-# Uploads: checked from the image header, before any pixel is decoded.
+# Uploads: the body size is checked from Content-Length before it is read,
+# the pixel count from the image header before any pixel is decoded.
+MAX_UPLOAD_BYTES = _int("MAX_UPLOAD_BYTES", 32 * 1024 * 1024)
 MAX_INPUT_PIXELS = _int("MAX_INPUT_PIXELS", 4096 * 4096)
 # Generated images: the input is scaled down to fit this area (SDXL's native 1024²).
 MAX_OUTPUT_PIXELS = _int("MAX_OUTPUT_PIXELS", 1024 * 1024)

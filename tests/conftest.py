@@ -109,7 +109,9 @@ class Server:
         for proc in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=20)
+        # In-flight requests get a grace period; BentoML's front workers can
+        # linger after SIGTERM, so what is left after it is killed.
+        _, alive = psutil.wait_procs(tree, timeout=10)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()

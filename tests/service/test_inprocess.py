@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-import httpx
+import aiohttp
 import numpy as np
 import pytest
 
@@ -205,10 +205,10 @@ async def test_a_slow_gpu_service_gives_a_504(front, gpu, monkeypatch) -> None:
 
 
 async def test_a_failing_gpu_service_gives_a_503(front, gpu, monkeypatch) -> None:
-    async def unreachable(**_: object) -> None:
-        raise httpx.ConnectError("All connection attempts failed")  # what a dead replica gives
+    async def died(**_: object) -> None:
+        raise aiohttp.ServerDisconnectedError  # what BentoML's client raises when a replica dies
 
-    monkeypatch.setattr(gpu, "generate", unreachable)
+    monkeypatch.setattr(gpu, "generate", died)
     response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST))
     assert response.status_code == 503
     assert "GPU Service is unavailable" in json.loads(response.body)["error"]

@@ -1,0 +1,50 @@
+"""Fuzz the public API from its own OpenAPI schema: whatever arrives, no 5xx.
+
+Schemathesis' coverage phase derives valid and invalid cases for every field,
+content type and method from the schema; its random phase cannot generate
+BentoML's multipart models, so it is not run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+# Tight limits flow into the schema, so every valid generated request is cheap.
+CHEAP = {"MAX_STEPS": "1", "MAX_OUTPUT_PIXELS": str(64 * 64), "MAX_IMAGES": "1"}
+
+
+@pytest.fixture(scope="module")
+def cheap_server() -> Iterator[Server]:
+    srv = Server(["serve", "."], env=CHEAP)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_no_generated_request_gets_a_server_error(cheap_server: Server) -> None:
+    result = subprocess.run(
+        [
+            Path(sys.executable).with_name("schemathesis"),
+            "run",
+            f"{cheap_server.url}/docs.json",
+            "--checks=not_a_server_error",
+            "--phases=coverage",
+            "--seed=1",
+            "--request-timeout=60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]

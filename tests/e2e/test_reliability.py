@@ -1,0 +1,221 @@
+"""Hostile input, faults and load against a real `bentoml serve`: every bad
+request gets a 4xx that says why, faults give a clear 5xx, and the server keeps
+serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import Server, decode, encode, shapes_image
+
+pytestmark = pytest.mark.e2e
+
+LIMITS = {"MAX_UPLOAD_BYTES": str(1024 * 1024), "MAX_INPUT_PIXELS": str(1000 * 1000)}
+FAST = {"prompt": "x", "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def strict_server() -> Iterator[Server]:
+    """Both Services with small upload limits, so limit tests stay quick."""
+    srv = Server(["serve", "."], env=LIMITS)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def post(server: Server, files: dict, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", files=files, timeout=120, **kwargs)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge image: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+GOOD_IMAGE = ("in.png", encode(shapes_image(64, 64)), "image/png")
+GOOD_PARAMS = (None, json.dumps(FAST))
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "message"),
+    [
+        (
+            {"image": ("a.png", b"hello", "image/png"), "params": GOOD_PARAMS},
+            400,
+            "not a readable image",
+        ),
+        (
+            {"image": ("a.png", b"", "image/png"), "params": GOOD_PARAMS},
+            400,
+            "not a readable image",
+        ),
+        (
+            {"image": ("a.png", GOOD_IMAGE[1][:100], "image/png"), "params": GOOD_PARAMS},
+            400,
+            "image",
+        ),
+        (
+            {"image": ("a.png", png_header_only(5000, 5000), "image/png"), "params": GOOD_PARAMS},
+            400,
+            "at most 1000000 pixels",
+        ),
+        (
+            {"image": ("a.png", png_header_only(60000, 60000), "image/png"), "params": GOOD_PARAMS},
+            400,
+            "decompression bomb",
+        ),
+        ({"params": GOOD_PARAMS}, 400, "image"),
+        ({"image": GOOD_IMAGE}, 400, "params"),
+        ({"image": GOOD_IMAGE, "params": (None, "{not json")}, 400, "params"),
+        ({"image": GOOD_IMAGE, "params": (None, '{"prompt": "x", "steps": 5}')}, 400, "steps"),
+        (
+            {"image": GOOD_IMAGE, "params": (None, json.dumps({"prompt": "x" * 5000}))},
+            400,
+            "prompt",
+        ),
+        (
+            {"image": GOOD_IMAGE, "params": (None, '{"prompt": "x", "guidance_scale": NaN}')},
+            400,
+            "guidance_scale",
+        ),
+        (
+            {
+                "image": GOOD_IMAGE,
+                "params": (None, '{"prompt": "x", "num_inference_steps": 1000000}'),
+            },
+            400,
+            "num_inference_steps",
+        ),
+        (
+            {"image": GOOD_IMAGE, "params": (None, '{"prompt": "x", "num_images": 50}')},
+            400,
+            "num_images",
+        ),
+        (
+            {
+                "image": GOOD_IMAGE,
+                "params": (None, '{"prompt": "x", "width": 4096, "height": 4096}'),
+            },
+            400,
+            "width",
+        ),
+    ],
+)
+def test_hostile_input_gets_a_400_that_says_why(
+    strict_server: Server, files: dict, status: int, message: str
+) -> None:
+    response = post(strict_server, files)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(strict_server: Server) -> None:
+    response = post(strict_server, {"image": ("big.png", b"\0" * (2 * 1024 * 1024), "image/png")})
+    assert response.status_code == 413
+    assert "at most 1048576" in response.json()["error"]
+
+
+def test_a_body_of_unknown_length_is_refused(strict_server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"--x\r\n"
+
+    response = httpx.post(
+        f"{strict_server.url}/generate",
+        content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert response.status_code == 411
+
+
+def test_a_wrong_content_type_is_refused(strict_server: Server) -> None:
+    response = httpx.post(
+        f"{strict_server.url}/generate", content=b"<xml/>", headers={"content-type": "text/xml"}
+    )
+    assert 400 <= response.status_code < 500
+
+
+def test_the_server_still_serves_after_all_that(strict_server: Server) -> None:
+    response = post(strict_server, {"image": GOOD_IMAGE, "params": GOOD_PARAMS})
+    assert response.status_code == 200
+    assert decode(response.content).size == (64, 64)
+
+
+def gpu_worker(server: Server) -> psutil.Process:
+    (worker,) = [
+        proc
+        for proc in server.process_info().children(recursive=True)
+        if "SDXLControlNetService" in " ".join(proc.cmdline())
+    ]
+    return worker
+
+
+def test_a_gpu_worker_dying_mid_request_gives_a_503_then_recovers(strict_server: Server) -> None:
+    async def scenario() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            slow = {"prompt": "x", "num_inference_steps": 100, "width": 512, "height": 512}
+            request = asyncio.create_task(
+                client.post(
+                    f"{strict_server.url}/generate",
+                    files={"image": GOOD_IMAGE, "params": (None, json.dumps(slow))},
+                )
+            )
+            await asyncio.sleep(2)
+            gpu_worker(strict_server).kill()
+            start = time.monotonic()
+            response = await request
+            return response, time.monotonic() - start
+
+    response, waited = asyncio.run(scenario())
+    assert response.status_code == 503
+    assert "GPU Service is unavailable" in response.json()["error"]
+    assert waited < 10  # a clear answer, not a hang
+
+    # The front stays alive meanwhile, and BentoML restarts the GPU worker.
+    assert httpx.get(f"{strict_server.url}/livez", timeout=5).status_code == 200
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        response = post(strict_server, {"image": GOOD_IMAGE, "params": GOOD_PARAMS})
+        if response.status_code == 200:
+            break
+        time.sleep(1)
+    assert response.status_code == 200
+
+
+def test_a_client_that_disconnects_stops_its_generation(strict_server: Server) -> None:
+    """An abandoned 100-step 1024² generation (minutes on a CPU) must not hold
+    the GPU: a request sent right after it is answered within seconds."""
+    slow = {"prompt": "x", "num_inference_steps": 100, "width": 1024, "height": 1024}
+
+    async def abandon() -> None:
+        async with httpx.AsyncClient(timeout=1.5) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(
+                    f"{strict_server.url}/generate",
+                    files={"image": GOOD_IMAGE, "params": (None, json.dumps(slow))},
+                )
+
+    quick = {"image": GOOD_IMAGE, "params": (None, json.dumps(FAST))}
+    asyncio.run(abandon())
+    start = time.monotonic()
+    response = post(strict_server, quick)
+    assert response.status_code == 200
+    assert time.monotonic() - start < 30
+    assert "generation cancelled" in strict_server.log.read_text()
