@@ -22,6 +22,7 @@ import time
 import typing as t
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import bentoml
 import httpx
@@ -29,6 +30,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
 from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 
 from sdxl_controlnet import preprocessing, settings, streaming
 from sdxl_controlnet.cancellation import (
@@ -170,6 +172,10 @@ def errors_as_json(api: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Aw
     return wrapper
 
 
+# The browser studio: plain files that call the APIs below, like any other client.
+@bentoml.asgi_app(
+    StaticFiles(directory=Path(__file__).parent / "studio", html=True), path="/studio"
+)
 @bentoml.service(workers="cpu_count", traffic={"timeout": settings.GENERATION_TIMEOUT_S + 30})
 class ControlNet:
     controlnet_service = bentoml.depends(SDXLControlNetService)
