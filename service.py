@@ -22,6 +22,7 @@ import time
 import typing as t
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import bentoml
@@ -29,9 +30,14 @@ import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
 from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import preprocessing, settings
-from sdxl_controlnet.cancellation import ClientDisconnected, cancel_on_disconnect
+from sdxl_controlnet import preprocessing, settings, streaming
+from sdxl_controlnet.cancellation import (
+    ClientDisconnected,
+    cancel_on_disconnect,
+    close_abandoned_streams,
+)
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_base64, encode_image
 from sdxl_controlnet.errors import (
     GenerationCancelled,
@@ -52,6 +58,8 @@ from sdxl_controlnet.schemas import (
 
 # A child of BentoML's logger, so INFO lines reach the server log like BentoML's own.
 logger = logging.getLogger("bentoml").getChild(__name__)
+
+close_abandoned_streams()
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
@@ -82,6 +90,32 @@ class SDXLControlNetService:
             return await cancel_on_disconnect(self._run(edges, params.with_seed()))
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @bentoml.api
+    async def generate_stream(
+        self, edges: EdgeMap, params: GenerationParams
+    ) -> t.AsyncGenerator[str, None]:
+        """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once (step 0,
+        waiting for the GPU) and after each denoising step, then ``{"shape", "images"}``
+        with the raw uint8 array. Closing the stream stops the generation."""
+        check_edge_map(edges)
+        yield streaming.progress_line(0, params.num_inference_steps)
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:
+            # Called on the pipeline's thread; asyncio queues belong to the loop's.
+            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+
+        job = asyncio.ensure_future(self._run(edges, params.with_seed(), on_step))
+        job.add_done_callback(lambda _: steps.put_nowait(None))
+        try:
+            while step := await steps.get():
+                yield streaming.progress_line(*step)
+            images = job.result()
+        finally:
+            job.cancel()
+        yield streaming.images_line(images)
 
     async def _run(
         self,
@@ -145,6 +179,10 @@ def errors_as_json(api: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Aw
     return wrapper
 
 
+# The browser studio: plain files that call the APIs below, like any other client.
+@bentoml.asgi_app(
+    StaticFiles(directory=Path(__file__).parent / "studio", html=True), path="/studio"
+)
 @bentoml.service(workers="cpu_count", traffic={"timeout": settings.GENERATION_TIMEOUT_S + 30})
 class ControlNet:
     controlnet_service = bentoml.depends(SDXLControlNetService)
@@ -170,19 +208,47 @@ class ControlNet:
     async def generate_batch(self, image: ImageUpload, params: Params) -> BatchResult:
         """Generate ``params.num_images`` images; return them base64-encoded with the
         edge map, the seed of each image, the resolved settings and the timings."""
-        generation = await self._generate(image, params)
+        return await _batch_result(await self._generate(image, params))
+
+    @bentoml.api
+    async def generate_stream(
+        self, image: ImageUpload, params: Params
+    ) -> t.AsyncGenerator[str, None]:
+        """``/generate_batch`` as server-sent events, for long generations.
+
+        ``progress`` events carry ``step`` of ``total`` and ``elapsed_s``; then one
+        ``result`` event carries what ``/generate_batch`` returns. Bad input is a 400
+        before the stream starts; a later failure is an ``error`` event. A client
+        that disconnects stops the generation.
+        """
         start = time.perf_counter()
-        fmt = params.output_format
-        images = await asyncio.to_thread(lambda: [encode_base64(i, fmt) for i in generation.images])
-        edge_map = await asyncio.to_thread(encode_base64, generation.edges, "png")
-        generation.timings_ms["encode"] = _ms_since(start)
-        seed = generation.params.seed
-        return BatchResult(
-            images=[GeneratedImage(image=data, seed=seed + i) for i, data in enumerate(images)],
-            edge_map=edge_map,
-            params=generation.params,
-            timings_ms=generation.timings_ms,
+        edges, resolved = await self._prepare(image, params)
+        timings_ms = {"preprocess": _ms_since(start)}
+
+        gpu_start = time.perf_counter()
+        gpu_stream = self.controlnet_service.generate_stream(
+            edges=edges, params=resolved.generation_params()
         )
+        images = None
+        try:
+            with _gpu_errors():
+                # Leaving early closes the GPU stream at once, and that stops the GPU.
+                async with contextlib.aclosing(gpu_stream):
+                    async for event in streaming.read_lines(gpu_stream):
+                        if "images" in event:
+                            images = streaming.decode_images(event)
+                        else:
+                            event["elapsed_s"] = round(time.perf_counter() - start, 2)
+                            yield streaming.server_sent_event("progress", event)
+            if images is None:
+                raise GPUServiceUnavailable("the GPU Service stopped before the images were ready")
+        except (InvalidRequest, GPUServiceUnavailable) as exc:
+            yield streaming.server_sent_event("error", {"error": exc.message})
+            return
+        timings_ms["generate"] = _ms_since(gpu_start)
+
+        result = await _batch_result(Generation(edges, images, resolved, timings_ms))
+        yield streaming.server_sent_event("result", result.model_dump_json())
 
     @bentoml.api
     @errors_as_json
@@ -194,37 +260,60 @@ class ControlNet:
 
     async def _generate(self, image: Image.Image, params: Params) -> Generation:
         start = time.perf_counter()
-        edges = await asyncio.to_thread(preprocessing.edge_map, image, params)
+        edges, resolved = await self._prepare(image, params)
         timings_ms = {"preprocess": _ms_since(start)}
 
-        generation_params = params.generation_params()
         start = time.perf_counter()
-        images = await cancel_on_disconnect(self._call_gpu(edges, generation_params))
+        images = await cancel_on_disconnect(self._call_gpu(edges, resolved.generation_params()))
         timings_ms["generate"] = _ms_since(start)
-
-        height, width = edges.shape
-        resolved = params.model_copy(
-            update={"seed": generation_params.seed, "width": width, "height": height}
-        )
         return Generation(edges, images, resolved, timings_ms)
+
+    async def _prepare(self, image: Image.Image, params: Params) -> tuple[np.ndarray, Params]:
+        """The edge map, and ``params`` with the seed, width and height they resolve to."""
+        edges = await asyncio.to_thread(preprocessing.edge_map, image, params)
+        height, width = edges.shape
+        return edges, params.with_seed().model_copy(update={"width": width, "height": height})
 
     async def _call_gpu(self, edges: np.ndarray, params: GenerationParams) -> np.ndarray:
         """The GPU Service's answer, with its failures turned into errors a client can act on."""
-        try:
+        with _gpu_errors():
             async with asyncio.timeout(settings.GENERATION_TIMEOUT_S):
                 return await self.controlnet_service.generate(edges=edges, params=params)
-        except TimeoutError as exc:
-            raise GenerationTimeout(
-                f"generation took longer than {settings.GENERATION_TIMEOUT_S} s; "
-                "try fewer steps, fewer images or a smaller size"
-            ) from exc
-        except InvalidArgument as exc:
-            raise InvalidRequest(exc.message) from exc
-        except (aiohttp.ClientError, BentoMLException) as exc:  # unreachable, died, or failed
-            logger.exception("GPU Service call failed")
-            raise GPUServiceUnavailable(
-                "the GPU Service is unavailable or failed; retry in a moment"
-            ) from exc
+
+
+@contextlib.contextmanager
+def _gpu_errors() -> t.Iterator[None]:
+    """Turn the GPU Service's failures into errors a client can act on."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise GenerationTimeout(
+            f"generation took longer than {settings.GENERATION_TIMEOUT_S} s; "
+            "try fewer steps, fewer images or a smaller size"
+        ) from exc
+    except InvalidArgument as exc:
+        raise InvalidRequest(exc.message) from exc
+    except (aiohttp.ClientError, BentoMLException) as exc:  # unreachable, died, or failed
+        logger.exception("GPU Service call failed")
+        raise GPUServiceUnavailable(
+            "the GPU Service is unavailable or failed; retry in a moment"
+        ) from exc
+
+
+async def _batch_result(generation: Generation) -> BatchResult:
+    """Every image base64-encoded in the requested format, with its seed."""
+    start = time.perf_counter()
+    fmt = generation.params.output_format
+    images = await asyncio.to_thread(lambda: [encode_base64(i, fmt) for i in generation.images])
+    edge_map = await asyncio.to_thread(encode_base64, generation.edges, "png")
+    generation.timings_ms["encode"] = _ms_since(start)
+    seed = generation.params.seed
+    return BatchResult(
+        images=[GeneratedImage(image=data, seed=seed + i) for i, data in enumerate(images)],
+        edge_map=edge_map,
+        params=generation.params,
+        timings_ms=generation.timings_ms,
+    )
 
 
 # Oversized or malformed uploads are refused before they are read, let alone decoded.

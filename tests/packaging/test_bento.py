@@ -45,6 +45,7 @@ def test_bento_carries_the_code_and_not_the_rest(bento: Path) -> None:
     src = bento / "src"
     assert (src / "service.py").is_file()
     assert (src / "sdxl_controlnet" / "pipeline.py").is_file()
+    assert (src / "studio" / "index.html").is_file()
     for excluded in ("tests", "models", ".venv"):
         assert not (src / excluded).exists()
 

@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from sdxl_controlnet import settings
+from sdxl_controlnet import settings, streaming
 from sdxl_controlnet.errors import InvalidRequest
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
 from tests.conftest import ROOT, as_array, decode, shapes_image
@@ -222,3 +222,36 @@ def test_front_never_imports_torch_or_diffusers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_generate_stream_reports_each_step_then_the_images(gpu) -> None:
+    edges = np.zeros((64, 96), np.uint8)
+    lines = gpu.generate_stream(edges, GenerationParams(**FAST, seed=1))
+    events = [json.loads(line) async for line in lines]
+    assert [event["step"] for event in events[:-1]] == [0, 1, 2]
+    assert streaming.decode_images(events[-1]).shape == (1, 64, 96, 3)
+
+
+async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> None:
+    steps_run: list[int] = []
+    generate = gpu.pipeline.generate
+
+    def counting_generate(edges, params, on_step, cancelled):
+        def count(done: int, total: int) -> None:
+            steps_run.append(done)
+            on_step(done, total)
+
+        return generate(edges, params, count, cancelled)
+
+    monkeypatch.setattr(gpu.pipeline, "generate", counting_generate)
+    params = GenerationParams(prompt="x", num_inference_steps=50, seed=1)
+    lines = gpu.generate_stream(np.zeros((64, 64), np.uint8), params)
+    async for line in lines:
+        if json.loads(line)["step"] == 1:
+            break
+    await lines.aclose()
+
+    async with asyncio.timeout(30):
+        await gpu.gpu_lock.acquire()  # released once the pipeline has stopped
+    gpu.gpu_lock.release()
+    assert steps_run[-1] < 50

@@ -1,0 +1,173 @@
+// The studio talks to the same API as any client: /canny, /generate_stream and,
+// for every limit and default, the OpenAPI schema at /docs.json.
+const form = document.querySelector("#studio");
+const paramInputs = [...form.querySelectorAll("[data-param]")];
+const $ = (selector) => document.querySelector(selector);
+let image = null;
+let running = null; // the AbortController of the generation in progress
+
+// Limits and defaults live in the Service's request model; read them, never copy them.
+async function applySchema() {
+  const spec = await (await fetch("../docs.json")).json();
+  const fields = spec.components.schemas.Params.properties;
+  for (const input of paramInputs) {
+    const field = fields[input.name];
+    const rule = field.anyOf ? field.anyOf.find((option) => option.type !== "null") : field;
+    if (input.tagName === "SELECT") {
+      input.replaceChildren(...rule.enum.map((value) => new Option(value)));
+    }
+    for (const [attribute, key] of [["min", "minimum"], ["max", "maximum"], ["maxLength", "maxLength"]]) {
+      if (rule[key] !== undefined) input[attribute] = rule[key];
+    }
+    if (field.default !== undefined && field.default !== null) input.value = field.default;
+    if (field.description) input.title = field.description;
+  }
+  showThresholds();
+}
+
+function params(names) {
+  const values = {};
+  for (const input of paramInputs) {
+    if (names && !names.includes(input.name)) continue;
+    if (input.value === "") continue;
+    values[input.name] = input.type === "text" || input.tagName !== "INPUT" ? input.value : Number(input.value);
+  }
+  return values;
+}
+
+function request(path, values, signal) {
+  const body = new FormData();
+  body.append("image", image);
+  body.append("params", JSON.stringify(values));
+  return fetch(`..${path}`, { method: "POST", body, signal });
+}
+
+// The API answers {"error"} or, for a rule a field broke, {"error", "detail": [{loc, msg}]}.
+async function errorMessage(response) {
+  let body;
+  try {
+    body = await response.json();
+  } catch {
+    return `The server answered ${response.status} ${response.statusText}.`;
+  }
+  const error = Array.isArray(body) ? body[0] : body;
+  if (!error.detail) return error.error;
+  return error.detail.map((item) => `${item.loc.join(".")}: ${item.msg}`).join("\n");
+}
+
+function showError(message) {
+  $("#error").textContent = message;
+}
+
+function showThresholds() {
+  for (const output of form.querySelectorAll("output")) {
+    output.value = $(`#${output.htmlFor}`).value;
+  }
+}
+
+// The edge-map preview follows the sliders, once they rest for a moment.
+let previewTimer;
+let previewRequest;
+function schedulePreview() {
+  showThresholds();
+  clearTimeout(previewTimer);
+  previewTimer = setTimeout(preview, 250);
+}
+
+async function preview() {
+  if (!image) return;
+  previewRequest?.abort();
+  previewRequest = new AbortController();
+  try {
+    const response = await request("/canny", params(["low_threshold", "high_threshold"]), previewRequest.signal);
+    if (!response.ok) return showError(await errorMessage(response));
+    showError("");
+    $("#edges").src = URL.createObjectURL(await response.blob());
+  } catch (error) {
+    if (error.name !== "AbortError") showError(`Preview failed: ${error.message}`);
+  }
+}
+
+function chooseImage(file) {
+  if (!file) return;
+  image = file;
+  $("#drop span").textContent = file.name;
+  preview();
+}
+
+// Server-sent events from a POST: EventSource only GETs, so parse the body here.
+async function* serverSentEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      yield {
+        event: /^event: (.*)$/m.exec(block)[1],
+        data: JSON.parse(/^data: (.*)$/m.exec(block)[1]),
+      };
+    }
+  }
+}
+
+function showProgress({ step, total, elapsed_s }) {
+  $("#progress").max = total;
+  $("#progress").value = step;
+  $("#status").textContent = step ? `Step ${step} of ${total} · ${elapsed_s} s` : "Waiting for the GPU…";
+}
+
+function showResult(result) {
+  const [first] = result.images;
+  const url = `data:image/${result.params.output_format};base64,${first.image}`;
+  $("#result").src = url;
+  $("#edges").src = `data:image/png;base64,${result.edge_map}`;
+  $("#seed").textContent = `Seed ${first.seed}`;
+  $("#download").href = url;
+  $("#download").download = `sdxl-controlnet-${first.seed}.${result.params.output_format}`;
+  $("#download").hidden = false;
+  $("#status").textContent = `Done in ${(result.timings_ms.generate / 1000).toFixed(1)} s`;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (running) return running.abort(); // the button reads "Stop": leaving stops the GPU too
+  if (!image) return showError("Choose an image first.");
+  showError("");
+  running = new AbortController();
+  $("#generate").textContent = "Stop";
+  try {
+    const response = await request("/generate_stream", params(), running.signal);
+    if (!response.ok) return showError(await errorMessage(response));
+    for await (const { event: kind, data } of serverSentEvents(response)) {
+      if (kind === "progress") showProgress(data);
+      else if (kind === "result") showResult(data);
+      else if (kind === "error") showError(data.error);
+    }
+  } catch (error) {
+    showError(error.name === "AbortError" ? "Stopped." : `Generation failed: ${error.message}`);
+  } finally {
+    running = null;
+    $("#generate").textContent = "Generate";
+  }
+}
+
+$("#image").addEventListener("change", (event) => chooseImage(event.target.files[0]));
+$("#drop").addEventListener("dragover", (event) => {
+  event.preventDefault();
+  $("#drop").classList.add("over");
+});
+$("#drop").addEventListener("dragleave", () => $("#drop").classList.remove("over"));
+$("#drop").addEventListener("drop", (event) => {
+  event.preventDefault();
+  $("#drop").classList.remove("over");
+  chooseImage(event.dataTransfer.files[0]);
+});
+$("#low_threshold").addEventListener("input", schedulePreview);
+$("#high_threshold").addEventListener("input", schedulePreview);
+form.addEventListener("submit", generate);
+applySchema().catch((error) => showError(`Could not read the API schema: ${error.message}`));

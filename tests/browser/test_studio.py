@@ -1,0 +1,95 @@
+"""The studio page in headless Chromium against a real `bentoml serve`.
+
+Each state is saved as a screenshot under test-artifacts/studio/."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Server, encode, shapes_image
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "test-artifacts" / "studio"
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server: Server, tmp_path: Path) -> Iterator[Page]:
+    """The studio on a phone-sized screen, with a picture uploaded."""
+    page = browser.new_page(viewport={"width": 390, "height": 1100})
+    page.goto(f"{server.url}/studio")
+    # The limits come from the OpenAPI schema: wait until they are applied.
+    expect(page.locator("[name=num_inference_steps]")).to_have_attribute("max", "100")
+    picture = tmp_path / "shapes.png"
+    picture.write_bytes(encode(shapes_image(160, 120)))
+    page.set_input_files("#image", picture)
+    expect(page.locator("#edges")).to_have_attribute("src", re.compile("^blob:"))
+    yield page
+    page.close()
+
+
+def slide(page: Page, slider: str, value: int) -> None:
+    """Move a range input as a user's drag does: a new value, then an input event."""
+    page.locator(slider).evaluate(
+        "(el, value) => { el.value = value; el.dispatchEvent(new Event('input')); }", value
+    )
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+
+def test_moving_a_threshold_updates_the_edge_preview(page: Page) -> None:
+    screenshot(page, "1-uploaded")
+    before = page.locator("#edges").get_attribute("src")
+    slide(page, "#high_threshold", 250)
+    slide(page, "#low_threshold", 240)
+    expect(page.locator("#edges")).not_to_have_attribute("src", before)
+    expect(page.locator("output[for=low_threshold]")).to_have_text("240")
+    screenshot(page, "2-thresholds")
+
+
+def test_generate_shows_progress_then_the_image_and_its_seed(page: Page) -> None:
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "3")
+    page.fill("[name=seed]", "7")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#progress")).to_have_js_property("value", 3)
+    expect(page.locator("#progress")).to_have_js_property("max", 3)
+    expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    expect(page.locator("#seed")).to_have_text("Seed 7")
+    expect(page.locator("#download")).to_have_attribute("download", "sdxl-controlnet-7.png")
+    screenshot(page, "3-generated")
+
+
+def test_an_api_validation_error_is_shown(page: Page) -> None:
+    slide(page, "#low_threshold", 200)
+    slide(page, "#high_threshold", 100)
+    expect(page.locator("#error")).to_contain_text("low_threshold must not exceed high_threshold")
+    screenshot(page, "4-error")
