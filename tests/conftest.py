@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny"
@@ -70,16 +71,23 @@ def free_port() -> int:
 
 
 class Server:
-    """A `bentoml serve` subprocess. BentoML starts each worker in a session of
-    its own, so stopping it means stopping the whole process tree."""
+    """A `python -m bentoml ARGS` subprocess (or another BentoML CLI ``module``). BentoML
+    starts each worker in a session of its own, so stopping it means stopping the whole
+    process tree."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        module: str = "bentoml",
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = ROOT / "test-artifacts" / f"server-{self.port}.log"
         self.log.parent.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", *args, "--port", str(self.port)],
+            [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
             env={**os.environ, **tiny_model_env(), **(env or {})},
             stdout=self.log.open("wb"),
@@ -117,6 +125,20 @@ class Server:
 
     def process_info(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
+
+
+def requests_served(server: Server, service: str, endpoint: str = "/generate") -> float:
+    """Successful calls to ``endpoint`` that ``service`` counted, from ``server``'s /metrics."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "bentoml_service_request_total"
+        and sample.labels["service_name"] == service
+        and sample.labels["endpoint"] == endpoint
+        and sample.labels["http_response_code"] == "200"
+    )
 
 
 @pytest.fixture(scope="session")
