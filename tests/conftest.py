@@ -73,7 +73,8 @@ def free_port() -> int:
 class Server:
     """A `python -m bentoml ARGS` subprocess (or another BentoML CLI ``module``). BentoML
     starts each worker in a session of its own, so stopping it means stopping the whole
-    process tree."""
+    process tree. Each server gets a BentoML home of its own: a server clears the Prometheus
+    files under its home when it starts, which would wipe another server's /metrics."""
 
     def __init__(
         self,
@@ -89,7 +90,12 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
-            env={**os.environ, **tiny_model_env(), **(env or {})},
+            env={
+                **os.environ,
+                **tiny_model_env(),
+                "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
+                **(env or {}),
+            },
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -127,17 +133,25 @@ class Server:
         return psutil.Process(self.process.pid)
 
 
-def requests_served(server: Server, service: str, endpoint: str = "/generate") -> float:
-    """Successful calls to ``endpoint`` that ``service`` counted, from ``server``'s /metrics."""
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` with ``labels`` on ``server``'s /metrics."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "bentoml_service_request_total"
-        and sample.labels["service_name"] == service
-        and sample.labels["endpoint"] == endpoint
-        and sample.labels["http_response_code"] == "200"
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def generate_calls(server: Server, service: str) -> float:
+    """Successful /generate calls that BentoML counted for ``service`` on ``server``."""
+    return metric(
+        server,
+        "bentoml_service_request_total",
+        service_name=service,
+        endpoint="/generate",
+        http_response_code="200",
     )
 
 

@@ -1,5 +1,5 @@
 """The two Services as two servers, the front pointed at the GPU Service's URL: the
-deployment for separate hosts, each with a BentoML home of its own."""
+deployment for separate hosts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Server, decode, encode, requests_served, shapes_image
+from tests.conftest import Server, decode, encode, generate_calls, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -20,18 +20,13 @@ FRONT = "ControlNet"
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+def hosts() -> Iterator[tuple[Server, Server]]:
     servers: list[Server] = []
     try:
-        gpu = Server(
-            ["start-http-server", "--service-name", GPU, "."],
-            env={"BENTOML_HOME": str(tmp_path_factory.mktemp("gpu-host"))},
-            module=START,
-        )
+        gpu = Server(["start-http-server", "--service-name", GPU, "."], module=START)
         servers.append(gpu)
         front = Server(
             ["start-http-server", "--service-name", FRONT, "--depends", f"{GPU}={gpu.url}", "."],
-            env={"BENTOML_HOME": str(tmp_path_factory.mktemp("front-host"))},
             module=START,
         )
         servers.append(front)
@@ -47,7 +42,7 @@ def test_a_request_to_the_front_is_generated_by_the_gpu_server(
     hosts: tuple[Server, Server],
 ) -> None:
     gpu, front = hosts
-    before = requests_served(gpu, GPU)
+    before = generate_calls(gpu, GPU)
     response = httpx.post(
         f"{front.url}/generate",
         files={"image": ("input.png", encode(shapes_image(96, 64)), "image/png")},
@@ -56,5 +51,5 @@ def test_a_request_to_the_front_is_generated_by_the_gpu_server(
     )
     assert response.status_code == 200, response.text
     assert decode(response.content).size == (96, 64)
-    assert requests_served(front, FRONT) >= 1
-    assert requests_served(gpu, GPU) == before + 1
+    assert generate_calls(front, FRONT) >= 1
+    assert generate_calls(gpu, GPU) == before + 1

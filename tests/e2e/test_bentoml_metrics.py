@@ -1,0 +1,37 @@
+"""BentoML's /metrics on a real `bentoml serve`: each Service's requests, counted and timed."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import Server, encode, generate_calls, metric, shapes_image
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("ControlNet", "SDXLControlNetService")
+
+
+def test_metrics_count_and_time_the_requests_of_both_services(server: Server) -> None:
+    def timed(service: str) -> float:
+        return metric(
+            server,
+            "bentoml_service_request_duration_seconds_count",
+            service_name=service,
+            endpoint="/generate",
+        )
+
+    calls = {service: generate_calls(server, service) for service in SERVICES}
+    timings = {service: timed(service) for service in SERVICES}
+    response = httpx.post(
+        f"{server.url}/generate",
+        files={"image": ("input.png", encode(shapes_image(64, 64)), "image/png")},
+        data={"params": json.dumps({"prompt": "x", "num_inference_steps": 2})},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    for service in SERVICES:
+        assert generate_calls(server, service) == calls[service] + 1
+        assert timed(service) == timings[service] + 1
