@@ -32,7 +32,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import preprocessing, settings, streaming
+from sdxl_controlnet import metrics, preprocessing, settings, streaming
 from sdxl_controlnet.cancellation import (
     ClientDisconnected,
     cancel_on_disconnect,
@@ -127,18 +127,20 @@ class SDXLControlNetService:
         answering. If the caller is cancelled, the pipeline stops at its next
         step, and the GPU is released only once it has."""
         stop = threading.Event()
-        async with self.gpu_lock:
+        async with metrics.gpu_turn(self.gpu_lock):
             job = asyncio.get_running_loop().run_in_executor(
                 None, self.pipeline.generate, edges, params, on_step, stop.is_set
             )
             try:
-                return await asyncio.shield(job)
+                images = await asyncio.shield(job)
             except asyncio.CancelledError:
                 stop.set()
                 with contextlib.suppress(GenerationCancelled):
                     await job
                 logger.info("generation cancelled: its caller went away or timed out")
                 raise
+        metrics.IMAGES_GENERATED.inc(len(images))
+        return images
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny"
@@ -70,18 +71,31 @@ def free_port() -> int:
 
 
 class Server:
-    """A `bentoml serve` subprocess. BentoML starts each worker in a session of
-    its own, so stopping it means stopping the whole process tree."""
+    """A `python -m bentoml ARGS` subprocess (or another BentoML CLI ``module``). BentoML
+    starts each worker in a session of its own, so stopping it means stopping the whole
+    process tree. Each server gets a BentoML home of its own: a server clears the Prometheus
+    files under its home when it starts, which would wipe another server's /metrics."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        module: str = "bentoml",
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = ROOT / "test-artifacts" / f"server-{self.port}.log"
         self.log.parent.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", *args, "--port", str(self.port)],
+            [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
-            env={**os.environ, **tiny_model_env(), **(env or {})},
+            env={
+                **os.environ,
+                **tiny_model_env(),
+                "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
+                **(env or {}),
+            },
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -119,6 +133,28 @@ class Server:
 
     def process_info(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` with ``labels`` on ``server``'s /metrics."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def generate_calls(server: Server, service: str) -> float:
+    """Successful /generate calls that BentoML counted for ``service`` on ``server``."""
+    return metric(
+        server,
+        "bentoml_service_request_total",
+        service_name=service,
+        endpoint="/generate",
+        http_response_code="200",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -60,3 +60,17 @@ def test_bento_pins_the_requirements(bento: Path) -> None:
 def test_dockerfile_installs_what_opencv_needs(bento: Path) -> None:
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "libstdc++6 zlib1g" in dockerfile
+
+
+def test_dockerfile_installs_the_locked_requirements(bento: Path) -> None:
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+
+
+def test_image_user_is_the_one_the_kubernetes_manifests_run_as(bento: Path) -> None:
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    for manifest in (ROOT / "deploy" / "kubernetes").glob("*.yaml"):
+        for resource in yaml.safe_load_all(manifest.read_text()):
+            if resource["kind"] == "Deployment":
+                uid = resource["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+                assert f"ARG BENTO_USER_UID={uid}\n" in dockerfile

@@ -1,0 +1,43 @@
+"""The application's own Prometheus metrics, served beside BentoML's on /metrics.
+
+BentoML already counts each Service's requests and times them per endpoint. These add
+what only the GPU Service knows: how long a request queued for the GPU, how long the
+pipeline ran, and how many images it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+# prometheus_client itself: bentoml.metrics is a deprecated alias for it. BentoML starts its
+# workers with PROMETHEUS_MULTIPROC_DIR set, so every worker's values reach /metrics.
+from prometheus_client import Counter, Histogram
+
+# From a few-step preview on a GPU to a long queue behind 100-step batches.
+SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+QUEUE_WAIT = Histogram(
+    "sdxl_controlnet_queue_wait_seconds",
+    "Time a request waited for the GPU before its generation started.",
+    buckets=SECONDS_BUCKETS,
+)
+GENERATION = Histogram(
+    "sdxl_controlnet_generation_seconds",
+    "Time one request held the GPU, generating.",
+    buckets=SECONDS_BUCKETS,
+)
+IMAGES_GENERATED = Counter("sdxl_controlnet_images_generated", "Images generated.")
+
+
+@contextlib.asynccontextmanager
+async def gpu_turn(lock: asyncio.Lock) -> AsyncIterator[None]:
+    """Hold ``lock`` for one generation, timing the wait for it and the generation."""
+    with QUEUE_WAIT.time():
+        await lock.acquire()
+    try:
+        with GENERATION.time():
+            yield
+    finally:
+        lock.release()

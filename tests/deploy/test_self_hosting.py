@@ -1,0 +1,115 @@
+"""deploy/: the Compose file and the Kubernetes manifests, validated offline against their
+schemas, and checked to wire the front to the GPU Service the way the e2e tests run them."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from check_jsonschema.builtin_schemas import get_builtin_schema
+
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+# The oldest Kubernetes release the manifests are meant for.
+KUBERNETES_VERSION = "1.30.0"
+
+COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
+MANIFESTS = [
+    resource
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    for resource in yaml.safe_load_all(path.read_text())
+]
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [resource for resource in MANIFESTS if resource["kind"] == kind]
+
+
+def option(args: list[str], name: str) -> str:
+    """The value after ``name`` in a command line."""
+    return args[args.index(name) + 1]
+
+
+def depends_url(args: list[str]) -> tuple[str, int]:
+    """Host and port of the front's `--depends SDXLControlNetService=URL`."""
+    service, url = option(args, "--depends").split("=", 1)
+    assert service == "SDXLControlNetService"
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def running(service_name: str) -> tuple[dict, dict]:
+    """The one Deployment, and its container, that runs the BentoML Service ``service_name``."""
+    (found,) = [
+        (deployment, container)
+        for deployment in of_kind("Deployment")
+        for container in deployment["spec"]["template"]["spec"]["containers"]
+        if option(container["args"], "--service-name") == service_name
+    ]
+    return found
+
+
+def selects(service: dict, deployment: dict) -> bool:
+    return service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    jsonschema.validate(COMPOSE, get_builtin_schema("vendor.compose-spec"))
+
+
+def test_compose_runs_both_services_from_one_image_and_reserves_the_gpu() -> None:
+    gpu, front = COMPOSE["services"]["gpu"], COMPOSE["services"]["front"]
+    assert gpu["image"] == front["image"]
+    assert option(gpu["command"], "--service-name") == "SDXLControlNetService"
+    assert option(front["command"], "--service-name") == "ControlNet"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    assert "ports" not in gpu
+    assert any(volume.split(":")[0] in COMPOSE["volumes"] for volume in gpu["volumes"])
+
+
+def test_compose_front_depends_on_the_gpu_service_by_name_and_port() -> None:
+    gpu, front = COMPOSE["services"]["gpu"], COMPOSE["services"]["front"]
+    assert depends_url(front["command"]) == ("gpu", int(option(gpu["command"], "--port")))
+    assert "gpu" in front["depends_on"]
+
+
+@pytest.mark.parametrize(
+    "resource", MANIFESTS, ids=lambda r: f"{r['kind']}/{r['metadata']['name']}"
+)
+def test_kubernetes_manifest_is_valid(resource: dict) -> None:
+    kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_runs_each_service_from_one_image_the_gpu_one_on_a_gpu() -> None:
+    _, gpu = running("SDXLControlNetService")
+    _, front = running("ControlNet")
+    assert gpu["image"] == front["image"]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in front["resources"]["limits"]
+
+
+def test_kubernetes_front_depends_on_the_gpu_services_name_and_port() -> None:
+    gpu_deployment, _ = running("SDXLControlNetService")
+    _, front = running("ControlNet")
+    host, port = depends_url(front["args"])
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == host]
+    assert selects(service, gpu_deployment)
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
+
+
+@pytest.mark.parametrize("deployment", of_kind("Deployment"), ids=lambda d: d["metadata"]["name"])
+def test_kubernetes_deployment_is_probed_exposed_scaled_and_not_root(deployment: dict) -> None:
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert any(selects(service, deployment) for service in of_kind("Service"))
+    scaled = [hpa["spec"]["scaleTargetRef"]["name"] for hpa in of_kind("HorizontalPodAutoscaler")]
+    assert scaled.count(deployment["metadata"]["name"]) == 1

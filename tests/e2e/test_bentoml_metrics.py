@@ -1,0 +1,53 @@
+"""BentoML's /metrics on a real `bentoml serve`: each Service's requests, counted and timed."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import Server, encode, generate_calls, metric, shapes_image
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("ControlNet", "SDXLControlNetService")
+
+
+def test_metrics_count_and_time_the_requests_of_both_services(server: Server) -> None:
+    def timed(service: str) -> float:
+        return metric(
+            server,
+            "bentoml_service_request_duration_seconds_count",
+            service_name=service,
+            endpoint="/generate",
+        )
+
+    calls = {service: generate_calls(server, service) for service in SERVICES}
+    timings = {service: timed(service) for service in SERVICES}
+    response = httpx.post(
+        f"{server.url}/generate",
+        files={"image": ("input.png", encode(shapes_image(64, 64)), "image/png")},
+        data={"params": json.dumps({"prompt": "x", "num_inference_steps": 2})},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    for service in SERVICES:
+        assert generate_calls(server, service) == calls[service] + 1
+        assert timed(service) == timings[service] + 1
+
+
+def test_the_gpu_service_records_its_own_metrics(server: Server) -> None:
+    images = metric(server, "sdxl_controlnet_images_generated_total")
+    waits = metric(server, "sdxl_controlnet_queue_wait_seconds_count")
+    generations = metric(server, "sdxl_controlnet_generation_seconds_count")
+    response = httpx.post(
+        f"{server.url}/generate",
+        files={"image": ("input.png", encode(shapes_image(64, 64)), "image/png")},
+        data={"params": json.dumps({"prompt": "x", "num_inference_steps": 2, "num_images": 2})},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert metric(server, "sdxl_controlnet_images_generated_total") == images + 2
+    assert metric(server, "sdxl_controlnet_queue_wait_seconds_count") == waits + 1
+    assert metric(server, "sdxl_controlnet_generation_seconds_count") == generations + 1
