@@ -59,9 +59,12 @@ from sdxl_controlnet.schemas import (
 # A child of BentoML's logger, so INFO lines reach the server log like BentoML's own.
 logger = logging.getLogger("bentoml").getChild(__name__)
 
+# BentoML 1.4.40 keeps a Service-to-Service stream open after its reader leaves;
+# closing it is what stops an abandoned generation.
 close_abandoned_streams()
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
+NEVER = 2**31 - 1  # requests, or seconds (68 years)
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 
@@ -71,6 +74,9 @@ Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
     workers=1,
     # Beyond max_concurrency BentoML answers 503 at once: a bounded queue, not a pile-up.
     traffic={"timeout": settings.GENERATION_TIMEOUT_S, "max_concurrency": settings.MAX_QUEUE},
+    # Callers' clients must never recycle their connection pool: bentoml 1.4.40 closes
+    # the old pool after max_requests or max_age, failing the requests still in flight.
+    runner_connection={"max_requests": NEVER, "max_age": float(NEVER)},
 )
 class SDXLControlNetService:
     def __init__(self) -> None:

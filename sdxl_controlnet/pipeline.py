@@ -84,7 +84,8 @@ class ControlNetPipeline:
 
         height, width = edges.shape
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
-        control = torch.from_numpy(edges).to(self.device, self.pipe.dtype).div_(255)
+        # torch.tensor copies: the array BentoML unpickles is read-only.
+        control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
         control = control.expand(1, 3, height, width)
         generators = [
             torch.Generator(self.device).manual_seed(params.seed + i)

@@ -32,7 +32,7 @@ def cheap_server() -> Iterator[Server]:
         srv.stop()
 
 
-def test_no_generated_request_gets_a_server_error(cheap_server: Server) -> None:
+def test_no_generated_request_gets_a_server_error(cheap_server: Server, tmp_path: Path) -> None:
     result = subprocess.run(
         [
             Path(sys.executable).with_name("schemathesis"),
@@ -43,6 +43,7 @@ def test_no_generated_request_gets_a_server_error(cheap_server: Server) -> None:
             "--seed=1",
             "--request-timeout=60",
         ],
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
         capture_output=True,
         text=True,
         timeout=600,
