@@ -59,3 +59,14 @@ def test_bento_pins_the_requirements(bento: Path) -> None:
 def test_dockerfile_installs_what_opencv_needs(bento: Path) -> None:
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "libstdc++6 zlib1g" in dockerfile
+
+
+def test_cpu_bentofile_differs_only_in_name_and_torch() -> None:
+    production = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    cpu = yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())
+    (wheel,) = cpu["python"]["wheels"]
+    assert f"./{wheel}" in (ROOT / "requirements-cpu.txt").read_text().splitlines()
+    assert wheel in (ROOT / "Makefile").read_text(), "make image-cpu fetches another wheel"
+    for bentofile in (production, cpu):
+        del bentofile["name"], bentofile["python"]
+    assert cpu == production
