@@ -5,7 +5,7 @@
 #   scripts/container.sh ARGS...               docker ARGS, or podman ARGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BENTOML=${BENTOML:-.venv/bin/bentoml}
+bentoml=.venv/bin/bentoml  # the pinned BentoML that `make` installs
 
 if docker info >/dev/null 2>&1; then
   engine=(docker)
@@ -23,9 +23,9 @@ if [[ ${1-} == build-image ]]; then
     cpu) bentofile=bentofile.cpu.yaml ;;
     *) echo "usage: $0 build-image gpu|cpu" >&2; exit 2 ;;
   esac
-  tag=$("$BENTOML" build -f "$bentofile" -o tag)
+  tag=$("$bentoml" build -f "$bentofile" -o tag)
   tag=${tag#__tag__:}
-  exec "$BENTOML" containerize "$tag" "${builder[@]}" -t "$tag" -t "${tag%%:*}:latest"
+  exec "$bentoml" containerize "$tag" "${builder[@]}" -t "$tag" -t "${tag%%:*}:latest"
 fi
 
 if [[ ${1-} == run && ${engine[0]} == podman ]]; then
