@@ -1,16 +1,21 @@
-# The two commands of the README: `make serve` and `make test`.
+# The commands of the README: `make serve` and `make test`, and the container targets `make image*`.
 PYTHON ?= python3
 PORT ?= 3000
 VENV := .venv
 BIN := $(VENV)/bin
 TINY_MODEL := models/tiny
+CONTAINER := scripts/container.sh
+CPU_IMAGE := sdxl-controlnet-cpu:latest
+TORCH_CPU_WHEEL := wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+# A local wheel directory to take the CPU wheel from before downloading it.
+WHEELHOUSE ?= /opt/wheels
 
 # The offline demo model; unset these (or run `bentoml serve` directly) for the real SDXL models.
 export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
 export SDXL_CONTROLNET_MODEL ?= $(TINY_MODEL)/controlnet
 export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
 
-.PHONY: serve test lint tiny-model clean
+.PHONY: serve test lint tiny-model clean image image-cpu image-run image-test readable-model
 
 $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,4 +41,31 @@ lint: $(BIN)/bentoml
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) models
+	rm -rf $(VENV) models wheels
+
+# The production image: CUDA torch from PyPI and the real model ids. Several GB: built only when asked.
+image: | $(BIN)/bentoml
+	$(CONTAINER) build-image gpu
+
+# The CPU image, for CPU hosts, tests and CI.
+image-cpu: $(TORCH_CPU_WHEEL) | $(BIN)/bentoml
+	$(CONTAINER) build-image cpu
+
+$(TORCH_CPU_WHEEL): | $(BIN)/bentoml
+	mkdir -p $(@D)
+	if [ -f $(WHEELHOUSE)/$(@F) ]; then cp $(WHEELHOUSE)/$(@F) $@; \
+	else $(BIN)/pip download --no-deps --dest $(@D) torch==2.13.0 \
+		--index-url https://download.pytorch.org/whl/cpu; fi
+
+# save_pretrained writes weights as 0600, and the image runs as a non-root user.
+readable-model: tiny-model
+	chmod -R a+rX $(TINY_MODEL)
+
+# Like `make serve`, from the CPU image; Ctrl-C stops and removes the container.
+image-run: image-cpu readable-model
+	$(CONTAINER) run --rm -p 127.0.0.1:$(PORT):3000 -v $(CURDIR)/$(TINY_MODEL):/models/tiny:ro \
+		-e SDXL_BASE_MODEL=/models/tiny/base -e SDXL_CONTROLNET_MODEL=/models/tiny/controlnet \
+		-e SDXL_VAE_MODEL=/models/tiny/vae $(CPU_IMAGE)
+
+image-test: image-cpu readable-model
+	SDXL_TEST_IMAGE=$(CPU_IMAGE) $(BIN)/pytest -m image

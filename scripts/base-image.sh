@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build python:3.11-slim locally, for machines that reach Debian mirrors and PyPI but not
+# Docker Hub (like CI): the Dockerfile that `bentoml containerize` generates starts FROM it,
+# and buildah uses a local image of that name instead of pulling one.
+# Idempotent: does nothing if the image exists. Needs root, debootstrap and buildah.
+set -euo pipefail
+
+IMAGE=${IMAGE:-docker.io/library/python:3.11-slim}
+SUITE=${SUITE:-bookworm}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+
+if buildah inspect --type image "$IMAGE" >/dev/null 2>&1; then
+  echo "base image $IMAGE already exists"; exit 0
+fi
+
+ctr=$(buildah from scratch)
+trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
+root=$(buildah mount "$ctr")
+
+# A minimal Debian with bookworm's Python 3.11: the Dockerfile's `uv venv --python 3.11`
+# finds it instead of downloading one.
+debootstrap --variant=minbase \
+  --include=python3,python3-pip,python3-venv,ca-certificates \
+  "$SUITE" "$root" "$MIRROR"
+
+# Trust the host's extra CAs inside the image, for networks that inspect TLS:
+# without them pip and uv fail with certificate errors during the build.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates
+fi
+
+printf 'deb %s %s main\ndeb %s %s-updates main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
+  "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$SUITE" > "$root/etc/apt/sources.list"
+chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+
+buildah umount "$ctr" >/dev/null
+CA=/etc/ssl/certs/ca-certificates.crt
+# PIP_BREAK_SYSTEM_PACKAGES: PEP 668 would refuse the Dockerfile's `pip install uv`.
+# The CA variables make pip, requests and uv use the system trust store above.
+buildah config \
+  --env LANG=C.UTF-8 \
+  --env PIP_BREAK_SYSTEM_PACKAGES=1 \
+  --env SSL_CERT_FILE=$CA --env REQUESTS_CA_BUNDLE=$CA --env PIP_CERT=$CA --env UV_SYSTEM_CERTS=1 \
+  --cmd '["python3"]' "$ctr"
+buildah commit --rm "$ctr" "$IMAGE"
+trap - EXIT
