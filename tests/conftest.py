@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -70,6 +71,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(
+    url: str, running: Callable[[], bool], details: Callable[[], str], timeout: float = 120
+) -> float:
+    """Seconds until ``url``/readyz answered 200; fails at once if the server stopped."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not running():
+            raise RuntimeError(f"server exited early; {details()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready after {timeout}s; {details()}")
+
+
+def post_generate(
+    url: str, image: bytes, params: dict, content_type: str = "image/png"
+) -> httpx.Response:
+    """A multipart /generate request, as any HTTP client sends it."""
+    return httpx.post(
+        f"{url}/generate",
+        files={"image": ("input", image, content_type)},
+        data={"params": json.dumps(params)},
+        timeout=120,
+    )
+
+
 class Server:
     """A `python -m bentoml ARGS` subprocess (or another BentoML CLI ``module``). BentoML
     starts each worker in a session of its own, so stopping it means stopping the whole
@@ -103,17 +133,9 @@ class Server:
 
     def wait_ready(self, timeout: float = 120) -> float:
         """Seconds until /readyz answered 200."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready after {timeout}s; see {self.log}")
+        return wait_until_ready(
+            self.url, lambda: self.process.poll() is None, lambda: f"see {self.log}", timeout
+        )
 
     def stop(self) -> None:
         try:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
-import httpx
 import pytest
 
-from tests.conftest import Server, encode, generate_calls, metric, shapes_image
+from tests.conftest import Server, encode, generate_calls, metric, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -25,11 +22,8 @@ def test_metrics_count_and_time_the_requests_of_both_services(server: Server) ->
 
     calls = {service: generate_calls(server, service) for service in SERVICES}
     timings = {service: timed(service) for service in SERVICES}
-    response = httpx.post(
-        f"{server.url}/generate",
-        files={"image": ("input.png", encode(shapes_image(64, 64)), "image/png")},
-        data={"params": json.dumps({"prompt": "x", "num_inference_steps": 2})},
-        timeout=120,
+    response = post_generate(
+        server.url, encode(shapes_image(64, 64)), {"prompt": "x", "num_inference_steps": 2}
     )
     assert response.status_code == 200, response.text
     for service in SERVICES:
@@ -41,12 +35,8 @@ def test_the_gpu_service_records_its_own_metrics(server: Server) -> None:
     images = metric(server, "sdxl_controlnet_images_generated_total")
     waits = metric(server, "sdxl_controlnet_queue_wait_seconds_count")
     generations = metric(server, "sdxl_controlnet_generation_seconds_count")
-    response = httpx.post(
-        f"{server.url}/generate",
-        files={"image": ("input.png", encode(shapes_image(64, 64)), "image/png")},
-        data={"params": json.dumps({"prompt": "x", "num_inference_steps": 2, "num_images": 2})},
-        timeout=120,
-    )
+    params = {"prompt": "x", "num_inference_steps": 2, "num_images": 2}
+    response = post_generate(server.url, encode(shapes_image(64, 64)), params)
     assert response.status_code == 200, response.text
     assert metric(server, "sdxl_controlnet_images_generated_total") == images + 2
     assert metric(server, "sdxl_controlnet_queue_wait_seconds_count") == waits + 1

@@ -11,25 +11,17 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, decode, encode, shapes_image
+from tests.conftest import Server, decode, encode, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 
 FAST = {"num_inference_steps": 2}
 
 
-def post_generate(server: Server, image: bytes, params: dict, **kwargs) -> httpx.Response:
-    return httpx.post(
-        f"{server.url}/generate",
-        files={"image": ("input.png", image, "image/png")},
-        data={"params": json.dumps(params)},
-        timeout=120,
-        **kwargs,
-    )
-
-
 def test_multipart_post_returns_an_image_of_the_input_size(server: Server) -> None:
-    response = post_generate(server, encode(shapes_image(200, 152)), {"prompt": "a house", **FAST})
+    response = post_generate(
+        server.url, encode(shapes_image(200, 152)), {"prompt": "a house", **FAST}
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     assert decode(response.content).size == (200, 152)
@@ -75,14 +67,14 @@ def test_bentoml_sync_client(server: Server, tmp_path: Path) -> None:
 def test_bad_requests_get_a_400_naming_the_problem(
     server: Server, image: bytes, params: dict, message: str
 ) -> None:
-    response = post_generate(server, image, params)
+    response = post_generate(server.url, image, params)
     assert response.status_code == 400, response.text
     assert message in response.text
 
 
 def test_generate_reports_the_seed_and_settings(server: Server) -> None:
     response = post_generate(
-        server, encode(shapes_image(96, 64)), {"prompt": "x", "seed": 42, **FAST}
+        server.url, encode(shapes_image(96, 64)), {"prompt": "x", "seed": 42, **FAST}
     )
     assert response.headers["x-seed"] == "42"
     assert json.loads(response.headers["x-params"])["width"] == 96
@@ -135,8 +127,8 @@ def test_the_public_entry_point_refuses_pickle(server: Server) -> None:
 
 
 def test_server_keeps_serving_after_bad_requests(server: Server) -> None:
-    post_generate(server, b"garbage", {"prompt": "x"})
-    response = post_generate(server, encode(shapes_image(64, 64)), {"prompt": "x", **FAST})
+    post_generate(server.url, b"garbage", {"prompt": "x"})
+    response = post_generate(server.url, encode(shapes_image(64, 64)), {"prompt": "x", **FAST})
     assert response.status_code == 200
 
 

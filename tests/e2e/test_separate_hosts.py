@@ -3,13 +3,11 @@ deployment for separate hosts."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from tests.conftest import Server, decode, encode, generate_calls, shapes_image
+from tests.conftest import Server, decode, encode, generate_calls, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -43,11 +41,8 @@ def test_a_request_to_the_front_is_generated_by_the_gpu_server(
 ) -> None:
     gpu, front = hosts
     before = generate_calls(gpu, GPU)
-    response = httpx.post(
-        f"{front.url}/generate",
-        files={"image": ("input.png", encode(shapes_image(96, 64)), "image/png")},
-        data={"params": json.dumps({"prompt": "a house", "num_inference_steps": 2})},
-        timeout=120,
+    response = post_generate(
+        front.url, encode(shapes_image(96, 64)), {"prompt": "a house", "num_inference_steps": 2}
     )
     assert response.status_code == 200, response.text
     assert decode(response.content).size == (96, 64)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import httpx
-
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, wait_until_ready
 
 CONTAINER = str(ROOT / "scripts" / "container.sh")
 # Set by `make image-test` to the image it has just built, so a stale image is never tested.
@@ -47,18 +44,11 @@ class Container:
 
     def wait_ready(self, timeout: float = 120) -> float:
         """Seconds until /readyz answered 200."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            state = engine("inspect", "--format", "{{.State.Running}}", self.name).stdout
-            if state.strip() != "true":
-                raise RuntimeError(f"container exited early:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"container not ready after {timeout}s:\n{self.logs()}")
+        return wait_until_ready(self.url, self.running, self.logs, timeout)
+
+    def running(self) -> bool:
+        state = engine("inspect", "--format", "{{.State.Running}}", self.name).stdout
+        return state.strip() == "true"
 
     def exec(self, *command: str) -> str:
         return engine("exec", self.name, *command).stdout
