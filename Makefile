@@ -1,4 +1,4 @@
-# The two commands of the README: `make serve` and `make test`.
+# The commands of the README: `make serve`, `make test` and `make bench`.
 PYTHON ?= python3
 PORT ?= 3000
 VENV := .venv
@@ -10,7 +10,7 @@ export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
 export SDXL_CONTROLNET_MODEL ?= $(TINY_MODEL)/controlnet
 export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
 
-.PHONY: serve test lint tiny-model clean
+.PHONY: serve test bench lint tiny-model clean
 
 $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
+bench: tiny-model
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: $(BIN)/bentoml
 	$(BIN)/ruff check --fix .
