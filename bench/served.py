@@ -16,6 +16,7 @@ from sdxl_controlnet.schemas import GenerationParams, Params
 from tests.conftest import Server
 
 FAST = {"prompt": "bench", "num_inference_steps": 2, "seed": 1}
+BURSTS = {1: 8, 4: 8, 16: 32}  # requests per burst, by concurrency
 
 
 def start_server() -> tuple[Server, Row]:
@@ -87,13 +88,12 @@ def throughput_rows(server: Server, pipeline: ControlNetPipeline, rounds: int) -
     upload = file_bytes(image, "JPEG")
     edges = preprocessing.edge_map(image, Params(**FAST))
     params = GenerationParams(**FAST)
-    levels = (1, 4, 16)
-    served: dict[int, list[float]] = {c: [] for c in levels}
-    direct: dict[int, list[float]] = {c: [] for c in levels}
-    failures = dict.fromkeys(levels, 0)
+    served: dict[int, list[float]] = {c: [] for c in BURSTS}
+    direct: dict[int, list[float]] = {c: [] for c in BURSTS}
+    failures = dict.fromkeys(BURSTS, 0)
 
-    async def burst(concurrency: int) -> None:
-        requests = 2 * concurrency if concurrency > 1 else 8
+    async def burst(concurrency: int) -> tuple[float, int]:
+        """Requests/s with ``concurrency`` requests in flight, and how many failed."""
         limits = httpx.Limits(max_connections=concurrency)
         async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
             gate = asyncio.Semaphore(concurrency)
@@ -103,20 +103,21 @@ def throughput_rows(server: Server, pipeline: ControlNetPipeline, rounds: int) -
                     return (await _post(client, upload)).is_success
 
             start = time.perf_counter()
-            ok = await asyncio.gather(*(one() for _ in range(requests)))
-            served[concurrency].append(requests / (time.perf_counter() - start))
-            failures[concurrency] += ok.count(False)
+            ok = await asyncio.gather(*(one() for _ in range(BURSTS[concurrency])))
+            return len(ok) / (time.perf_counter() - start), ok.count(False)
 
-    pipeline.generate(edges, params)  # first call at a new size sets up kernels: not counted
+    # Warm-up, not counted: the first call at a new size sets up kernels.
+    pipeline.generate(edges, params)
     asyncio.run(burst(1))
-    served[1].clear()
     front_cpu = _front_cpu_seconds(server)
     for _ in range(rounds):
-        for concurrency in levels:
+        for concurrency in BURSTS:
             direct[concurrency].append(1000 / timed_ms(lambda: pipeline.generate(edges, params)))
-            asyncio.run(burst(concurrency))
+            rate, failed = asyncio.run(burst(concurrency))
+            served[concurrency].append(rate)
+            failures[concurrency] += failed
 
-    requests = rounds * sum(2 * c if c > 1 else 8 for c in levels)
+    requests = rounds * sum(BURSTS.values())
     front_ms = (_front_cpu_seconds(server) - front_cpu) * 1000 / requests
     pipeline_ms = [1000 / rate for rates in direct.values() for rate in rates]
     # CPU time is what the front spends, whatever else runs on the machine.
@@ -129,7 +130,7 @@ def throughput_rows(server: Server, pipeline: ControlNetPipeline, rounds: int) -
             pipeline_ms,
         )
     ]
-    for concurrency in levels:
+    for concurrency in BURSTS:
         name = f"concurrency {concurrency}"
         row = Row("throughput", name, "req/s", served[concurrency], direct[concurrency])
         row.note = f"pipeline busy {row.ratio:.0%}"
