@@ -1,4 +1,4 @@
-# The commands of the README: `make serve` and `make test`, and the container targets `make image*`.
+# The commands of the README: `make serve` and `make test`; `make bench`; the container targets `make image*`.
 PYTHON ?= python3
 PORT ?= 3000
 VENV := .venv
@@ -15,7 +15,7 @@ export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
 export SDXL_CONTROLNET_MODEL ?= $(TINY_MODEL)/controlnet
 export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
 
-.PHONY: serve test lint tiny-model clean image image-cpu image-run image-test readable-model
+.PHONY: serve test bench lint tiny-model clean image image-cpu image-run image-test readable-model
 
 $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
+bench: tiny-model
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: $(BIN)/bentoml
 	$(BIN)/ruff check --fix .

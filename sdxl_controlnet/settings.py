@@ -14,6 +14,10 @@ def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 BASE_MODEL = os.environ.get("SDXL_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0")
 CONTROLNET_MODEL = os.environ.get("SDXL_CONTROLNET_MODEL", "diffusers/controlnet-canny-sdxl-1.0")
 VAE_MODEL = os.environ.get("SDXL_VAE_MODEL", "madebyollin/sdxl-vae-fp16-fix")
@@ -34,3 +38,9 @@ GENERATION_TIMEOUT_S = _int("GENERATION_TIMEOUT_S", 300)
 # Requests one GPU replica holds at once, one generating and the rest queued;
 # past that it answers 503 at once, and the front passes that on.
 MAX_QUEUE = _int("MAX_QUEUE", 32)
+
+# GPU speed-ups, each off by default: see the README's "Performance" section.
+CHANNELS_LAST = _flag("CHANNELS_LAST")  # NHWC memory layout for the UNet and ControlNet
+FUSE_QKV = _flag("FUSE_QKV")  # one matmul for attention's Q, K and V projections
+# torch.compile the UNet and ControlNet; start-up then runs one warm-up generation.
+TORCH_COMPILE = _flag("TORCH_COMPILE")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdxl_controlnet import preprocessing, settings
 from sdxl_controlnet.errors import InvalidRequest
+from sdxl_controlnet.schemas import EdgeParams
 from tests.conftest import decode, encode, shapes_image
 
 
@@ -67,6 +69,43 @@ def test_exif_orientation_is_honoured() -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     assert preprocessing.to_grayscale(decode(buffer.getvalue())).shape == (160, 120)
+
+
+def jpeg(image: Image.Image, orientation: int = 1) -> Image.Image:
+    """``image`` saved as a JPEG with an EXIF orientation, opened lazily as an upload is."""
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return Image.open(buffer)
+
+
+def test_large_jpeg_decodes_at_reduced_scale_but_never_below_min_side() -> None:
+    gray = preprocessing.to_grayscale(jpeg(shapes_image(4000, 3000)), min_side=1000)
+    assert gray.shape == (1500, 2000)  # libjpeg's 1/2 scale: 1/4 of 3000 would be under 1000
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_output_size_comes_from_the_picture_not_the_reduced_decode(orientation: int) -> None:
+    # 3001×2508 snaps to 1120×936; its half-scale decode (1501×1254) would snap to 1120×928.
+    edges = preprocessing.edge_map(jpeg(shapes_image(3001, 2508), orientation), EdgeParams())
+    assert edges.shape == ((936, 1120) if orientation == 1 else (1120, 936))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("size", [None, (768, 1024)])
+def test_reduced_scale_decode_keeps_the_edges_of_a_full_decode(
+    orientation: int, size: tuple[int, int] | None
+) -> None:
+    params = EdgeParams(width=size and size[0], height=size and size[1])
+    fast = preprocessing.edge_map(jpeg(shapes_image(4000, 3000), orientation), params)
+    upright = ImageOps.exif_transpose(jpeg(shapes_image(4000, 3000), orientation))
+    full = preprocessing.canny(np.asarray(upright.convert("L")), 100, 200, size)
+    assert fast.shape == full.shape and fast.any()
+    # 99 % of each map's edge pixels lie within a pixel of an edge of the other.
+    for edges, other in ((fast, full), (full, fast)):
+        near = edges & cv2.dilate(other, np.ones((3, 3), np.uint8))
+        assert np.count_nonzero(near) >= 0.99 * np.count_nonzero(edges)
 
 
 @pytest.mark.parametrize(

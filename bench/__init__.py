@@ -1,0 +1,1 @@
+"""Benchmarks: figures for both Services, printed and saved; they never fail a build."""

@@ -1,0 +1,181 @@
+"""Figures measured in this process: the front's CPU work, what crosses
+``bentoml.depends``, response encoding, and batching in the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import typing as t
+from functools import partial
+
+import cv2
+import numpy as np
+from _bentoml_impl.serde import Payload, PickleSerde
+from _bentoml_sdk.io_models import IODescriptor
+from PIL import Image, ImageFilter
+from starlette.datastructures import Headers, UploadFile
+
+from bench.report import Row, interleaved
+from sdxl_controlnet import preprocessing
+from sdxl_controlnet.encoding import encode_image
+from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.schemas import GenerationParams, OutputFormat, Params
+from service import ControlNet, SDXLControlNetService
+from tests.conftest import shapes_image
+
+# In a `bentoml serve`, Services call each other with BentoML's pickle serde.
+PICKLE = PickleSerde()
+OURS = SDXLControlNetService.apis["generate"]
+FRONT = ControlNet.apis["generate"].input_spec
+
+
+def seed_generate(self, edges: np.ndarray, params: GenerationParams) -> Image.Image:
+    """The seed design's GPU API: a three-channel edge map in, a PIL image out."""
+    raise NotImplementedError
+
+
+SEED_INPUT = IODescriptor.from_input(seed_generate, skip_self=True)
+SEED_OUTPUT = IODescriptor.from_output(seed_generate)
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Shapes on a gradient with sensor-like noise: compresses like a photo, unlike flat art."""
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(shapes_image(width, height)).astype(np.int16)
+    ramp = np.add.outer(np.arange(height), np.arange(width)) * 60 // (width + height) - 30
+    pixels += ramp[..., None] + rng.integers(-12, 12, pixels.shape, dtype=np.int16)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(0.8))
+
+
+def file_bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def preprocessing_rows(runs: int) -> list[Row]:
+    """Upload bytes to edge map through the front's code, against the bare library calls."""
+    rows = []
+    for (width, height), fmt in [
+        ((512, 512), "JPEG"),
+        ((512, 512), "PNG"),
+        ((1024, 1024), "JPEG"),
+        ((1024, 1024), "PNG"),
+        ((4032, 3024), "JPEG"),  # a phone photo
+    ]:
+        data = file_bytes(photo(width, height), fmt)
+        size = preprocessing.snapped_size(width, height)
+
+        def ours(data: bytes = data, fmt: str = fmt) -> np.ndarray:
+            # What BentoML's multipart parsing validates, then what the front does with it.
+            headers = Headers({"content-type": f"image/{fmt.lower()}"})
+            upload = UploadFile(io.BytesIO(data), headers=headers)
+            request = FRONT.model_validate({"image": upload, "params": {"prompt": "bench"}})
+            return preprocessing.edge_map(request.image, request.params)
+
+        def raw(data: bytes = data, size: tuple[int, int] = size) -> np.ndarray:
+            gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+            return cv2.Canny(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), 100, 200)
+
+        values, baseline = interleaved(runs, ours, raw)
+        name = f"{width}×{height} {fmt} ({len(data) // 1024} KiB)"
+        rows.append(Row("preprocess", name, "ms", values, baseline, target=1.3))
+    return rows
+
+
+def _ours_request(edges: np.ndarray, params: GenerationParams) -> int:
+    # Client side (http.py _build_request), the wire, then the server's parse.
+    payload = PICKLE.serialize_model(OURS.input_spec.from_inputs(edges=edges, params=params))
+    body = b"".join(payload.data)
+    PICKLE.deserialize_model(Payload((body,), payload.metadata), OURS.input_spec)
+    return len(body)
+
+
+def _seed_request(edges: np.ndarray, params: GenerationParams) -> int:
+    three = np.repeat(edges[..., None], 3, axis=2)
+    payload = PICKLE.serialize_model(SEED_INPUT.from_inputs(edges=three, params=params))
+    body = b"".join(payload.data)
+    PICKLE.deserialize_model(Payload((body,), payload.metadata), SEED_INPUT)
+    return len(body)
+
+
+def _ours_response(images: np.ndarray) -> int:
+    response = asyncio.run(OURS.output_spec.to_http_response(images, PICKLE))
+    body = b"".join(response.body_iterator)
+    PICKLE.deserialize_model(Payload((body,), response.headers), OURS.output_spec)
+    return len(body)
+
+
+def _seed_response(images: np.ndarray) -> int:
+    # BentoML answers a PIL image with PNG bytes whatever the serde; the front decodes them.
+    response = asyncio.run(SEED_OUTPUT.to_http_response(Image.fromarray(images[0]), PICKLE))
+    Image.open(io.BytesIO(response.body), formats=["PNG"]).load()
+    return len(response.body)
+
+
+def transfer_rows(runs: int) -> list[Row]:
+    """What crosses `bentoml.depends` each way, against the seed design's representation."""
+    rows = []
+    params = GenerationParams(prompt="bench", seed=1)
+    for side in (512, 1024):
+        image = photo(side, side)
+        edges = preprocessing.edge_map(image.copy(), Params(prompt="bench"))
+        images = np.asarray(image)[None]  # a photo, not the tiny model's noise: PNG's best case
+        ways = {
+            "edge map → GPU": (
+                partial(_ours_request, edges, params),
+                partial(_seed_request, edges, params),
+            ),
+            "images ← GPU": (partial(_ours_response, images), partial(_seed_response, images)),
+        }
+        total_ms = np.zeros((2, runs))
+        total_kib = np.zeros(2)
+        for way, (ours, seed) in ways.items():
+            ms = interleaved(runs, ours, seed)
+            kib = [ours() / 1024], [seed() / 1024]
+            rows.append(Row("transfer", f"{side}² {way}", "ms", *ms))
+            rows.append(Row("transfer", f"{side}² {way}", "KiB", *kib))
+            total_ms += ms
+            total_kib += [kib[0][0], kib[1][0]]
+        rows.append(Row("transfer", f"{side}² both ways", "ms", *total_ms.tolist(), target=1 / 2))
+        rows.append(
+            Row("transfer", f"{side}² both ways", "KiB", *([k] for k in total_kib), target=1 / 3)
+        )
+    return rows
+
+
+def _pil_save(image: Image.Image, fmt: OutputFormat) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def encoding_rows(runs: int) -> list[Row]:
+    """The 1024² reply in each format, against PIL's defaults (BentoML's way with a PIL return)."""
+    image = photo(1024, 1024)
+    pixels = np.asarray(image)
+    rows = []
+    for fmt in t.get_args(OutputFormat):
+        values, baseline = interleaved(
+            runs, lambda fmt=fmt: encode_image(pixels, fmt), lambda fmt=fmt: _pil_save(image, fmt)
+        )
+        ours, pil = len(encode_image(pixels, fmt)) // 1024, len(_pil_save(image, fmt)) // 1024
+        rows.append(
+            Row("encode", f"1024² {fmt}", "ms", values, baseline, note=f"{ours} vs {pil} KiB")
+        )
+    return rows
+
+
+def batching_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
+    """What adaptive batching could buy: four images in one pipeline call, against four calls."""
+    edges = preprocessing.edge_map(photo(256, 256), Params(prompt="bench"))
+    one = GenerationParams(prompt="bench", num_inference_steps=2, seed=1)
+    four = one.model_copy(update={"num_images": 4})
+    pipeline.generate(edges, one)  # first call at a new size sets up kernels: not counted
+    batched, single = interleaved(
+        runs,
+        lambda: pipeline.generate(edges, four),
+        lambda: [pipeline.generate(edges, one) for _ in range(4)],
+    )
+    return [Row("batching", "4 images 256² steps=2, one call vs four", "ms", batched, single)]

@@ -1,0 +1,88 @@
+"""Benchmark both Services: `make bench`, or `python -m bench.run [--compare OLD.json]`.
+
+Prints a table, writes every sample to bench/results/latest.json and ends with
+`targets: N/M met`. It reports and never fails: the exit status is 0 whatever
+the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import inprocess, served
+from bench.report import Row, compare, table
+from sdxl_controlnet.pipeline import ControlNetPipeline
+from tests.conftest import tiny_model_env
+
+RESULTS = Path(__file__).parent / "results" / "latest.json"
+
+
+def measure(quick: bool) -> list[Row]:
+    runs = 5 if quick else 15
+    start = time.monotonic()
+
+    def section(name: str) -> None:
+        print(f"[{time.monotonic() - start:5.0f} s] {name}", file=sys.stderr, flush=True)
+
+    section("preprocessing, transfer, encoding")
+    rows = inprocess.preprocessing_rows(runs) + inprocess.transfer_rows(runs)
+    rows += inprocess.encoding_rows(runs)
+    section("batching in the pipeline")
+    model = tiny_model_env()  # the server below runs the same model
+    pipeline = ControlNetPipeline(
+        model["SDXL_BASE_MODEL"], model["SDXL_CONTROLNET_MODEL"], model["SDXL_VAE_MODEL"]
+    )
+    rows += inprocess.batching_rows(pipeline, runs=2 if quick else 3)
+    section("cold start")
+    server, cold_start = served.start_server()
+    try:
+        rows.append(cold_start)
+        section("end-to-end overhead")
+        rows += served.overhead_rows(server, pipeline, runs=4 if quick else 8)
+        section("throughput")
+        rows += served.throughput_rows(server, pipeline, rounds=1 if quick else 2)
+    finally:
+        server.stop()
+    section("done")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", type=Path, help="an earlier results file to compare with")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write results")
+    parser.add_argument("--quick", action="store_true", help="fewer runs: a smoke test")
+    args = parser.parse_args()
+
+    start = time.monotonic()
+    rows = measure(args.quick)
+    results = {
+        "machine": f"{platform.machine()}, {platform.python_version()}, {_cpus()} CPUs",
+        "seconds": round(time.monotonic() - start),
+        "rows": [row.as_dict() for row in rows],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1))
+
+    print(table(rows))
+    if args.compare:
+        print(f"\ncompared with {args.compare}:")
+        print(compare(results["rows"], json.loads(args.compare.read_text())["rows"]))
+    print(f"\n{results['machine']}; {results['seconds']} s; results in {args.output}")
+    verdicts = [row.met for row in rows if row.met is not None]
+    print(f"targets: {sum(verdicts)}/{len(verdicts)} met")
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()

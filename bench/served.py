@@ -1,0 +1,153 @@
+"""Figures from a real `bentoml serve` of both Services on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from bench.inprocess import file_bytes, photo
+from bench.report import Row, timed_ms
+from sdxl_controlnet import preprocessing
+from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.schemas import GenerationParams, Params
+from tests.conftest import Server
+
+FAST = {"prompt": "bench", "num_inference_steps": 2, "seed": 1}
+BURSTS = {1: 8, 4: 8, 16: 32}  # requests per burst, by concurrency
+
+
+def start_server() -> tuple[Server, Row]:
+    """A server, and the seconds from `bentoml serve` to a ready /readyz."""
+    server = Server(["serve", "."])
+    try:
+        return server, Row("cold start", "`bentoml serve` to ready", "s", [server.wait_ready()])
+    except Exception:
+        server.stop()
+        raise
+
+
+async def _post(client: httpx.AsyncClient, upload: bytes) -> httpx.Response:
+    return await client.post(
+        "/generate",
+        files={"image": ("input.jpg", upload, "image/jpeg")},
+        data={"params": json.dumps(FAST)},
+    )
+
+
+def _server_timing(response: httpx.Response) -> dict[str, float]:
+    stages = (part.split(";dur=") for part in response.headers["server-timing"].split(", "))
+    return {name: float(ms) for name, ms in stages}
+
+
+def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> list[Row]:
+    """A 512² request through both Services, against the pipeline called directly, interleaved."""
+    image = photo(512, 512)
+    upload = file_bytes(image, "JPEG")
+    edges = preprocessing.edge_map(image, Params(**FAST))
+    params = GenerationParams(**FAST)
+    served, direct, front = [], [], []
+
+    async def measure() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            await _post(client, upload)  # warm both Services up, and the direct pipeline too
+            pipeline.generate(edges, params)
+            for _ in range(runs):
+                start = time.perf_counter()
+                response = await _post(client, upload)
+                served.append((time.perf_counter() - start) * 1000)
+                response.raise_for_status()
+                stages = _server_timing(response)
+                front.append(stages["preprocess"] + stages["encode"])
+                direct.append(timed_ms(lambda: pipeline.generate(edges, params)))
+
+    asyncio.run(measure())
+    overhead = [s - d for s, d in zip(served, direct, strict=True)]
+    return [
+        Row("end to end", "512² steps=2 request (baseline: pipeline call)", "ms", served, direct),
+        Row(
+            "end to end",
+            "512² overhead over the pipeline call",
+            "ms",
+            overhead,
+            target=15,
+            target_is_ratio=False,
+        ),
+        Row("end to end", "512² front's preprocess + encode", "ms", front),
+    ]
+
+
+def throughput_rows(server: Server, pipeline: ControlNetPipeline, rounds: int) -> list[Row]:
+    """Requests/s at concurrency 1, 4 and 16, against the pipeline's own rate (256², steps=2).
+
+    Each round runs every concurrency once, with the pipeline's rate measured
+    just before each burst, so a busy neighbour weighs on both alike."""
+    image = photo(256, 256)
+    upload = file_bytes(image, "JPEG")
+    edges = preprocessing.edge_map(image, Params(**FAST))
+    params = GenerationParams(**FAST)
+    served: dict[int, list[float]] = {c: [] for c in BURSTS}
+    direct: dict[int, list[float]] = {c: [] for c in BURSTS}
+    failures = dict.fromkeys(BURSTS, 0)
+
+    async def burst(concurrency: int) -> tuple[float, int]:
+        """Requests/s with ``concurrency`` requests in flight, and how many failed."""
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one() -> bool:
+                async with gate:
+                    return (await _post(client, upload)).is_success
+
+            start = time.perf_counter()
+            ok = await asyncio.gather(*(one() for _ in range(BURSTS[concurrency])))
+            return len(ok) / (time.perf_counter() - start), ok.count(False)
+
+    # Warm-up, not counted: the first call at a new size sets up kernels.
+    pipeline.generate(edges, params)
+    asyncio.run(burst(1))
+    front_cpu = _front_cpu_seconds(server)
+    for _ in range(rounds):
+        for concurrency in BURSTS:
+            direct[concurrency].append(1000 / timed_ms(lambda: pipeline.generate(edges, params)))
+            rate, failed = asyncio.run(burst(concurrency))
+            served[concurrency].append(rate)
+            failures[concurrency] += failed
+
+    requests = rounds * sum(BURSTS.values())
+    front_ms = (_front_cpu_seconds(server) - front_cpu) * 1000 / requests
+    pipeline_ms = [1000 / rate for rates in direct.values() for rate in rates]
+    # CPU time is what the front spends, whatever else runs on the machine.
+    rows = [
+        Row(
+            "throughput",
+            "front CPU per request (baseline: pipeline call)",
+            "ms",
+            [front_ms],
+            pipeline_ms,
+        )
+    ]
+    for concurrency in BURSTS:
+        name = f"concurrency {concurrency}"
+        row = Row("throughput", name, "req/s", served[concurrency], direct[concurrency])
+        row.note = f"pipeline busy {row.ratio:.0%}"
+        if concurrency == 16:
+            row.target, row.target_is_minimum = 0.9, True
+        fails = [failures[concurrency]]
+        rows += [
+            row,
+            Row(
+                "throughput", f"{name}: failed", "requests", fails, target=0, target_is_ratio=False
+            ),
+        ]
+    return rows
+
+
+def _front_cpu_seconds(server: Server) -> float:
+    """CPU seconds used so far by the front Service's worker processes."""
+    processes = server.process_info().children(recursive=True)
+    workers = [p for p in processes if "ControlNet" in p.cmdline()]  # --service-name ControlNet
+    return sum(sum(p.cpu_times()[:2]) for p in workers)
