@@ -5,6 +5,7 @@ serving everyone else."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import struct
 import time
@@ -15,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, decode, encode, shapes_image
+from tests.conftest import Server, decode, encode, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -219,3 +220,19 @@ def test_a_client_that_disconnects_stops_its_generation(strict_server: Server) -
     assert response.status_code == 200
     assert time.monotonic() - start < 30
     assert "generation cancelled" in strict_server.log.read_text()
+
+
+def test_a_request_in_flight_finishes_when_the_server_is_stopped() -> None:
+    srv = Server(["serve", "."])
+    try:
+        srv.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            params = {"prompt": "x", "num_inference_steps": 30, "width": 256, "height": 256}
+            in_flight = pool.submit(post_generate, srv.url, GOOD_IMAGE[1], params)
+            time.sleep(1)
+            srv.process_info().terminate()  # what `docker stop` or Kubernetes sends
+            response = in_flight.result()
+        assert response.status_code == 200
+        assert decode(response.content).size == (256, 256)
+    finally:
+        srv.stop()
