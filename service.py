@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import threading
@@ -24,12 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
 from sdxl_controlnet import metrics, preprocessing, settings, streaming
@@ -40,10 +37,12 @@ from sdxl_controlnet.cancellation import (
 )
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_base64, encode_image
 from sdxl_controlnet.errors import (
+    CLIENT_CLOSED_REQUEST,
     GenerationCancelled,
-    GenerationTimeout,
     GPUServiceUnavailable,
     InvalidRequest,
+    errors_as_json,
+    gpu_call_errors,
 )
 from sdxl_controlnet.middleware import BodyGuard
 from sdxl_controlnet.schemas import (
@@ -63,7 +62,6 @@ logger = logging.getLogger("bentoml").getChild(__name__)
 # closing it is what stops an abandoned generation.
 close_abandoned_streams()
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
 NEVER = 2**31 - 1  # requests, or seconds (68 years)
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
@@ -170,23 +168,6 @@ class Generation:
         }
 
 
-def errors_as_json(api: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Awaitable[t.Any]]:
-    """Answer the errors a client can meet with a JSON body that says what happened.
-
-    BentoML itself replaces the message of any 5xx with a generic one."""
-
-    @functools.wraps(api)
-    async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        try:
-            return await api(*args, **kwargs)
-        except (InvalidRequest, GPUServiceUnavailable, GenerationTimeout) as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.error_code)
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-
-    return wrapper
-
-
 # The browser studio: plain files that call the APIs below, like any other client.
 @bentoml.asgi_app(
     StaticFiles(directory=Path(__file__).parent / "studio", html=True), path="/studio"
@@ -239,7 +220,7 @@ class ControlNet:
         )
         images = None
         try:
-            with _gpu_errors():
+            with gpu_call_errors():
                 # Leaving early closes the GPU stream at once, and that stops the GPU.
                 async with contextlib.aclosing(gpu_stream):
                     async for event in streaming.read_lines(gpu_stream):
@@ -284,28 +265,9 @@ class ControlNet:
 
     async def _call_gpu(self, edges: np.ndarray, params: GenerationParams) -> np.ndarray:
         """The GPU Service's answer, with its failures turned into errors a client can act on."""
-        with _gpu_errors():
+        with gpu_call_errors():
             async with asyncio.timeout(settings.GENERATION_TIMEOUT_S):
                 return await self.controlnet_service.generate(edges=edges, params=params)
-
-
-@contextlib.contextmanager
-def _gpu_errors() -> t.Iterator[None]:
-    """Turn the GPU Service's failures into errors a client can act on."""
-    try:
-        yield
-    except TimeoutError as exc:
-        raise GenerationTimeout(
-            f"generation took longer than {settings.GENERATION_TIMEOUT_S} s; "
-            "try fewer steps, fewer images or a smaller size"
-        ) from exc
-    except InvalidArgument as exc:
-        raise InvalidRequest(exc.message) from exc
-    except (aiohttp.ClientError, BentoMLException) as exc:  # unreachable, died, or failed
-        logger.exception("GPU Service call failed")
-        raise GPUServiceUnavailable(
-            "the GPU Service is unavailable or failed; retry in a moment"
-        ) from exc
 
 
 async def _batch_result(generation: Generation) -> BatchResult:
