@@ -187,7 +187,14 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """Both Services under one `bentoml serve`, on the tiny model."""
-    srv = Server(["serve", "."])
+    with serving() as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`bentoml serve` of both Services with ``env`` set, ready, stopped afterwards."""
+    srv = Server(["serve", "."], env=env)
     try:
         srv.wait_ready()
         yield srv

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,8 @@ CHEAP = {"MAX_STEPS": "1", "MAX_OUTPUT_PIXELS": str(64 * 64), "MAX_IMAGES": "1"}
 
 @pytest.fixture(scope="module")
 def cheap_server() -> Iterator[Server]:
-    srv = Server(["serve", "."], env=CHEAP)
-    try:
-        srv.wait_ready()
+    with serving(CHEAP) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_no_generated_request_gets_a_server_error(cheap_server: Server, tmp_path: Path) -> None:

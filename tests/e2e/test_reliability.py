@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, decode, encode, post_generate, shapes_image
+from tests.conftest import Server, decode, encode, post_generate, serving, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +27,8 @@ FAST = {"prompt": "x", "num_inference_steps": 2}
 @pytest.fixture(scope="module")
 def strict_server() -> Iterator[Server]:
     """Both Services with small upload limits, so limit tests stay quick."""
-    srv = Server(["serve", "."], env=LIMITS)
-    try:
-        srv.wait_ready()
+    with serving(LIMITS) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def post(server: Server, files: dict, **kwargs: object) -> httpx.Response:
@@ -223,16 +219,11 @@ def test_a_client_that_disconnects_stops_its_generation(strict_server: Server) -
 
 
 def test_a_request_in_flight_finishes_when_the_server_is_stopped() -> None:
-    srv = Server(["serve", "."])
-    try:
-        srv.wait_ready()
-        with concurrent.futures.ThreadPoolExecutor() as pool:
-            params = {"prompt": "x", "num_inference_steps": 30, "width": 256, "height": 256}
-            in_flight = pool.submit(post_generate, srv.url, GOOD_IMAGE[1], params)
-            time.sleep(1)
-            srv.process_info().terminate()  # what `docker stop` or Kubernetes sends
-            response = in_flight.result()
-        assert response.status_code == 200
-        assert decode(response.content).size == (256, 256)
-    finally:
-        srv.stop()
+    with serving() as srv, concurrent.futures.ThreadPoolExecutor() as pool:
+        params = {"prompt": "x", "num_inference_steps": 30, "width": 256, "height": 256}
+        in_flight = pool.submit(post_generate, srv.url, GOOD_IMAGE[1], params)
+        time.sleep(1)
+        srv.process_info().terminate()  # what `docker stop` or Kubernetes sends
+        response = in_flight.result()
+    assert response.status_code == 200
+    assert decode(response.content).size == (256, 256)
