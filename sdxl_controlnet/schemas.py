@@ -46,18 +46,19 @@ def check_edge_map(edges: np.ndarray) -> None:
 
 
 def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
+    # ValueError makes these field errors: a 400 naming `image`, like every other field's.
     try:
         return check_image_size(open_image(value))
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from exc
     except Image.UnidentifiedImageError as exc:
-        raise InvalidRequest(
-            "image is not a readable image file; send a JPEG, PNG or WebP"
-        ) from exc
+        raise ValueError("not a readable image file; send a JPEG, PNG or WebP") from exc
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"image could not be read: {exc}") from exc
+        raise ValueError(f"could not be read: {exc}") from exc
 
 
-# An uploaded image: BentoML opens it lazily (header only); we turn a file that
-# is not an image, or one too large, into a 400 before anything is decoded.
+# An uploaded image: BentoML opens it lazily (header only); a file that is not
+# an image, or one too large, becomes a 400 before any pixel is decoded.
 ImageUpload = t.Annotated[Image.Image, WrapValidator(_open_upload)]
 
 

@@ -126,6 +126,13 @@ def test_the_public_entry_point_refuses_pickle(server: Server) -> None:
     assert response.status_code == 415
 
 
+def test_an_unreadable_image_is_a_field_error_naming_image(server: Server) -> None:
+    response = post_generate(server.url, b"not an image", {"prompt": "x"})
+    assert response.status_code == 400
+    (error,) = response.json()["detail"]
+    assert error["loc"][-1] == "image" and "not a readable image" in error["msg"]
+
+
 def test_server_keeps_serving_after_bad_requests(server: Server) -> None:
     post_generate(server.url, b"garbage", {"prompt": "x"})
     response = post_generate(server.url, encode(shapes_image(64, 64)), {"prompt": "x", **FAST})
