@@ -13,7 +13,7 @@ import numpy as np
 
 from . import metrics, streaming
 from .errors import ClientError, GenerationCancelled
-from .gpu_queue import GPUQueue, work_units
+from .gpu_queue import GPUQueue
 from .schemas import GenerationParams, check_gpu_request
 
 if t.TYPE_CHECKING:
@@ -35,10 +35,9 @@ class GPUWorker:
         its next step, and the GPU is released once it has."""
         check_gpu_request(edges, params)
         height, width = edges.shape
-        steps = params.num_inference_steps
-        units = work_units(width, height, steps, params.num_images)
         stop = threading.Event()
-        async with self.queue.turn(units, steps) as step_done:
+        pixels = width * height * params.num_images
+        async with self.queue.turn(pixels, params.num_inference_steps) as step_done:
 
             def report(done: int, total: int) -> None:  # on the pipeline's thread
                 step_done()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # prometheus_client itself: bentoml.metrics is a deprecated alias for it. BentoML starts its
 # workers with PROMETHEUS_MULTIPROC_DIR set, so every worker's values reach /metrics.
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # From a few-step preview on a GPU to a long queue behind 100-step batches.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -28,4 +28,9 @@ IMAGES_GENERATED = Counter("sdxl_controlnet_images_generated", "Images generated
 REFUSED_BUSY = Counter(
     "sdxl_controlnet_refused_busy",
     "Requests refused at once because the queue could not finish them within the timeout.",
+)
+STEP_SECONDS = Gauge(
+    "sdxl_controlnet_step_seconds",
+    "Time the last timed denoising step took: how fast this GPU is right now.",
+    multiprocess_mode="mostrecent",
 )

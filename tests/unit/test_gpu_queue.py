@@ -1,5 +1,5 @@
 """The GPU queue: one generation at a time, timed, and admission refused for what
-could not finish within the timeout."""
+certainly could not finish within the timeout."""
 
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ import pytest
 from prometheus_client import REGISTRY
 
 from sdxl_controlnet.errors import ServiceBusy
-from sdxl_controlnet.gpu_queue import GPUQueue, work_units
+from sdxl_controlnet.gpu_queue import GPUQueue
 
 pytestmark = pytest.mark.anyio
+
+MP = 1024 * 1024
 
 
 def sample(name: str) -> float:
     return REGISTRY.get_sample_value(f"sdxl_controlnet_{name}") or 0.0
 
 
-async def generate(queue: GPUQueue, units: float, seconds: float, steps: int = 2) -> None:
-    """A generation of ``units`` in ``steps`` steps taking ``seconds`` in all."""
-    async with queue.turn(units, steps) as step_done:
+async def generate(queue: GPUQueue, pixels: int, steps: int, step_s: float) -> None:
+    async with queue.turn(pixels, steps) as step_done:
         for _ in range(steps):
-            await asyncio.sleep(seconds / steps)
+            await asyncio.sleep(step_s)
             step_done()
 
 
@@ -30,7 +31,7 @@ async def test_turns_run_one_at_a_time_and_are_timed() -> None:
     queue = GPUQueue(timeout_s=60)
     waits, runs = sample("queue_wait_seconds_sum"), sample("generation_seconds_count")
     # Two at once: the second waits out the first's whole turn.
-    await asyncio.gather(generate(queue, 1, 0.2), generate(queue, 1, 0.2))
+    await asyncio.gather(generate(queue, MP, 2, 0.1), generate(queue, MP, 2, 0.1))
     assert sample("generation_seconds_count") - runs == 2
     assert sample("queue_wait_seconds_sum") - waits >= 0.2
     assert queue.idle
@@ -39,37 +40,43 @@ async def test_turns_run_one_at_a_time_and_are_timed() -> None:
 async def test_a_failed_generation_frees_the_queue() -> None:
     queue = GPUQueue(timeout_s=60)
     with pytest.raises(RuntimeError):
-        async with queue.turn(1, 2) as step_done:
+        async with queue.turn(MP, 2) as step_done:
             step_done()
             raise RuntimeError("out of memory")
-    assert queue.idle and queue.expected_finish_s(1) is None  # one step teaches nothing
+    assert queue.idle and queue.step_s_at_least(MP) == 0  # one step times nothing
 
 
 async def test_a_request_that_cannot_finish_in_time_is_refused_at_once() -> None:
     queue = GPUQueue(timeout_s=1)
-    await generate(queue, 1, 0.1)  # learns about 0.1 s per unit from its second step
+    await generate(queue, MP, 3, 0.05)  # learns about 0.05 s per 1 MP step
     refused = sample("refused_busy_total")
-    first = asyncio.create_task(generate(queue, 6, 0.6))  # ~0.6 s of queued work
+    first = asyncio.create_task(generate(queue, MP, 12, 0.05))  # ~0.6 s queued
     await asyncio.sleep(0)
     with pytest.raises(ServiceBusy) as busy:
-        await generate(queue, 5, 0.5)  # would finish at ~1.1 s, past the 1 s timeout
+        await generate(queue, MP, 10, 0.05)  # would finish at ~1.1 s, past the 1 s timeout
     assert busy.value.error_code == 503 and busy.value.retry_after_s == 1
     assert "past the 1 s timeout" in busy.value.message
     assert sample("refused_busy_total") - refused == 1
-    await generate(queue, 1, 0.1)  # a small one still fits
+    await generate(queue, MP, 2, 0.05)  # a small one still fits
     await first
 
 
-def test_work_grows_with_pixels_steps_and_images() -> None:
-    assert work_units(1024, 1024, 30, 1) == pytest.approx(31.46, rel=1e-3)
-    assert work_units(1024, 1024, 30, 4) == 4 * work_units(1024, 1024, 30, 1)
-
-
-async def test_steps_teach_the_rate_without_the_first_steps_fixed_costs() -> None:
+async def test_the_first_steps_fixed_costs_are_not_counted() -> None:
     queue = GPUQueue(timeout_s=60)
-    async with queue.turn(4, 4) as step_done:
+    async with queue.turn(MP, 4) as step_done:
         await asyncio.sleep(0.5)  # text encoders: before the first step ends
         for _ in range(4):
             await asyncio.sleep(0.05)
             step_done()
-    assert queue.expected_finish_s(1) == pytest.approx(0.05, rel=0.5)
+    assert queue.step_s_at_least(MP) == pytest.approx(0.05, rel=0.5)
+
+
+async def test_estimates_are_lower_bounds_across_sizes() -> None:
+    queue = GPUQueue(timeout_s=60)
+    await generate(queue, MP, 3, 0.1)
+    step_s = queue.step_s_at_least(MP)
+    # Larger: at least as long. Smaller: at least its share. Never extrapolated upwards,
+    # where a small size's fixed costs would make a large one look impossibly slow.
+    assert queue.step_s_at_least(4 * MP) == step_s
+    assert queue.step_s_at_least(MP // 4) == pytest.approx(step_s / 4)
+    assert queue.finish_s_at_least(MP, 30) == pytest.approx(30 * step_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 
 from devtools.harness import ROOT
 from sdxl_controlnet.settings import FRONT_TIMEOUT_MARGIN_S, Settings, SettingsError
+
+DOCS = ROOT / "docs" / "configuration.md"
 
 
 def test_defaults_are_the_production_models_and_an_l4s_limits() -> None:
@@ -66,3 +69,14 @@ def test_a_bad_value_stops_the_application_at_import() -> None:
     )
     assert result.returncode != 0
     assert "MAX_STEPS='abc': Input should be a valid integer" in result.stderr
+
+
+def test_the_configuration_docs_list_every_setting_with_its_default() -> None:
+    rows = re.findall(r"^\| `([A-Z_0-9]+)` \| `([^`]*)` \|", DOCS.read_text(), re.MULTILINE)
+    documented = dict(rows)
+    defaults = Settings.from_env({}).model_dump()
+    expected = {
+        name.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in defaults.items()
+    }
+    assert documented == expected
