@@ -217,6 +217,10 @@ class _HubHandler(_Handler):
         # (``refs%2Fpr%2F1``), so it is one segment of the raw path.
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path == "/api/agent-harnesses":
+            # huggingface_hub 2.x fetches this registry once a day for its User-Agent
+            # header; empty, it detects nothing and moves on.
+            return self.send_json({"standardEnvVars": [], "harnesses": {}}, body)
         if url.path.startswith("/api/models/"):
             if self.command != "GET":
                 raise HubError(HTTPStatus.METHOD_NOT_ALLOWED, "MethodNotAllowed", "GET only")
