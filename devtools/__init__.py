@@ -1,1 +1,2 @@
-"""Development-only tools: never imported by the Services, never shipped in the Bento."""
+"""Development tooling: the tiny model, the stand-in hub and helpers for tests and
+benchmarks. Never shipped in the Bento; importing it changes nothing."""
