@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdxl_controlnet.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
+from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
@@ -113,7 +113,7 @@ def lay_out(tiny: Path, out: Path) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("tiny", type=Path, help="python -m sdxl_controlnet.tiny_model's output")
+    parser.add_argument("tiny", type=Path, help="python -m devtools.tiny_model's output")
     parser.add_argument("out", type=Path, help="an empty directory for the repositories")
     args = parser.parse_args()
     repos = lay_out(args.tiny, args.out)

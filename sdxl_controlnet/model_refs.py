@@ -22,44 +22,25 @@ BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 
-Precision = t.Literal["fp16", "fp32"]
-
-# The base repository minus its VAE: the pipeline gets the fp16-fix VAE instead.
-BASE_INCLUDE: dict[Precision, list[str]] = {
-    "fp16": [
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/*",
-        "tokenizer_2/*",
-        "text_encoder/config.json",
-        "text_encoder/model.fp16.safetensors",
-        "text_encoder_2/config.json",
-        "text_encoder_2/model.fp16.safetensors",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.fp16.safetensors",
-    ],
-    "fp32": [
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/*",
-        "tokenizer_2/*",
-        "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "text_encoder_2/config.json",
-        "text_encoder_2/model.safetensors",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-    ],
-}
-CONTROLNET_INCLUDE: dict[Precision, list[str]] = {
-    "fp16": ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
-    "fp32": ["config.json", "diffusion_pytorch_model.safetensors"],
-}
-# One file for both: the fp16 fix is in the weights, which the repository keeps in fp32.
-VAE_INCLUDE: dict[Precision, list[str]] = {
-    "fp16": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "fp32": ["config.json", "diffusion_pytorch_model.safetensors"],
-}
+# The files the pipeline loads, in fp16: half the download of fp32, and what a GPU runs.
+# A CPU upcasts them. Never "*.safetensors": that also matches the single-file
+# checkpoints, the base's own VAE and both precisions.
+BASE_INCLUDE = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    # No vae/: the pipeline is given the fp16-fix VAE instead.
+]
+CONTROLNET_INCLUDE = ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+# The repository has no fp16 file: the fix is in the weights, kept in fp32 (335 MB).
+VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
@@ -102,12 +83,3 @@ def reference(value: str, include: list[str]) -> HuggingFaceModel | str:
     from bentoml.models import HuggingFaceModel
 
     return HuggingFaceModel(source.model_id, revision=source.revision, include=include)
-
-
-def weights_variant(directory: str | Path, fp16: bool) -> str | None:
-    """The ``variant`` to load ``directory`` with: ``"fp16"`` when fp16 is wanted and there
-    are fp16 files, or when there are no others (a snapshot downloaded for fp16 has none)."""
-    files = [p.name for p in Path(directory).rglob("*.safetensors")]
-    has_fp16 = any(name.endswith(".fp16.safetensors") for name in files)
-    has_default = any(not name.endswith(".fp16.safetensors") for name in files)
-    return "fp16" if has_fp16 and (fp16 or not has_default) else None

@@ -9,25 +9,35 @@ records every file it sends. Each test gets its own BentoML home and Hugging Fac
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-import httpx
+import numpy as np
 import pytest
 import yaml
 from bentoml.models import HuggingFaceModel
 from huggingface_hub.errors import RevisionNotFoundError
 
+from devtools.harness import (
+    ROOT,
+    TINY_MODEL,
+    Server,
+    decode,
+    encode,
+    post_generate,
+    shapes_image,
+    tiny_model_env,
+)
 from devtools.hub import Hub
 from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, VAE_REPO, lay_out
 from sdxl_controlnet import model_refs
-from tests.conftest import ROOT, TINY_MODEL, Server
+from sdxl_controlnet.schemas import GenerationParams
 
 INCLUDE = {
     BASE_REPO: model_refs.BASE_INCLUDE,
@@ -62,27 +72,18 @@ def commit(hub: Hub, repo_id: str) -> str:
     return hub.repos[repo_id].commit
 
 
-def reference(
-    hub: Hub, repo_id: str, precision: str, revision: str | None = None
-) -> HuggingFaceModel:
+def reference(hub: Hub, repo_id: str, revision: str | None = None) -> HuggingFaceModel:
     return HuggingFaceModel(
         repo_id,
         revision=revision or commit(hub, repo_id),
         endpoint=hub.url,
-        include=INCLUDE[repo_id][precision],
+        include=INCLUDE[repo_id],
     )
 
 
 def snapshot_files(path: str) -> list[str]:
     root = Path(path)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-CASES = [
-    (repo, precision)
-    for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)
-    for precision in ("fp16", "fp32")
-]
 
 
 def requested_paths(hub: Hub, repo_id: str) -> set[str]:
@@ -96,11 +97,11 @@ def requested_paths(hub: Hub, repo_id: str) -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize(("repo_id", "precision"), CASES)
+@pytest.mark.parametrize("repo_id", [BASE_REPO, CONTROLNET_REPO, VAE_REPO])
 def test_resolving_downloads_exactly_the_included_files(
-    hub: Hub, caches: Path, repo_id: str, precision: str
+    hub: Hub, caches: Path, repo_id: str
 ) -> None:
-    path = reference(hub, repo_id, precision).resolve()
+    path = reference(hub, repo_id).resolve()
 
     files = snapshot_files(path)
     assert Path(path).is_relative_to(caches)
@@ -112,12 +113,12 @@ def test_resolving_downloads_exactly_the_included_files(
         assert not fnmatch.filter(files, pattern), f"{pattern} must stay on the hub"
     weights = [p for p in files if p.endswith(".safetensors")]
     assert weights
-    if repo_id != VAE_REPO:  # the fp16-fix VAE has one weights file for both
-        assert all(p.endswith(".fp16.safetensors") == (precision == "fp16") for p in weights)
+    if repo_id != VAE_REPO:  # the fp16-fix VAE has only its fp32 file
+        assert all(p.endswith(".fp16.safetensors") for p in weights)
 
 
 def test_the_fp16_base_download_is_what_the_pipeline_loads_and_nothing_else(hub: Hub) -> None:
-    path = reference(hub, BASE_REPO, "fp16").resolve()
+    path = reference(hub, BASE_REPO).resolve()
 
     assert snapshot_files(path) == [
         "model_index.json",
@@ -136,37 +137,25 @@ def test_the_fp16_base_download_is_what_the_pipeline_loads_and_nothing_else(hub:
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub.served_paths(BASE_REPO)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_the_downloaded_snapshots_load_as_the_controlnet_pipeline(hub: Hub, precision: str) -> None:
-    import torch
-    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline
+def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) -> None:
+    from sdxl_controlnet.pipeline import ControlNetPipeline
 
     base, controlnet, vae = (
-        reference(hub, repo, precision).resolve() for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)
+        reference(hub, repo).resolve() for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)
     )
-    fp16 = precision == "fp16"
-    dtype = torch.float16 if fp16 else torch.float32
+    pipeline = ControlNetPipeline(base, controlnet, vae)  # fp16 files, upcast for the CPU
 
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-        base,
-        controlnet=ControlNetModel.from_pretrained(
-            controlnet, dtype=dtype, variant=model_refs.weights_variant(controlnet, fp16)
-        ),
-        vae=AutoencoderKL.from_pretrained(vae, dtype=dtype),
-        dtype=dtype,
-        variant=model_refs.weights_variant(base, fp16),
-    )
-
-    assert {pipe.unet.dtype, pipe.text_encoder_2.dtype, pipe.controlnet.dtype} == {dtype}
-    assert Path(pipe.vae.config._name_or_path) == Path(vae)
+    assert Path(pipeline.pipe.vae.config._name_or_path) == Path(vae)
+    params = GenerationParams(prompt="a house", num_inference_steps=2, seed=1)
+    assert pipeline.generate(np.zeros((64, 64), np.uint8), params).shape == (1, 64, 64, 3)
 
 
 def test_a_second_resolve_downloads_nothing(hub: Hub) -> None:
-    reference(hub, BASE_REPO, "fp16").resolve()
+    reference(hub, BASE_REPO).resolve()
     hub.reset()
 
     # A new reference, as a new worker process makes: the pinned commit's files are cached.
-    path = reference(hub, BASE_REPO, "fp16").resolve()
+    path = reference(hub, BASE_REPO).resolve()
 
     assert hub.served == []
     assert hub.requests == [], "a pinned commit needs no request at all once cached"
@@ -174,10 +163,10 @@ def test_a_second_resolve_downloads_nothing(hub: Hub) -> None:
 
 
 def test_a_second_resolve_of_a_branch_only_asks_where_it_points(hub: Hub) -> None:
-    reference(hub, VAE_REPO, "fp16", revision="main").resolve()
+    reference(hub, VAE_REPO, revision="main").resolve()
     hub.reset()
 
-    reference(hub, VAE_REPO, "fp16", revision="main").resolve()
+    reference(hub, VAE_REPO, revision="main").resolve()
 
     assert hub.served == []
     assert hub.requests == [f"GET /api/models/{VAE_REPO}/revision/main"]
@@ -185,7 +174,7 @@ def test_a_second_resolve_of_a_branch_only_asks_where_it_points(hub: Hub) -> Non
 
 @pytest.mark.parametrize("revision", ["v2.0", "0" * 40], ids=["branch", "commit"])
 def test_a_wrong_revision_fails_naming_the_model_and_revision(hub: Hub, revision: str) -> None:
-    ref = reference(hub, CONTROLNET_REPO, "fp16", revision=revision)
+    ref = reference(hub, CONTROLNET_REPO, revision=revision)
 
     with pytest.raises(RevisionNotFoundError) as download:
         ref.resolve()
@@ -199,14 +188,14 @@ def test_a_wrong_revision_fails_naming_the_model_and_revision(hub: Hub, revision
 
 
 def test_build_records_the_commit_and_the_files(hub: Hub) -> None:
-    info = reference(hub, BASE_REPO, "fp16", revision="main").to_info()
+    info = reference(hub, BASE_REPO, revision="main").to_info()
 
     assert info.registry == "huggingface"
     assert info.metadata == {
         "model_id": BASE_REPO,
         "revision": commit(hub, BASE_REPO),  # the branch, resolved once, at build time
         "endpoint": hub.url,
-        "include": model_refs.BASE_INCLUDE["fp16"],
+        "include": model_refs.BASE_INCLUDE,
         "exclude": None,
     }
     # What `bentoml serve` of the Bento rebuilds from bento.yaml downloads that commit.
@@ -219,7 +208,7 @@ def test_build_asks_the_hub_even_for_a_pinned_commit(hub: Hub) -> None:
     hub reference needs the hub (or a mirror): build offline only from local directories."""
     pinned = commit(hub, VAE_REPO)
 
-    reference(hub, VAE_REPO, "fp16", revision=pinned).to_info()
+    reference(hub, VAE_REPO, revision=pinned).to_info()
 
     assert hub.requests == [f"GET /api/models/{VAE_REPO}/revision/{pinned}"]
     assert hub.served == []
@@ -228,7 +217,7 @@ def test_build_asks_the_hub_even_for_a_pinned_commit(hub: Hub) -> None:
 def test_a_local_directory_is_no_reference_and_never_reaches_the_hub(hub: Hub) -> None:
     directory = str(TINY_MODEL / "vae")
 
-    assert model_refs.reference(directory, model_refs.VAE_INCLUDE["fp16"]) == directory
+    assert model_refs.reference(directory, model_refs.VAE_INCLUDE) == directory
     assert hub.requests == []
 
 
@@ -252,107 +241,106 @@ def test_a_model_setting_that_is_neither_is_refused_before_the_hub_sees_it() -> 
 
 
 # What the GPU Service will declare, in a Service of its own so the build is quick.
-SERVICE = textwrap.dedent(
-    """
-    import os
-
-    import bentoml
-
-    from sdxl_controlnet import model_refs
-
-
-    @bentoml.service
-    class Models:
-        base = model_refs.reference(os.environ["SDXL_BASE_MODEL"], model_refs.BASE_INCLUDE["fp16"])
-        vae = model_refs.reference(os.environ["SDXL_VAE_MODEL"], model_refs.VAE_INCLUDE["fp16"])
-
-        @bentoml.api
-        def paths(self) -> dict[str, str]:
-            return {"base": self.base, "vae": self.vae}
-    """
-)
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A build context holding the Service above and ``sdxl_controlnet/model_refs.py``."""
-    context = tmp_path / "project"
-    (context / "sdxl_controlnet").mkdir(parents=True)
-    (context / "sdxl_controlnet" / "__init__.py").write_text("")
-    source = ROOT / "sdxl_controlnet" / "model_refs.py"
-    (context / "sdxl_controlnet" / "model_refs.py").write_text(source.read_text())
-    (context / "service.py").write_text(SERVICE)
-    (context / "bentofile.yaml").write_text(
-        "service: service:Models\nname: models\ninclude: [service.py, sdxl_controlnet/*.py]\n"
-    )
-    return context
-
-
-def build(context: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def build(env: dict[str, str]) -> str:
+    """`bentoml build` of this project with ``env`` set; the Bento's tag."""
+    result = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag", "."],
-        cwd=context,
+        cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().removeprefix("__tag__:")
 
 
-def service_models(bento_home: Path) -> list[dict]:
-    (bento_yaml,) = bento_home.glob("bentos/models/*/bento.yaml")
-    (service,) = yaml.safe_load(bento_yaml.read_text())["services"]
-    return service.get("models", [])
+def gpu_service_models(bento_home: Path, tag: str) -> list[dict]:
+    name, version = tag.split(":")
+    bento_yaml = yaml.safe_load((bento_home / "bentos" / name / version / "bento.yaml").read_text())
+    (gpu,) = [s for s in bento_yaml["services"] if s["name"] == "SDXLControlNetService"]
+    return gpu.get("models", [])
+
+
+def generates(server: Server) -> bool:
+    response = post_generate(
+        server.url, encode(shapes_image(64, 64)), {"prompt": "x", "num_inference_steps": 1}
+    )
+    return response.status_code == 200 and decode(response.content).size == (64, 64)
+
+
+@pytest.fixture
+def hub_models(hub: Hub, tmp_path: Path, caches: Path) -> dict[str, str]:
+    """The production settings, pointed at the stand-in hub: three pinned references."""
+    return {
+        "SDXL_BASE_MODEL": f"{BASE_REPO}@{commit(hub, BASE_REPO)}",
+        "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{commit(hub, CONTROLNET_REPO)}",
+        "SDXL_VAE_MODEL": f"{VAE_REPO}@{commit(hub, VAE_REPO)}",
+        "HF_ENDPOINT": hub.url,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_HF_CACHE_DIR": str(caches),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
 
 
 @pytest.mark.build
-def test_bentoml_build_from_local_directories_needs_no_hub(
-    hub: Hub, project: Path, tmp_path: Path
-) -> None:
-    env = {
-        "SDXL_BASE_MODEL": str(TINY_MODEL / "base"),
-        "SDXL_VAE_MODEL": str(TINY_MODEL / "vae"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    result = build(project, env)
+def test_bentoml_build_from_local_directories_needs_no_hub(hub: Hub, tmp_path: Path) -> None:
+    env = {**tiny_model_env(), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path / "bentoml")}
+    tag = build(env)
 
-    assert result.returncode == 0, result.stderr
-    assert service_models(tmp_path / "bentoml") == []
+    assert gpu_service_models(tmp_path / "bentoml", tag) == []
     assert hub.requests == []
 
 
 @pytest.mark.build
 @pytest.mark.e2e
-def test_bentoml_serve_of_the_bento_downloads_each_included_file_once(
-    hub: Hub, project: Path, tmp_path: Path, caches: Path
+def test_the_bento_records_three_pinned_models_and_serve_downloads_each_included_file_once(
+    hub: Hub, hub_models: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {
-        "SDXL_BASE_MODEL": f"{BASE_REPO}@{commit(hub, BASE_REPO)}",
-        "SDXL_VAE_MODEL": VAE_REPO,  # a branch: the build pins the commit it points at
-        "HF_ENDPOINT": hub.url,
-        "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "BENTOML_HF_CACHE_DIR": str(caches),
+    tag = build(hub_models)
+    models = gpu_service_models(tmp_path / "bentoml", tag)
+    assert {m["metadata"]["model_id"]: m["metadata"]["revision"] for m in models} == {
+        repo: commit(hub, repo) for repo in INCLUDE
     }
-    result = build(project, env)
-    assert result.returncode == 0, result.stderr
-    models = {m["metadata"]["model_id"]: m for m in service_models(tmp_path / "bentoml")}
-    assert {repo: m["metadata"]["revision"] for repo, m in models.items()} == {
-        BASE_REPO: commit(hub, BASE_REPO),
-        VAE_REPO: commit(hub, VAE_REPO),
-    }
+    assert {m["metadata"]["model_id"]: m["metadata"]["include"] for m in models} == INCLUDE
     assert hub.served == [], "building records references; it downloads nothing"
 
-    tag = result.stdout.strip().removeprefix("__tag__:")
-    server = Server(["serve", tag], env=env)
+    with serving_bento(tag, hub_models) as server:
+        assert generates(server)
+    for repo in INCLUDE:
+        served = hub.served_paths(repo)
+        assert served and all(
+            any(fnmatch.fnmatch(path, pattern) for pattern in INCLUDE[repo]) for path in served
+        ), f"{repo}: a file outside the include patterns left the stand-in"
+    assert len(hub.served) == len(set(hub.served)), "a file was downloaded twice"
+
+    hub.reset()
+    with serving_bento(tag, hub_models) as server:  # a restart: everything is cached
+        assert generates(server)
+    assert hub.requests == []
+
+
+@pytest.mark.e2e
+def test_a_wrong_revision_stops_start_up_naming_the_model_and_the_revision(
+    hub_models: dict[str, str],
+) -> None:
+    wrong = "0" * 40
+    env = {**hub_models, "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{wrong}"}
+    server = Server(["serve", "."], env=env)
     try:
-        server.wait_ready()
-        paths = httpx.post(f"{server.url}/paths", json={}, timeout=30).json()
+        with pytest.raises(RuntimeError, match="server exited early"):
+            server.wait_ready()
     finally:
         server.stop()
+    log = server.log.read_text()
+    assert CONTROLNET_REPO in log and wrong in log
 
-    for name, repo in (("base", BASE_REPO), ("vae", VAE_REPO)):
-        assert Path(paths[name]).is_relative_to(caches)
-        assert paths[name].endswith(f"/snapshots/{commit(hub, repo)}")
-        assert set(hub.served_paths(repo)) <= set(snapshot_files(paths[name]))
-        assert snapshot_files(paths[name]) == sorted(requested_paths(hub, repo))
-    assert len(hub.served) == len(set(hub.served)), "a file was downloaded twice"
+
+@contextlib.contextmanager
+def serving_bento(tag: str, env: dict[str, str]) -> Iterator[Server]:
+    server = Server(["serve", tag], env=env)
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
