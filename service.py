@@ -22,7 +22,7 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import bentoml_workarounds, preprocessing, streaming
+from sdxl_controlnet import bentoml_workarounds, model_refs, preprocessing, streaming
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
 from sdxl_controlnet.errors import (
@@ -57,13 +57,20 @@ Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
     runner_connection=bentoml_workarounds.NEVER_RECYCLE_CONNECTIONS,
 )
 class SDXLControlNetService:
+    # BentoML model references (`bentoml build` records them, `bentoml serve` downloads
+    # the included files before the workers start), or local directories, used as they are.
+    # Either way each reads as a directory on the instance.
+    base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
+    controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
+    vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
+
     def __init__(self) -> None:
         from sdxl_controlnet.pipeline import ControlNetPipeline, select_device
 
         pipeline = ControlNetPipeline(
-            settings.sdxl_base_model,
-            settings.sdxl_controlnet_model,
-            settings.sdxl_vae_model,
+            self.base,
+            self.controlnet,
+            self.vae,
             device=select_device(settings.allow_cpu, bentoml.server_context.worker_index),
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,

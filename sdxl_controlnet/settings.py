@@ -27,20 +27,22 @@ class SettingsError(Exception):
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Each model: a local directory, or a Hugging Face repository as org/name@revision.
+    # The revisions are pinned commits, so that a seed gives the same image until the
+    # operator moves them (docs/deployment.md, "Models"); each was the repository's main
+    # branch as of 2023-10 (SDXL base, 1.0 release with the fp16 files), 2023-08 and 2023-07.
     sdxl_base_model: str = Field(
-        default="stabilityai/stable-diffusion-xl-base-1.0",
+        default="stabilityai/stable-diffusion-xl-base-1.0@462165984030d82259a11f4367a4eed129e94a7b",
         min_length=1,
-        description="SDXL base model: a Hugging Face id or a local directory.",
     )
     sdxl_controlnet_model: str = Field(
-        default="diffusers/controlnet-canny-sdxl-1.0",
+        default="diffusers/controlnet-canny-sdxl-1.0@eb115a19a10d14909256db740ed109532ab1483c",
         min_length=1,
-        description="Canny ControlNet for SDXL: a Hugging Face id or a local directory.",
     )
+    # The SDXL VAE rescaled to stay finite in fp16.
     sdxl_vae_model: str = Field(
-        default="madebyollin/sdxl-vae-fp16-fix",
+        default="madebyollin/sdxl-vae-fp16-fix@207b116dae70ace3637169f1ddd2434b91b3a8cd",
         min_length=1,
-        description="VAE that stays finite in fp16: a Hugging Face id or a local directory.",
     )
 
     # Uploads: the body size is checked from Content-Length before it is read,

@@ -70,7 +70,10 @@ def test_compose_runs_both_services_from_one_image_and_reserves_the_gpu() -> Non
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
     assert "ports" not in gpu
-    assert any(volume.split(":")[0] in COMPOSE["volumes"] for volume in gpu["volumes"])
+    (volume,) = gpu["volumes"]
+    name, path = volume.split(":")
+    assert name in COMPOSE["volumes"]
+    assert gpu["environment"]["BENTOML_HF_CACHE_DIR"].startswith(path + "/")
 
 
 def test_compose_front_depends_on_the_gpu_service_by_name_and_port() -> None:
@@ -148,5 +151,5 @@ def test_kubernetes_gpu_start_up_allows_download_and_compile_and_keeps_the_cache
     probe = gpu["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 30 * 60
     mounted = [mount["mountPath"] for mount in gpu["volumeMounts"]]
-    for cache in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR"):
+    for cache in ("BENTOML_HF_CACHE_DIR", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR"):
         assert any(env(gpu)[cache].startswith(path + "/") for path in mounted), cache

@@ -1,0 +1,85 @@
+"""Where the three models come from: a local directory, or a pinned Hugging Face repository.
+
+A model setting holds either a directory (the tiny model, a mounted volume), used as it is
+and never sent to the hub, or ``org/name@revision``, which becomes a BentoML model
+reference: ``bentoml build`` records the commit in the Bento, ``bentoml serve`` downloads
+the files through BentoML before the workers start. The include patterns name exactly the
+files the pipeline loads; everything else in the repositories (ONNX, Flax and OpenVINO
+exports, ``.bin`` duplicates, single-file checkpoints, sample images) stays on the hub.
+"""
+
+from __future__ import annotations
+
+import re
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+
+if t.TYPE_CHECKING:
+    from bentoml.models import HuggingFaceModel
+
+BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
+VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+
+# The files the pipeline loads, in fp16: half the download of fp32, and what a GPU runs.
+# A CPU upcasts them. Never "*.safetensors": that also matches the single-file
+# checkpoints, the base's own VAE and both precisions.
+BASE_INCLUDE = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    # No vae/: the pipeline is given the fp16-fix VAE instead.
+]
+CONTROLNET_INCLUDE = ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+# The repository has no fp16 file: the fix is in the weights, kept in fp32 (335 MB).
+VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+# org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
+_HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    model_id: str
+    revision: str = "main"
+
+
+def parse(value: str) -> Path | HubRepo:
+    """A model setting as a directory or a hub repository.
+
+    An existing path, or one that starts with ``/``, ``.`` or ``~``, is a directory;
+    ``org/name`` or ``org/name@revision`` is a repository. Anything else is refused here,
+    rather than sent to the hub as a name it will not know.
+    """
+    path = Path(value).expanduser()
+    if path.exists() or value.startswith(("/", ".", "~")):
+        return path
+    match = _HUB_ID.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"{value!r} is neither an existing directory nor a hub repository (org/name@revision)"
+        )
+    return HubRepo(match["id"], match["revision"] or "main")
+
+
+def reference(value: str, include: list[str]) -> HuggingFaceModel | str:
+    """What the GPU Service declares as a class attribute for one model setting.
+
+    A ``HuggingFaceModel`` for a repository (BentoML collects it, and on an instance the
+    attribute reads as the local snapshot directory); the directory itself otherwise, which
+    BentoML ignores. Either way ``self.<attribute>`` is a path ``from_pretrained`` takes.
+    """
+    source = parse(value)
+    if isinstance(source, Path):
+        return str(source)
+    from bentoml.models import HuggingFaceModel
+
+    return HuggingFaceModel(source.model_id, revision=source.revision, include=include)

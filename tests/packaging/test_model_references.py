@@ -1,0 +1,346 @@
+"""The three models as BentoML model references, resolved offline against a stand-in hub.
+
+BentoML's own ``HuggingFaceModel`` runs unchanged; ``devtools.hub`` answers its requests
+from the tiny model, laid out like the real repositories (``devtools.hub_repos``), and
+records every file it sends. Each test gets its own BentoML home and Hugging Face cache:
+``BENTOML_HF_CACHE_DIR`` is where BentoML 1.4.40 downloads to (read at each resolve), and
+``HF_HOME`` isolates the subprocesses (huggingface_hub reads it once, at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import yaml
+from bentoml.models import HuggingFaceModel
+from huggingface_hub.errors import RevisionNotFoundError
+
+from devtools.harness import (
+    ROOT,
+    TINY_MODEL,
+    Server,
+    decode,
+    encode,
+    post_generate,
+    shapes_image,
+    tiny_model_env,
+)
+from devtools.hub import Hub
+from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, VAE_REPO, lay_out
+from sdxl_controlnet import model_refs
+from sdxl_controlnet.schemas import GenerationParams
+
+INCLUDE = {
+    BASE_REPO: model_refs.BASE_INCLUDE,
+    CONTROLNET_REPO: model_refs.CONTROLNET_INCLUDE,
+    VAE_REPO: model_refs.VAE_INCLUDE,
+}
+# What no include pattern may ever fetch: other formats, duplicates, checkpoints, pictures.
+NEVER = ["*.bin", "*.onnx", "*.onnx_data", "*.msgpack", "*.png", "*.md", ".gitattributes"]
+NEVER += ["sd_xl_base_1.0.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors", "vae/*"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    with Hub(lay_out(TINY_MODEL, tmp_path_factory.mktemp("repos"))) as hub:
+        yield hub
+
+
+@pytest.fixture(autouse=True)
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: Hub) -> Path:
+    """A BentoML home and Hugging Face cache of this test's own; the hub's log emptied."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("BENTOML_HF_CACHE_DIR", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    hub.reset()
+    return tmp_path / "hf-cache"
+
+
+def commit(hub: Hub, repo_id: str) -> str:
+    return hub.repos[repo_id].commit
+
+
+def reference(hub: Hub, repo_id: str, revision: str | None = None) -> HuggingFaceModel:
+    return HuggingFaceModel(
+        repo_id,
+        revision=revision or commit(hub, repo_id),
+        endpoint=hub.url,
+        include=INCLUDE[repo_id],
+    )
+
+
+def snapshot_files(path: str) -> list[str]:
+    root = Path(path)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def requested_paths(hub: Hub, repo_id: str) -> set[str]:
+    """The files of ``repo_id`` that any request (HEAD, GET, hub or CDN) named."""
+    paths = set()
+    for request in hub.requests:
+        _, _, url = request.partition(" ")
+        rest = url.removeprefix(f"/{repo_id}/")
+        if rest != url and not rest.startswith("api/"):
+            paths.add(unquote(rest.removeprefix("resolve/").partition("/")[2]))
+    return paths
+
+
+@pytest.mark.parametrize("repo_id", [BASE_REPO, CONTROLNET_REPO, VAE_REPO])
+def test_resolving_downloads_exactly_the_included_files(
+    hub: Hub, caches: Path, repo_id: str
+) -> None:
+    path = reference(hub, repo_id).resolve()
+
+    files = snapshot_files(path)
+    assert Path(path).is_relative_to(caches)
+    assert files == sorted(requested_paths(hub, repo_id))
+    # Files with equal content share one blob in the cache: one download serves both.
+    assert set(hub.served_paths(repo_id)) <= set(files)
+    assert len(hub.served) == len(set(hub.served)), "a file left the stand-in twice"
+    for pattern in NEVER:
+        assert not fnmatch.filter(files, pattern), f"{pattern} must stay on the hub"
+    weights = [p for p in files if p.endswith(".safetensors")]
+    assert weights
+    if repo_id != VAE_REPO:  # the fp16-fix VAE has only its fp32 file
+        assert all(p.endswith(".fp16.safetensors") for p in weights)
+
+
+def test_the_fp16_base_download_is_what_the_pipeline_loads_and_nothing_else(hub: Hub) -> None:
+    path = reference(hub, BASE_REPO).resolve()
+
+    assert snapshot_files(path) == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.fp16.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer_2/tokenizer.json",
+        "tokenizer_2/tokenizer_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub.served_paths(BASE_REPO)
+
+
+def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) -> None:
+    from sdxl_controlnet.pipeline import ControlNetPipeline
+
+    base, controlnet, vae = (
+        reference(hub, repo).resolve() for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)
+    )
+    pipeline = ControlNetPipeline(base, controlnet, vae)  # fp16 files, upcast for the CPU
+
+    assert Path(pipeline.pipe.vae.config._name_or_path) == Path(vae)
+    params = GenerationParams(prompt="a house", num_inference_steps=2, seed=1)
+    assert pipeline.generate(np.zeros((64, 64), np.uint8), params).shape == (1, 64, 64, 3)
+
+
+def test_a_second_resolve_downloads_nothing(hub: Hub) -> None:
+    reference(hub, BASE_REPO).resolve()
+    hub.reset()
+
+    # A new reference, as a new worker process makes: the pinned commit's files are cached.
+    path = reference(hub, BASE_REPO).resolve()
+
+    assert hub.served == []
+    assert hub.requests == [], "a pinned commit needs no request at all once cached"
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in snapshot_files(path)
+
+
+def test_a_second_resolve_of_a_branch_only_asks_where_it_points(hub: Hub) -> None:
+    reference(hub, VAE_REPO, revision="main").resolve()
+    hub.reset()
+
+    reference(hub, VAE_REPO, revision="main").resolve()
+
+    assert hub.served == []
+    assert hub.requests == [f"GET /api/models/{VAE_REPO}/revision/main"]
+
+
+@pytest.mark.parametrize("revision", ["v2.0", "0" * 40], ids=["branch", "commit"])
+def test_a_wrong_revision_fails_naming_the_model_and_revision(hub: Hub, revision: str) -> None:
+    ref = reference(hub, CONTROLNET_REPO, revision=revision)
+
+    with pytest.raises(RevisionNotFoundError) as download:
+        ref.resolve()
+    with pytest.raises(RevisionNotFoundError) as build:
+        ref.to_info()  # what `bentoml build` records
+
+    for error in (download.value, build.value):
+        assert CONTROLNET_REPO in str(error)
+        assert revision in str(error)
+    assert hub.served == []
+
+
+def test_build_records_the_commit_and_the_files(hub: Hub) -> None:
+    info = reference(hub, BASE_REPO, revision="main").to_info()
+
+    assert info.registry == "huggingface"
+    assert info.metadata == {
+        "model_id": BASE_REPO,
+        "revision": commit(hub, BASE_REPO),  # the branch, resolved once, at build time
+        "endpoint": hub.url,
+        "include": model_refs.BASE_INCLUDE,
+        "exclude": None,
+    }
+    # What `bentoml serve` of the Bento rebuilds from bento.yaml downloads that commit.
+    HuggingFaceModel.from_info(info).resolve()
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub.served_paths(BASE_REPO)
+
+
+def test_build_asks_the_hub_even_for_a_pinned_commit(hub: Hub) -> None:
+    """BentoML 1.4.40 looks a pinned commit up too, so `bentoml build` of a Service with a
+    hub reference needs the hub (or a mirror): build offline only from local directories."""
+    pinned = commit(hub, VAE_REPO)
+
+    reference(hub, VAE_REPO, revision=pinned).to_info()
+
+    assert hub.requests == [f"GET /api/models/{VAE_REPO}/revision/{pinned}"]
+    assert hub.served == []
+
+
+def test_a_local_directory_is_no_reference_and_never_reaches_the_hub(hub: Hub) -> None:
+    directory = str(TINY_MODEL / "vae")
+
+    assert model_refs.reference(directory, model_refs.VAE_INCLUDE) == directory
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"{BASE_REPO}@{'4' * 40}", model_refs.HubRepo(BASE_REPO, "4" * 40)),
+        (VAE_REPO, model_refs.HubRepo(VAE_REPO, "main")),
+        ("/models/base", Path("/models/base")),
+        ("./models/base", Path("models/base")),
+        (str(TINY_MODEL / "base"), TINY_MODEL / "base"),
+    ],
+)
+def test_a_model_setting_is_a_directory_or_a_repository(value: str, expected: object) -> None:
+    assert model_refs.parse(value) == expected
+
+
+def test_a_model_setting_that_is_neither_is_refused_before_the_hub_sees_it() -> None:
+    with pytest.raises(ValueError, match="neither an existing directory nor a hub repository"):
+        model_refs.parse("models/tiny/missing")
+
+
+# What the GPU Service will declare, in a Service of its own so the build is quick.
+def build(env: dict[str, str]) -> str:
+    """`bentoml build` of this project with ``env`` set; the Bento's tag."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag", "."],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().removeprefix("__tag__:")
+
+
+def gpu_service_models(bento_home: Path, tag: str) -> list[dict]:
+    name, version = tag.split(":")
+    bento_yaml = yaml.safe_load((bento_home / "bentos" / name / version / "bento.yaml").read_text())
+    (gpu,) = [s for s in bento_yaml["services"] if s["name"] == "SDXLControlNetService"]
+    return gpu.get("models", [])
+
+
+def generates(server: Server) -> bool:
+    response = post_generate(
+        server.url, encode(shapes_image(64, 64)), {"prompt": "x", "num_inference_steps": 1}
+    )
+    return response.status_code == 200 and decode(response.content).size == (64, 64)
+
+
+@pytest.fixture
+def hub_models(hub: Hub, tmp_path: Path, caches: Path) -> dict[str, str]:
+    """The production settings, pointed at the stand-in hub: three pinned references."""
+    return {
+        "SDXL_BASE_MODEL": f"{BASE_REPO}@{commit(hub, BASE_REPO)}",
+        "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{commit(hub, CONTROLNET_REPO)}",
+        "SDXL_VAE_MODEL": f"{VAE_REPO}@{commit(hub, VAE_REPO)}",
+        "HF_ENDPOINT": hub.url,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_HF_CACHE_DIR": str(caches),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+
+
+@pytest.mark.build
+def test_bentoml_build_from_local_directories_needs_no_hub(hub: Hub, tmp_path: Path) -> None:
+    env = {**tiny_model_env(), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path / "bentoml")}
+    tag = build(env)
+
+    assert gpu_service_models(tmp_path / "bentoml", tag) == []
+    assert hub.requests == []
+
+
+@pytest.mark.build
+@pytest.mark.e2e
+def test_the_bento_records_three_pinned_models_and_serve_downloads_each_included_file_once(
+    hub: Hub, hub_models: dict[str, str], tmp_path: Path
+) -> None:
+    tag = build(hub_models)
+    models = gpu_service_models(tmp_path / "bentoml", tag)
+    assert {m["metadata"]["model_id"]: m["metadata"]["revision"] for m in models} == {
+        repo: commit(hub, repo) for repo in INCLUDE
+    }
+    assert {m["metadata"]["model_id"]: m["metadata"]["include"] for m in models} == INCLUDE
+    assert hub.served == [], "building records references; it downloads nothing"
+
+    with serving_bento(tag, hub_models) as server:
+        assert generates(server)
+    for repo in INCLUDE:
+        served = hub.served_paths(repo)
+        assert served and all(
+            any(fnmatch.fnmatch(path, pattern) for pattern in INCLUDE[repo]) for path in served
+        ), f"{repo}: a file outside the include patterns left the stand-in"
+    assert len(hub.served) == len(set(hub.served)), "a file was downloaded twice"
+
+    hub.reset()
+    with serving_bento(tag, hub_models) as server:  # a restart: everything is cached
+        assert generates(server)
+    assert hub.requests == []
+
+
+@pytest.mark.e2e
+def test_a_wrong_revision_stops_start_up_naming_the_model_and_the_revision(
+    hub_models: dict[str, str],
+) -> None:
+    wrong = "0" * 40
+    env = {**hub_models, "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{wrong}"}
+    server = Server(["serve", "."], env=env)
+    try:
+        with pytest.raises(RuntimeError, match="server exited early"):
+            server.wait_ready()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert CONTROLNET_REPO in log and wrong in log
+
+
+@contextlib.contextmanager
+def serving_bento(tag: str, env: dict[str, str]) -> Iterator[Server]:
+    server = Server(["serve", tag], env=env)
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
