@@ -1,0 +1,1 @@
+"""Development-only helpers: model builders for benchmarks and tests. Not part of the Bento."""
