@@ -14,6 +14,8 @@ WHEELHOUSE ?= /opt/wheels
 export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
 export SDXL_CONTROLNET_MODEL ?= $(TINY_MODEL)/controlnet
 export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
+# No GPU is needed for the tiny model; a GPU deployment leaves this unset.
+export ALLOW_CPU ?= 1
 
 .PHONY: serve test bench lint tiny-model clean image image-cpu image-run image-test readable-model
 
@@ -24,7 +26,7 @@ $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	touch $@
 
 $(TINY_MODEL)/base/model_index.json: | $(BIN)/bentoml
-	$(BIN)/python -m sdxl_controlnet.tiny_model $(TINY_MODEL)
+	$(BIN)/python -m devtools.tiny_model $(TINY_MODEL)
 
 tiny-model: $(TINY_MODEL)/base/model_index.json
 

@@ -16,12 +16,12 @@ from PIL import Image, ImageFilter
 from starlette.datastructures import Headers, UploadFile
 
 from bench.report import Row, interleaved
+from devtools.harness import shapes_image
 from sdxl_controlnet import preprocessing
 from sdxl_controlnet.encoding import encode_image
 from sdxl_controlnet.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, OutputFormat, Params
 from service import ControlNet, SDXLControlNetService
-from tests.conftest import shapes_image
 
 # In a `bentoml serve`, Services call each other with BentoML's pickle serde.
 PICKLE = PickleSerde()

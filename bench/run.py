@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench import inprocess, served
 from bench.report import Row, compare, table
+from devtools.harness import tiny_model_env
 from sdxl_controlnet.pipeline import ControlNetPipeline
-from tests.conftest import tiny_model_env
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 

@@ -10,10 +10,10 @@ import httpx
 
 from bench.inprocess import file_bytes, photo
 from bench.report import Row, timed_ms
+from devtools.harness import Server
 from sdxl_controlnet import preprocessing
 from sdxl_controlnet.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, Params
-from tests.conftest import Server
 
 FAST = {"prompt": "bench", "num_inference_steps": 2, "seed": 1}
 BURSTS = {1: 8, 4: 8, 16: 32}  # requests per burst, by concurrency

@@ -1,1 +1,2 @@
-"""Development-only helpers: model builders for benchmarks and tests. Not part of the Bento."""
+"""Development tooling: the tiny model, the stand-in hub and helpers for tests and
+benchmarks. Never shipped in the Bento; importing it changes nothing."""

@@ -7,13 +7,11 @@ import typing as t
 
 import bentoml
 
+from .errors import ClientDisconnected
+
 T = t.TypeVar("T")
 
 POLL_S = 0.25
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
 
 
 async def cancel_on_disconnect(awaitable: t.Awaitable[T]) -> T:
@@ -36,27 +34,3 @@ async def cancel_on_disconnect(awaitable: t.Awaitable[T]) -> T:
         return await task
     finally:
         task.cancel()
-
-
-def close_abandoned_streams() -> None:
-    """Make BentoML's Service-to-Service client close a streamed response that
-    its reader leaves early: closing the connection is what tells the other
-    Service to stop.
-
-    bentoml 1.4.40 closes it only once the stream has ended, so a front whose
-    client had gone kept the GPU Service generating for nobody.
-    """
-    from _bentoml_impl.client.proxy2 import AsyncClient
-
-    read_stream = AsyncClient._parse_stream_response
-
-    async def read_then_close(
-        self: AsyncClient, endpoint: t.Any, resp: t.Any
-    ) -> t.AsyncGenerator[t.Any, None]:
-        try:
-            async for chunk in read_stream(self, endpoint, resp):
-                yield chunk
-        finally:
-            resp.close()
-
-    AsyncClient._parse_stream_response = read_then_close

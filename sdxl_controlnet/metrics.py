@@ -2,14 +2,10 @@
 
 BentoML already counts each Service's requests and times them per endpoint. These add
 what only the GPU Service knows: how long a request queued for the GPU, how long the
-pipeline ran, and how many images it made.
+pipeline ran, how many images it made, and how many requests it refused as too late.
 """
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 # prometheus_client itself: bentoml.metrics is a deprecated alias for it. BentoML starts its
 # workers with PROMETHEUS_MULTIPROC_DIR set, so every worker's values reach /metrics.
@@ -29,15 +25,7 @@ GENERATION = Histogram(
     buckets=SECONDS_BUCKETS,
 )
 IMAGES_GENERATED = Counter("sdxl_controlnet_images_generated", "Images generated.")
-
-
-@contextlib.asynccontextmanager
-async def gpu_turn(lock: asyncio.Lock) -> AsyncIterator[None]:
-    """Hold ``lock`` for one generation, timing the wait for it and the generation."""
-    with QUEUE_WAIT.time():
-        await lock.acquire()
-    try:
-        with GENERATION.time():
-            yield
-    finally:
-        lock.release()
+REFUSED_BUSY = Counter(
+    "sdxl_controlnet_refused_busy",
+    "Requests refused at once because the queue could not finish them within the timeout.",
+)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import typing as t
+
+from .errors import ClientError, InvalidRequest, LengthRequired, PayloadTooLarge
 
 Scope = dict[str, t.Any]
 Receive = t.Callable[[], t.Awaitable[dict[str, t.Any]]]
@@ -22,24 +23,22 @@ class BodyGuard:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = dict(scope["headers"]).get(b"content-length")
-            if declared is None:
-                return await _refuse(send, 411, "send a Content-Length header")
-            if not declared.isdigit():
-                return await _refuse(send, 400, "Content-Length must be a number of bytes")
-            if int(declared) > self.max_bytes:
-                return await _refuse(
-                    send, 413, f"request body is {int(declared)} bytes; at most {self.max_bytes}"
-                )
-            content_type = dict(scope["headers"]).get(b"content-type", b"")
-            if content_type.startswith(b"multipart/") and b"boundary=" not in content_type:
-                return await _refuse(send, 400, "multipart Content-Type needs a boundary")
+        has_body = scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH")
+        if has_body and (refusal := self.refusal(dict(scope["headers"]))):
+            return await refusal.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
-
-async def _refuse(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    def refusal(self, headers: dict[bytes, bytes]) -> ClientError | None:
+        declared = headers.get(b"content-length")
+        if declared is None:
+            return LengthRequired("send a Content-Length header")
+        if not declared.isdigit():
+            return InvalidRequest("Content-Length must be a number of bytes")
+        if int(declared) > self.max_bytes:
+            return PayloadTooLarge(
+                f"request body is {int(declared)} bytes; at most {self.max_bytes}"
+            )
+        content_type = headers.get(b"content-type", b"")
+        if content_type.startswith(b"multipart/") and b"boundary=" not in content_type:
+            return InvalidRequest("multipart Content-Type needs a boundary")
+        return None

@@ -3,9 +3,11 @@ so torch and diffusers never load in the front Service's processes."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +22,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from . import settings
-from .errors import GenerationCancelled
+from .errors import GenerationCancelled, GPUOutOfMemory
 from .schemas import GenerationParams, Scheduler
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
@@ -35,12 +36,46 @@ SCHEDULERS: dict[Scheduler, tuple[type, dict]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 
+# What a compiled graph is specialised on: height, width, images, and the two
+# settings that change the UNet's and ControlNet's batch (guidance, guess mode).
+ShapeKey = tuple[int, int, int, bool, bool]
+
+
+class NoGPUError(RuntimeError):
+    """No CUDA device is visible and serving on the CPU was not allowed."""
+
+
+def select_device(allow_cpu: bool, worker_index: int | None) -> str:
+    """The device this worker generates on: with several GPUs, worker i (from 1, as
+    BentoML counts) takes GPU i-1, since BentoML shows every worker all of them."""
+    if torch.cuda.is_available():
+        return f"cuda:{((worker_index or 1) - 1) % torch.cuda.device_count()}"
+    if allow_cpu:
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    raise NoGPUError(
+        f"no CUDA GPU is visible (torch {torch.__version__}, CUDA build "
+        f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={visible}); check the driver "
+        "and the GPU resource of this container, or set ALLOW_CPU=1 to serve on the CPU "
+        "(development only: a generation takes minutes)"
+    )
+
+
+def shape_key(height: int, width: int, params: GenerationParams) -> ShapeKey:
+    cfg = params.guidance_scale > 1
+    return (height, width, params.num_images, cfg, params.guess_mode and cfg)
+
+
+def _variant(path: str) -> str | None:
+    """fp16 where the model provides fp16 files: half the download and the load."""
+    return "fp16" if any(Path(path).rglob("*.fp16.safetensors")) else None
+
 
 class ControlNetPipeline:
     """SDXL + Canny ControlNet: an edge map and parameters in, uint8 RGB images out.
 
-    Not thread-safe (diffusers pipelines keep per-call state): callers run one
-    generation at a time.
+    All of its work runs on one thread of its own (``submit``), so compiled graphs
+    are recorded once and reused, and one generation runs at a time.
     """
 
     def __init__(
@@ -49,21 +84,27 @@ class ControlNetPipeline:
         controlnet: str,
         vae: str,
         *,
-        channels_last: bool = settings.CHANNELS_LAST,
-        fuse_qkv: bool = settings.FUSE_QKV,
-        compile_models: bool = settings.TORCH_COMPILE,
+        device: str = "cpu",
+        channels_last: bool = False,
+        fuse_qkv: bool = False,
+        compile_sizes: Iterable[tuple[int, int]] = (),
     ) -> None:
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
-        logger.info("loading %s + %s + %s on %s (%s)", base, controlnet, vae, self.device, dtype)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        logger.info("loading %s + %s + %s on %s (%s)", base, controlnet, vae, device, dtype)
         self.pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
             base,
-            controlnet=ControlNetModel.from_pretrained(controlnet, dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(vae, dtype=dtype),
+            controlnet=ControlNetModel.from_pretrained(
+                controlnet, dtype=dtype, variant=_variant(controlnet)
+            ),
+            vae=AutoencoderKL.from_pretrained(vae, dtype=dtype, variant=_variant(vae)),
             dtype=dtype,
-        ).to(self.device)
+            variant=_variant(base),
+        ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        # Decode a batch one image at a time: four 1024² images at once overflow a 24 GB L4.
+        self.pipe.vae.enable_slicing()
         config = self.pipe.scheduler.config
         self.schedulers = {
             name: cls.from_config(config, **kwargs) for name, (cls, kwargs) in SCHEDULERS.items()
@@ -76,18 +117,35 @@ class ControlNetPipeline:
             self.pipe.controlnet.to(memory_format=torch.channels_last)
         if fuse_qkv:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
-        if compile_models:
-            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune")
-            self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode="max-autotune")
-            self.warm_up()
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._eager = (self.pipe.unet, self.pipe.controlnet)
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self.warmed: set[ShapeKey] = set()
+        if sizes := list(compile_sizes):
+            self._compile(sizes)
 
-    def warm_up(self) -> None:
-        """Generate once at the largest output size, so that the first request does
-        not pay for compilation (other sizes compile on first use)."""
-        side = math.isqrt(settings.MAX_OUTPUT_PIXELS) // 8 * 8
-        logger.info("warm-up generation at %d² (compiling)", side)
-        warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
-        self.generate(np.zeros((side, side), np.uint8), warm_up)
+    def _compile(self, sizes: list[tuple[int, int]]) -> None:
+        """Compile the UNet and ControlNet and record their graphs at ``sizes``, one
+        image with guidance. Other shapes run uncompiled: a request never waits for a
+        compilation, which holds the GPU for minutes and cannot be cancelled."""
+        # CUDA graphs on a GPU; on the CPU (tests) inductor's default is the useful mode.
+        mode = "max-autotune" if self.device.startswith("cuda") else None
+        self._compiled = tuple(torch.compile(m, mode=mode, dynamic=False) for m in self._eager)
+        for width, height in sizes:
+            logger.info("compiling for %d×%d (warm-up generation)", width, height)
+            warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
+            self.warmed.add(shape_key(height, width, warm_up))
+            self.submit(np.zeros((height, width), np.uint8), warm_up).result()
+
+    def submit(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> concurrent.futures.Future[np.ndarray]:
+        """Run ``generate`` on the pipeline's own thread."""
+        return self._thread.submit(self.generate, edges, params, on_step, cancelled)
 
     @torch.inference_mode()
     def generate(
@@ -114,6 +172,8 @@ class ControlNetPipeline:
             return tensors
 
         height, width = edges.shape
+        compiled = self._compiled and shape_key(height, width, params) in self.warmed
+        self.pipe.unet, self.pipe.controlnet = self._compiled if compiled else self._eager
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         # torch.tensor copies: the array BentoML unpickles is read-only.
         control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
@@ -123,25 +183,33 @@ class ControlNetPipeline:
             for i in range(params.num_images)
         ]
         self.pipe.scheduler = self.schedulers[params.scheduler]
-        images = self.pipe(
-            prompt=params.prompt,
-            prompt_2=params.prompt_2,
-            negative_prompt=params.negative_prompt,
-            negative_prompt_2=params.negative_prompt_2,
-            image=control,
-            height=height,
-            width=width,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            controlnet_conditioning_scale=params.controlnet_conditioning_scale,
-            control_guidance_start=params.control_guidance_start,
-            control_guidance_end=params.control_guidance_end,
-            guess_mode=params.guess_mode,
-            num_images_per_prompt=params.num_images,
-            generator=generators,
-            callback_on_step_end=step_end,
-            output_type="pt",
-        ).images
+        try:
+            images = self.pipe(
+                prompt=params.prompt,
+                prompt_2=params.prompt_2,
+                negative_prompt=params.negative_prompt,
+                negative_prompt_2=params.negative_prompt_2,
+                image=control,
+                height=height,
+                width=width,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                controlnet_conditioning_scale=params.controlnet_conditioning_scale,
+                control_guidance_start=params.control_guidance_start,
+                control_guidance_end=params.control_guidance_end,
+                guess_mode=params.guess_mode,
+                num_images_per_prompt=params.num_images,
+                generator=generators,
+                callback_on_step_end=step_end,
+                output_type="pt",
+            ).images
+        except torch.OutOfMemoryError as exc:
+            # Free what the failed call left cached, so the next request has the memory.
+            torch.cuda.empty_cache()
+            raise GPUOutOfMemory(
+                f"the GPU ran out of memory generating {params.num_images} image(s) at "
+                f"{width}×{height}; try fewer images or a smaller size"
+            ) from exc
         # Quantize on the device: a quarter of the bytes to copy back.
         images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -4,17 +4,51 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing as t
 from collections.abc import Iterator
 
 import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+from pydantic import WrapValidator
+from pydantic_core import PydanticCustomError
 
-from . import settings
 from .errors import InvalidRequest
-from .schemas import EdgeParams, ResizeMode, check_image_size
+from .schemas import EdgeParams, ResizeMode
+from .settings import settings
 
 SIZE_STEP = 8  # SDXL's VAE downsamples x8: both sides must be multiples of 8.
+
+
+def check_image_size(image: Image.Image) -> Image.Image:
+    """Refuse oversized images from the header alone, before any pixel is decoded."""
+    width, height = image.size
+    if width * height > settings.max_input_pixels:
+        raise InvalidRequest(
+            f"image is {width}×{height}; at most {settings.max_input_pixels} pixels are accepted"
+        )
+    return image
+
+
+def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
+    # Field errors: a 400 naming `image`, like every other field's.
+    try:
+        return check_image_size(open_image(value))
+    except InvalidRequest as exc:
+        raise PydanticCustomError("image_too_large", exc.message) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise PydanticCustomError(
+            "image_unreadable", "not a readable image file; send a JPEG, PNG or WebP"
+        ) from exc
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PydanticCustomError(
+            "image_unreadable", "could not be read: {reason}", {"reason": str(exc)}
+        ) from exc
+
+
+# An uploaded image: BentoML opens it lazily (header only); a file that is not
+# an image, or one too large, becomes a 400 before any pixel is decoded.
+ImageUpload = t.Annotated[Image.Image, WrapValidator(_open_upload)]
 
 
 @contextlib.contextmanager
@@ -57,16 +91,16 @@ def to_grayscale(image: Image.Image, min_side: int | None = None) -> np.ndarray:
 
 def snapped_size(width: int, height: int) -> tuple[int, int]:
     """The input's size scaled into SDXL's limits, keeping its aspect ratio."""
-    scale = min(1.0, math.sqrt(settings.MAX_OUTPUT_PIXELS / (width * height)))
-    scale = max(scale, settings.MIN_OUTPUT_SIDE / min(width, height))
+    scale = min(1.0, math.sqrt(settings.max_output_pixels / (width * height)))
+    scale = max(scale, settings.min_output_side / min(width, height))
     size = tuple(
-        max(settings.MIN_OUTPUT_SIDE, int(side * scale) // SIZE_STEP * SIZE_STEP)
+        max(settings.min_output_side, int(side * scale) // SIZE_STEP * SIZE_STEP)
         for side in (width, height)
     )
-    if size[0] * size[1] > settings.MAX_OUTPUT_PIXELS:
+    if size[0] * size[1] > settings.max_output_pixels:
         raise InvalidRequest(
             f"image aspect ratio {width}:{height} is too extreme to fit "
-            f"{settings.MAX_OUTPUT_PIXELS} pixels with sides of at least {settings.MIN_OUTPUT_SIDE}"
+            f"{settings.max_output_pixels} pixels with sides of at least {settings.min_output_side}"
         )
     return size
 

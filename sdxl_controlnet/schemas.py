@@ -7,11 +7,11 @@ import secrets
 import typing as t
 
 import numpy as np
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, WrapValidator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from . import settings
 from .errors import InvalidRequest
+from .settings import settings
 
 MAX_SEED = 2**32 - 1
 Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
@@ -19,47 +19,32 @@ ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
 
 
-def check_image_size(image: Image.Image) -> Image.Image:
-    """Refuse oversized images from the header alone, before any pixel is decoded."""
-    width, height = image.size
-    if width * height > settings.MAX_INPUT_PIXELS:
-        raise InvalidRequest(
-            f"image is {width}×{height}; at most {settings.MAX_INPUT_PIXELS} pixels are accepted"
-        )
-    return image
-
-
-def check_edge_map(edges: np.ndarray) -> None:
-    """The GPU Service can be called directly: hold its input to the front's limits."""
+def check_gpu_request(edges: np.ndarray, params: GenerationParams) -> None:
+    """The GPU Service can be called directly: hold its input to the front's limits,
+    and a batch to the GPU memory budget, before anything is generated."""
     if edges.ndim != 2:
         raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
     height, width = edges.shape
-    if height % 8 or width % 8 or min(height, width) < settings.MIN_OUTPUT_SIDE:
+    if height % 8 or width % 8 or min(height, width) < settings.min_output_side:
         raise InvalidRequest(
             f"edges is {width}×{height}; both sides must be multiples of 8 "
-            f"and at least {settings.MIN_OUTPUT_SIDE}"
+            f"and at least {settings.min_output_side}"
         )
-    if height * width > settings.MAX_OUTPUT_PIXELS:
+    if height * width > settings.max_output_pixels:
         raise InvalidRequest(
-            f"edges is {width}×{height}; at most {settings.MAX_OUTPUT_PIXELS} pixels"
+            f"edges is {width}×{height}; at most {settings.max_output_pixels} pixels"
+        )
+    if height * width * params.num_images > settings.max_batch_pixels:
+        raise InvalidRequest(
+            f"{params.num_images} images at {width}×{height} exceed this server's GPU memory "
+            f"budget of {settings.max_batch_pixels} pixels per request (MAX_BATCH_PIXELS); "
+            "ask for fewer images or a smaller size"
         )
 
 
-def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
-    # ValueError makes these field errors: a 400 naming `image`, like every other field's.
-    try:
-        return check_image_size(open_image(value))
-    except InvalidRequest as exc:
-        raise ValueError(exc.message) from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ValueError("not a readable image file; send a JPEG, PNG or WebP") from exc
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"could not be read: {exc}") from exc
-
-
-# An uploaded image: BentoML opens it lazily (header only); a file that is not
-# an image, or one too large, becomes a 400 before any pixel is decoded.
-ImageUpload = t.Annotated[Image.Image, WrapValidator(_open_upload)]
+def _rule(message: str) -> PydanticCustomError:
+    """A broken rule between fields, reported as the sentence itself (no "Value error,")."""
+    return PydanticCustomError("rule", message)
 
 
 class GenerationParams(BaseModel):
@@ -69,19 +54,19 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(
-        min_length=1, max_length=settings.MAX_PROMPT_CHARS, description="What to draw."
+        min_length=1, max_length=settings.max_prompt_chars, description="What to draw."
     )
     prompt_2: str | None = Field(
         default=None,
-        max_length=settings.MAX_PROMPT_CHARS,
+        max_length=settings.max_prompt_chars,
         description="Prompt for SDXL's second text encoder; defaults to `prompt`.",
     )
     negative_prompt: str = Field(
-        default="", max_length=settings.MAX_PROMPT_CHARS, description="What to avoid."
+        default="", max_length=settings.max_prompt_chars, description="What to avoid."
     )
     negative_prompt_2: str | None = Field(
         default=None,
-        max_length=settings.MAX_PROMPT_CHARS,
+        max_length=settings.max_prompt_chars,
         description="Negative prompt for the second text encoder; defaults to `negative_prompt`.",
     )
     controlnet_conditioning_scale: float = Field(
@@ -97,7 +82,7 @@ class GenerationParams(BaseModel):
         default=False, description="Let ControlNet recognise the content even without a prompt."
     )
     num_inference_steps: int = Field(
-        default=25, ge=1, le=settings.MAX_STEPS, description="Denoising steps."
+        default=25, ge=1, le=settings.max_steps, description="Denoising steps."
     )
     guidance_scale: float = Field(
         default=5.0,
@@ -114,20 +99,17 @@ class GenerationParams(BaseModel):
     )
     scheduler: Scheduler = Field(default="euler", description="Sampler.")
     num_images: int = Field(
-        default=1, ge=1, le=settings.MAX_IMAGES, description="Images to generate."
+        default=1, ge=1, le=settings.max_images, description="Images to generate."
     )
 
     @model_validator(mode="after")
-    def _guidance_window(self) -> t.Self:
+    def _guidance_window_and_seed(self) -> t.Self:
         if self.control_guidance_start >= self.control_guidance_end:
-            raise ValueError("control_guidance_start must be less than control_guidance_end")
+            raise _rule("control_guidance_start must be less than control_guidance_end")
+        # The seed is resolved once, here, so that every later stage reports the same one.
+        if self.seed is None:
+            self.seed = secrets.randbelow(MAX_SEED + 1)
         return self
-
-    def with_seed(self) -> t.Self:
-        """These parameters with a seed drawn, where the client left it to chance."""
-        if self.seed is not None:
-            return self
-        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
 
 
 class EdgeParams(BaseModel):
@@ -139,13 +121,13 @@ class EdgeParams(BaseModel):
     high_threshold: int = Field(default=200, ge=1, le=255, description="Canny upper threshold.")
     width: int | None = Field(
         default=None,
-        ge=settings.MIN_OUTPUT_SIDE,
+        ge=settings.min_output_side,
         multiple_of=8,
         description="Output width; with `height`, or the input's size snapped to multiples of 8.",
     )
     height: int | None = Field(
         default=None,
-        ge=settings.MIN_OUTPUT_SIDE,
+        ge=settings.min_output_side,
         multiple_of=8,
         description="Output height; with `width`.",
     )
@@ -157,11 +139,11 @@ class EdgeParams(BaseModel):
     @model_validator(mode="after")
     def _thresholds_and_size(self) -> t.Self:
         if self.low_threshold > self.high_threshold:
-            raise ValueError("low_threshold must not exceed high_threshold")
+            raise _rule("low_threshold must not exceed high_threshold")
         if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither")
-        if self.width and self.height and self.width * self.height > settings.MAX_OUTPUT_PIXELS:
-            raise ValueError(f"width × height must be at most {settings.MAX_OUTPUT_PIXELS} pixels")
+            raise _rule("give both width and height, or neither")
+        if self.width and self.height and self.width * self.height > settings.max_output_pixels:
+            raise _rule(f"width × height must be at most {settings.max_output_pixels} pixels")
         return self
 
     @property
@@ -176,8 +158,7 @@ class Params(GenerationParams, EdgeParams):
 
     def generation_params(self) -> GenerationParams:
         """The part the GPU Service takes, with the seed resolved."""
-        fields = self.model_dump(include=set(GenerationParams.model_fields))
-        return GenerationParams(**fields).with_seed()
+        return GenerationParams(**self.model_dump(include=set(GenerationParams.model_fields)))
 
 
 class GeneratedImage(BaseModel):

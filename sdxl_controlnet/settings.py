@@ -1,46 +1,129 @@
-"""Every operator-tunable setting, read once from the environment.
+"""Every operator-tunable setting, in one validated object read once from the environment.
 
-Model ids default to the production SDXL models; point them at local
-directories (``make tiny-model``) to run offline. Limits default to what one
-NVIDIA L4 (24 GB) serves comfortably.
+Each field is named after its environment variable in lower case (``MAX_STEPS`` →
+``max_steps``). A value that breaks a rule stops start-up with a message naming the
+variable and the rule. Model ids default to the production SDXL models; point them
+at local directories (``make tiny-model``) to run offline. Limits default to what
+one NVIDIA L4 (24 GB) serves comfortably.
 """
 
 from __future__ import annotations
 
 import os
+import typing as t
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The front waits this much longer than the GPU Service's own timeout, so that a
+# generation that times out reaches the client as a 504 with a message, not a cut connection.
+FRONT_TIMEOUT_MARGIN_S = 30
 
 
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+class SettingsError(Exception):
+    """An environment variable holds a value the application cannot start with."""
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sdxl_base_model: str = Field(
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        min_length=1,
+        description="SDXL base model: a Hugging Face id or a local directory.",
+    )
+    sdxl_controlnet_model: str = Field(
+        default="diffusers/controlnet-canny-sdxl-1.0",
+        min_length=1,
+        description="Canny ControlNet for SDXL: a Hugging Face id or a local directory.",
+    )
+    sdxl_vae_model: str = Field(
+        default="madebyollin/sdxl-vae-fp16-fix",
+        min_length=1,
+        description="VAE that stays finite in fp16: a Hugging Face id or a local directory.",
+    )
+
+    # Uploads: the body size is checked from Content-Length before it is read,
+    # the pixel count from the image header before any pixel is decoded.
+    max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    # Generated images: the input is scaled down to fit this area (SDXL's native 1024²).
+    max_output_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    min_output_side: int = Field(default=64, ge=8, multiple_of=8)
+    max_steps: int = Field(default=100, ge=1)
+    max_images: int = Field(default=4, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    # GPU memory: width × height × images of one request. Four 1024² images fit a 24 GB L4
+    # because the VAE decodes them one at a time; lower it for smaller GPUs.
+    max_batch_pixels: int = Field(default=4 * 1024 * 1024, ge=64 * 64)
+
+    # How long one generation may take, queue included, before the caller gets a 504.
+    generation_timeout_s: int = Field(default=300, ge=1)
+    # Requests one GPU replica holds at once, one generating and the rest queued;
+    # past that BentoML answers at once, and the front passes that on as a 503.
+    max_queue: int = Field(default=32, ge=1)
+
+    # GPUs on one host: the GPU Service runs one worker per GPU, each pinned to its own.
+    gpus: int = Field(default=1, ge=1)
+    # Without a visible CUDA GPU the GPU Service refuses to start unless this is set:
+    # `make serve`, the tests and the CPU image set it; a GPU pod must not.
+    allow_cpu: bool = False
+    # Front workers: "cpu_count" counts the host's cores, not a container's share of them.
+    front_workers: int | t.Literal["cpu_count"] = "cpu_count"
+
+    # GPU speed-ups, each off by default: see docs/performance.md.
+    channels_last: bool = False  # NHWC memory layout for the UNet and ControlNet
+    fuse_qkv: bool = False  # one matmul for attention's Q, K and V projections
+    # torch.compile the UNet and ControlNet; start-up then runs one warm-up generation at
+    # each of TORCH_COMPILE_SIZES (WxH, comma-separated); other sizes run uncompiled.
+    torch_compile: bool = False
+    torch_compile_sizes: str = Field(default="1024x1024", pattern=r"^\d+x\d+(,\d+x\d+)*$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> t.Self:
+        if self.min_output_side**2 > self.max_output_pixels:
+            raise ValueError("MIN_OUTPUT_SIDE² must not exceed MAX_OUTPUT_PIXELS")
+        for width, height in self.compile_sizes:
+            if width % 8 or height % 8 or width * height > self.max_output_pixels:
+                raise ValueError(
+                    f"TORCH_COMPILE_SIZES: {width}x{height} must have sides that are multiples "
+                    "of 8 and at most MAX_OUTPUT_PIXELS pixels"
+                )
+        return self
+
+    @property
+    def compile_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) pairs to compile for, or none when compiling is off."""
+        if not self.torch_compile:
+            return []
+        pairs = (size.split("x") for size in self.torch_compile_sizes.split(","))
+        return [(int(width), int(height)) for width, height in pairs]
+
+    @property
+    def front_timeout_s(self) -> int:
+        """How long the front waits for the GPU Service before it answers 504 itself."""
+        return self.generation_timeout_s + FRONT_TIMEOUT_MARGIN_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """The settings that ``environ`` sets; unset variables keep their defaults."""
+        names = {name.upper(): name for name in cls.model_fields}
+        values = {names[key]: value for key, value in environ.items() if key in names}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_variable(error['loc'])}={values.get(str(error['loc'][0]), '')!r}: "
+                f"{error['msg']}"
+                if error["loc"]
+                else error["msg"]
+                for error in exc.errors(include_url=False)
+            )
+            raise SettingsError(f"invalid configuration: {problems}") from None
 
 
-BASE_MODEL = os.environ.get("SDXL_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0")
-CONTROLNET_MODEL = os.environ.get("SDXL_CONTROLNET_MODEL", "diffusers/controlnet-canny-sdxl-1.0")
-VAE_MODEL = os.environ.get("SDXL_VAE_MODEL", "madebyollin/sdxl-vae-fp16-fix")
+def _variable(loc: tuple[int | str, ...]) -> str:
+    return str(loc[0]).upper()
 
-# Uploads: the body size is checked from Content-Length before it is read,
-# the pixel count from the image header before any pixel is decoded.
-MAX_UPLOAD_BYTES = _int("MAX_UPLOAD_BYTES", 32 * 1024 * 1024)
-MAX_INPUT_PIXELS = _int("MAX_INPUT_PIXELS", 4096 * 4096)
-# Generated images: the input is scaled down to fit this area (SDXL's native 1024²).
-MAX_OUTPUT_PIXELS = _int("MAX_OUTPUT_PIXELS", 1024 * 1024)
-MIN_OUTPUT_SIDE = _int("MIN_OUTPUT_SIDE", 64)
-MAX_STEPS = _int("MAX_STEPS", 100)
-MAX_IMAGES = _int("MAX_IMAGES", 4)
-MAX_PROMPT_CHARS = _int("MAX_PROMPT_CHARS", 2000)
 
-# How long one generation may take, queue included, before the caller gets a 504.
-GENERATION_TIMEOUT_S = _int("GENERATION_TIMEOUT_S", 300)
-# Requests one GPU replica holds at once, one generating and the rest queued;
-# past that it answers 503 at once, and the front passes that on.
-MAX_QUEUE = _int("MAX_QUEUE", 32)
-
-# GPU speed-ups, each off by default: see the README's "Performance" section.
-CHANNELS_LAST = _flag("CHANNELS_LAST")  # NHWC memory layout for the UNet and ControlNet
-FUSE_QKV = _flag("FUSE_QKV")  # one matmul for attention's Q, K and V projections
-# torch.compile the UNet and ControlNet; start-up then runs one warm-up generation.
-TORCH_COMPILE = _flag("TORCH_COMPILE")
+settings = Settings.from_env()

@@ -3,12 +3,17 @@ to the front, server-sent events from the front to the client."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
+import time
 import typing as t
 from collections.abc import AsyncIterator
 
 import numpy as np
+
+from .errors import ClientError, GPUServiceUnavailable, error_for_status
 
 
 def progress_line(step: int, total: int) -> str:
@@ -20,6 +25,11 @@ def images_line(images: np.ndarray) -> str:
     once, on the front. ASCII only: the client decodes each chunk on its own."""
     data = base64.b64encode(images.tobytes()).decode("ascii")
     return json.dumps({"shape": images.shape, "images": data}) + "\n"
+
+
+def error_line(error: ClientError) -> str:
+    """A failure after the stream started: the status and body it would have had."""
+    return json.dumps({"status": int(error.error_code), **error.body()}) + "\n"
 
 
 def decode_images(event: dict[str, t.Any]) -> np.ndarray:
@@ -43,3 +53,28 @@ def server_sent_event(event: str, data: dict[str, t.Any] | str) -> str:
     """One server-sent event; ``data`` is JSON, on one line as the format requires."""
     payload = data if isinstance(data, str) else json.dumps(data)
     return f"event: {event}\ndata: {payload}\n\n"
+
+
+def error_event(error: ClientError) -> str:
+    """A failure as a server-sent event: the status and body the request would have had."""
+    return server_sent_event("error", {"status": int(error.error_code), **error.body()})
+
+
+async def relay(
+    gpu_stream: AsyncIterator[str], timeout_s: float
+) -> AsyncIterator[tuple[str, t.Any]]:
+    """The GPU Service's stream as ``("progress", event)`` items, each with the seconds
+    elapsed, then one ``("images", array)``; an error line raises its ClientError.
+
+    Leaving early closes the GPU stream at once, and that stops the GPU."""
+    start = time.perf_counter()
+    async with asyncio.timeout(timeout_s), contextlib.aclosing(gpu_stream):
+        async for event in read_lines(gpu_stream):
+            if "error" in event:
+                raise error_for_status(event.pop("status"), event)
+            if "images" in event:
+                yield "images", decode_images(event)
+                return
+            event["elapsed_s"] = round(time.perf_counter() - start, 2)
+            yield "progress", event
+    raise GPUServiceUnavailable("the GPU Service stopped before the images were ready")

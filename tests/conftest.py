@@ -1,182 +1,20 @@
-"""Shared fixtures: the tiny model, sample images and a real `bentoml serve`."""
+"""Test set-up: every test process serves the tiny model on the CPU, and the
+suite's shared `bentoml serve`."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
-import httpx
-import numpy as np
-import psutil
 import pytest
-from PIL import Image, ImageDraw
-from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL = ROOT / "models" / "tiny"
+from devtools.harness import Server, ensure_tiny_model, serving, tiny_model_env
 
 
-def tiny_model_env() -> dict[str, str]:
-    return {
-        "SDXL_BASE_MODEL": str(TINY_MODEL / "base"),
-        "SDXL_CONTROLNET_MODEL": str(TINY_MODEL / "controlnet"),
-        "SDXL_VAE_MODEL": str(TINY_MODEL / "vae"),
-    }
-
-
-# Settings are read at import time: point them at the tiny model before any test imports them.
-if not (TINY_MODEL / "base" / "model_index.json").exists():
-    from sdxl_controlnet.tiny_model import build
-
-    build(TINY_MODEL)
-os.environ.update(tiny_model_env())
-
-
-def shapes_image(width: int = 160, height: int = 120, mode: str = "RGB") -> Image.Image:
-    """A white picture with a dark rectangle and a circle: clear edges, flat areas."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([width // 8, height // 4, width // 2, 3 * height // 4], fill=(20, 40, 160))
-    draw.ellipse([width // 2, height // 8, 7 * width // 8, 5 * height // 8], fill=(200, 30, 30))
-    return image.convert(mode)
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def as_array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(
-    url: str, running: Callable[[], bool], details: Callable[[], str], timeout: float = 120
-) -> float:
-    """Seconds until ``url``/readyz answered 200; fails at once if the server stopped."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if not running():
-            raise RuntimeError(f"server exited early; {details()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"server not ready after {timeout}s; {details()}")
-
-
-def post_generate(
-    url: str, image: bytes, params: dict, content_type: str = "image/png"
-) -> httpx.Response:
-    """A multipart /generate request, as any HTTP client sends it."""
-    return httpx.post(
-        f"{url}/generate",
-        files={"image": ("input", image, content_type)},
-        data={"params": json.dumps(params)},
-        timeout=120,
-    )
-
-
-class Server:
-    """A `python -m bentoml ARGS` subprocess (or another BentoML CLI ``module``). BentoML
-    starts each worker in a session of its own, so stopping it means stopping the whole
-    process tree. Each server gets a BentoML home of its own: a server clears the Prometheus
-    files under its home when it starts, which would wipe another server's /metrics."""
-
-    def __init__(
-        self,
-        args: list[str],
-        env: dict[str, str] | None = None,
-        port: int = 0,
-        module: str = "bentoml",
-    ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = ROOT / "test-artifacts" / f"server-{self.port}.log"
-        self.log.parent.mkdir(exist_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--port", str(self.port)],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                **tiny_model_env(),
-                "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
-                **(env or {}),
-            },
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        """Seconds until /readyz answered 200."""
-        return wait_until_ready(
-            self.url, lambda: self.process.poll() is None, lambda: f"see {self.log}", timeout
-        )
-
-    def stop(self) -> None:
-        try:
-            tree = [self.process_info(), *self.process_info().children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for proc in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        # In-flight requests get a grace period; BentoML's front workers can
-        # linger after SIGTERM, so what is left after it is killed.
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        self.process.wait()
-
-    def process_info(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of the samples called ``name`` with ``labels`` on ``server``'s /metrics."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
-def generate_calls(server: Server, service: str) -> float:
-    """Successful /generate calls that BentoML counted for ``service`` on ``server``."""
-    return metric(
-        server,
-        "bentoml_service_request_total",
-        service_name=service,
-        endpoint="/generate",
-        http_response_code="200",
-    )
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports the application, whose settings read the environment.
+    ensure_tiny_model()
+    os.environ.update(tiny_model_env())
 
 
 @pytest.fixture(scope="session")
@@ -189,14 +27,3 @@ def server() -> Iterator[Server]:
     """Both Services under one `bentoml serve`, on the tiny model."""
     with serving() as srv:
         yield srv
-
-
-@contextlib.contextmanager
-def serving(env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`bentoml serve` of both Services with ``env`` set, ready, stopped afterwards."""
-    srv = Server(["serve", "."], env=env)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Server, encode, shapes_image
+from devtools.harness import ROOT, Server, encode, shapes_image
 
 pytestmark = pytest.mark.browser
 

@@ -13,7 +13,7 @@ from bentoml._internal.cloud.schemas.modelschemas import DeploymentStrategy
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 from pydantic import BaseModel, ConfigDict
 
-from tests.conftest import ROOT
+from devtools.harness import ROOT
 
 CONFIG = yaml.safe_load((ROOT / "config-file.yaml").read_text())
 BENTOFILE = yaml.safe_load((ROOT / "bentofile.yaml").read_text())

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-from tests.conftest import ROOT
+from devtools.harness import ROOT
+from sdxl_controlnet.settings import Settings
 
 DEPLOY = ROOT / "deploy"
 # The oldest Kubernetes release the manifests are meant for.
@@ -113,3 +114,39 @@ def test_kubernetes_deployment_is_probed_exposed_scaled_and_not_root(deployment:
     assert any(selects(service, deployment) for service in of_kind("Service"))
     scaled = [hpa["spec"]["scaleTargetRef"]["name"] for hpa in of_kind("HorizontalPodAutoscaler")]
     assert scaled.count(deployment["metadata"]["name"]) == 1
+
+
+def env(container: dict) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in container.get("env", [])}
+
+
+@pytest.mark.parametrize("service_name", ["SDXLControlNetService", "ControlNet"])
+def test_kubernetes_lets_a_generation_in_flight_finish_on_shutdown(service_name: str) -> None:
+    deployment, container = running(service_name)
+    timeout_s = Settings.from_env(env(container)).generation_timeout_s
+    waits_s = timeout_s if service_name == "SDXLControlNetService" else timeout_s + 30
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s >= pre_stop_s + waits_s
+
+
+def test_kubernetes_front_and_gpu_agree_on_the_generation_timeout() -> None:
+    _, gpu = running("SDXLControlNetService")
+    _, front = running("ControlNet")
+    assert env(gpu)["GENERATION_TIMEOUT_S"] == env(front)["GENERATION_TIMEOUT_S"]
+
+
+def test_kubernetes_front_runs_one_worker_per_cpu_of_its_limit() -> None:
+    _, front = running("ControlNet")
+    cpus = front["resources"]["limits"]["cpu"]
+    assert front["resources"]["requests"]["cpu"] == cpus
+    assert Settings.from_env(env(front)).front_workers == int(cpus)
+
+
+def test_kubernetes_gpu_start_up_allows_download_and_compile_and_keeps_the_caches() -> None:
+    _, gpu = running("SDXLControlNetService")
+    probe = gpu["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 30 * 60
+    mounted = [mount["mountPath"] for mount in gpu["volumeMounts"]]
+    for cache in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR"):
+        assert any(env(gpu)[cache].startswith(path + "/") for path in mounted), cache

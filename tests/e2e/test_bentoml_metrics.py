@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Server, encode, generate_calls, metric, post_generate, shapes_image
+from devtools.harness import Server, encode, generate_calls, metric, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.harness import ROOT, Server, decode, encode, shapes_image
 from sdxl_controlnet.client import AsyncClient, Client
-from tests.conftest import ROOT, Server, decode, encode, shapes_image
 
 pytestmark = pytest.mark.e2e
 

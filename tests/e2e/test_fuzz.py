@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, serving
+from devtools.harness import Server, serving
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, decode, encode, post_generate, shapes_image
+from devtools.harness import Server, decode, encode, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 

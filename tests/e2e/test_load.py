@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Server, encode, shapes_image
+from devtools.harness import ROOT, Server, encode, shapes_image
 
 pytestmark = pytest.mark.e2e
 

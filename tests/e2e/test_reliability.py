@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, decode, encode, post_generate, serving, shapes_image
+from devtools.harness import Server, decode, encode, post_generate, serving, shapes_image
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, decode, encode, generate_calls, post_generate, shapes_image
+from devtools.harness import Server, decode, encode, generate_calls, post_generate, shapes_image
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Server, decode, encode, shapes_image
+from devtools.harness import Server, decode, encode, shapes_image
 
 pytestmark = pytest.mark.e2e
 

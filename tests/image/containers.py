@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from tests.conftest import ROOT, TINY_MODEL, wait_until_ready
+from devtools.harness import ROOT, TINY_MODEL, wait_until_ready
 
 CONTAINER = str(ROOT / "scripts" / "container.sh")
 # Set by `make image-test` to the image it has just built, so a stale image is never tested.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from tests.conftest import as_array, decode, encode, free_port, post_generate
+from devtools.harness import as_array, decode, encode, free_port, post_generate
 from tests.image.containers import IMAGE, MODEL_ARGS, MODEL_MOUNT, Container, engine, running
 
 pytestmark = pytest.mark.image

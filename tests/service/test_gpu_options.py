@@ -1,27 +1,32 @@
-"""The GPU speed-ups a deployment turns on by configuration still generate."""
+"""The GPU speed-ups and safety nets a deployment turns on by configuration, run
+for real on the tiny pipeline: torch.compile with inductor (it compiles on the CPU
+too), channels-last, fused QKV, the device choice and out-of-memory handling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from sdxl_controlnet import settings
-from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet import pipeline as pipeline_module
+from sdxl_controlnet.errors import GPUOutOfMemory
+from sdxl_controlnet.pipeline import ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams
+from sdxl_controlnet.settings import settings
 
 PARAMS = GenerationParams(prompt="a red ball", num_inference_steps=2, seed=5)
 
 
-def edges() -> np.ndarray:
-    edge_map = np.zeros((64, 96), np.uint8)
+def edges(height: int = 64, width: int = 96) -> np.ndarray:
+    edge_map = np.zeros((height, width), np.uint8)
     edge_map[16:48, 24] = 255
     return edge_map
 
 
-def load(**options: bool) -> ControlNetPipeline:
+def load(**options) -> ControlNetPipeline:
     return ControlNetPipeline(
-        settings.BASE_MODEL, settings.CONTROLNET_MODEL, settings.VAE_MODEL, **options
+        settings.sdxl_base_model, settings.sdxl_controlnet_model, settings.sdxl_vae_model, **options
     )
 
 
@@ -43,18 +48,60 @@ def test_channels_last_and_fused_qkv_give_the_same_image() -> None:
     assert np.abs(images.astype(int) - plain).max() <= 2
 
 
-def test_compiling_wraps_both_models_and_warms_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Inductor takes minutes on a CPU: an identity stands in for it; the warm-up runs for real.
-    compiled, warm_ups = [], []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
-    monkeypatch.setattr(settings, "MAX_OUTPUT_PIXELS", 64 * 64)
-    real_generate = ControlNetPipeline.generate
+def compiled_graphs() -> int:
+    return sum(counters["stats"].values()) and counters["stats"]["unique_graphs"]
 
-    def recording_generate(self, edges, params, *args):
-        warm_ups.append(real_generate(self, edges, params, *args))
-        return warm_ups[-1]
 
-    monkeypatch.setattr(ControlNetPipeline, "generate", recording_generate)
-    pipeline = load(compile_models=True)
-    assert compiled == [pipeline.pipe.unet, pipeline.pipe.controlnet]
-    assert [images.shape for images in warm_ups] == [(1, 64, 64, 3)]
+def test_compiled_pipeline_compiles_at_warm_up_only_and_matches_eager() -> None:
+    torch._dynamo.reset()
+    eager = load().submit(edges(64, 64), PARAMS).result()
+    compiled = load(compile_sizes=[(64, 64)])  # inductor, for real
+    after_warm_up = compiled_graphs()
+    assert after_warm_up > 0, "the warm-up compiled nothing"
+
+    # A warmed size runs the compiled graphs and compiles nothing more.
+    images = compiled.submit(edges(64, 64), PARAMS).result()
+    assert compiled.pipe.unet is compiled._compiled[0]
+    assert compiled_graphs() == after_warm_up
+    assert np.abs(images.astype(int) - eager).max() <= 3
+
+    # Another size, or another batch, runs uncompiled rather than compiling in a request.
+    other = compiled.submit(edges(64, 96), PARAMS.model_copy(update={"num_images": 2})).result()
+    assert other.shape == (2, 64, 96, 3)
+    assert compiled.pipe.unet is compiled._eager[0]
+    assert compiled_graphs() == after_warm_up
+
+
+def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatch) -> None:
+    pipeline = load()
+    real_call = type(pipeline.pipe).__call__
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(pipeline.pipe), "__call__", out_of_memory)
+    with pytest.raises(GPUOutOfMemory, match="ran out of memory generating 1 image"):
+        pipeline.submit(edges(), PARAMS).result()
+    assert emptied == [True]
+
+    monkeypatch.setattr(type(pipeline.pipe), "__call__", real_call)
+    assert pipeline.submit(edges(), PARAMS).result().shape == (1, 64, 96, 3)
+
+
+def test_without_cuda_the_gpu_service_refuses_to_start_unless_cpu_is_allowed() -> None:
+    assert not torch.cuda.is_available()
+    with pytest.raises(NoGPUError, match="set ALLOW_CPU=1"):
+        select_device(allow_cpu=False, worker_index=1)
+    assert select_device(allow_cpu=True, worker_index=1) == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("worker_index", "gpus", "device"),
+    [(None, 1, "cuda:0"), (1, 1, "cuda:0"), (1, 4, "cuda:0"), (2, 4, "cuda:1"), (4, 4, "cuda:3")],
+)
+def test_each_worker_takes_its_own_gpu(monkeypatch, worker_index, gpus, device) -> None:
+    monkeypatch.setattr(pipeline_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pipeline_module.torch.cuda, "device_count", lambda: gpus)
+    assert select_device(allow_cpu=False, worker_index=worker_index) == device

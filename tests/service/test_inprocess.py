@@ -13,10 +13,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from sdxl_controlnet import settings, streaming
-from sdxl_controlnet.errors import InvalidRequest
+import service
+from devtools.harness import ROOT, as_array, decode, shapes_image
+from sdxl_controlnet import streaming
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
-from tests.conftest import ROOT, as_array, decode, shapes_image
 
 pytestmark = pytest.mark.anyio
 
@@ -25,9 +25,7 @@ FAST = {"prompt": "a red ball", "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def front():
-    from service import ControlNet
-
-    return ControlNet()
+    return service.ControlNet()
 
 
 @pytest.fixture
@@ -39,7 +37,7 @@ def gpu(front):
 def pipeline_calls(gpu, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Records the arguments of each diffusers pipeline call, then makes the real call."""
     calls: list[dict] = []
-    pipe = gpu.pipeline.pipe
+    pipe = gpu.worker.pipeline.pipe
     real_call = type(pipe).__call__
 
     def recording_call(self, *args, **kwargs):
@@ -157,14 +155,20 @@ async def test_canny_matches_the_preprocessing_of_generate(front, pipeline_calls
     assert np.array_equal((control[0, 0].numpy() * 255).astype(np.uint8), edges)
 
 
-async def test_gpu_service_validates_direct_calls(gpu) -> None:
-    params = GenerationParams(prompt="x")
-    with pytest.raises(InvalidRequest, match="one-channel"):
-        await gpu.generate(edges=np.zeros((64, 64, 3), np.uint8), params=params)
-    with pytest.raises(InvalidRequest, match="multiples of 8"):
-        await gpu.generate(edges=np.zeros((66, 64), np.uint8), params=params)
-    with pytest.raises(InvalidRequest, match="at most"):
-        await gpu.generate(edges=np.zeros((2048, 2048), np.uint8), params=params)
+@pytest.mark.parametrize(
+    ("edges", "num_images", "message"),
+    [
+        (np.zeros((64, 64, 3), np.uint8), 1, "one-channel"),
+        (np.zeros((66, 64), np.uint8), 1, "multiples of 8"),
+        (np.zeros((2048, 2048), np.uint8), 1, "at most"),
+        (np.zeros((1024, 1024), np.uint8), 5, "GPU memory budget"),
+    ],
+)
+async def test_gpu_service_validates_direct_calls(gpu, edges, num_images, message) -> None:
+    params = GenerationParams.model_construct(**GenerationParams(prompt="x").model_dump())
+    params.num_images = num_images  # past MAX_IMAGES too: the budget holds on its own
+    response = await gpu.generate(edges=edges, params=params)
+    assert response.status_code == 400 and message in json.loads(response.body)["error"]
 
 
 async def test_gpu_service_returns_uint8_rgb_batches(gpu) -> None:
@@ -180,7 +184,7 @@ async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None
     edges = np.zeros((64, 64), np.uint8)
     long_run = GenerationParams(prompt="x", num_inference_steps=80, seed=0)
     task = asyncio.create_task(
-        gpu._run(edges, long_run, on_step=lambda done, _: steps.append(done))
+        gpu.worker.run(edges, long_run, on_step=lambda done, _: steps.append(done))
     )
     while not steps:
         await asyncio.sleep(0.01)
@@ -188,16 +192,18 @@ async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(steps) < 80
-    assert not gpu.gpu_lock.locked()
+    assert gpu.worker.queue.idle
     quick = GenerationParams(prompt="x", num_inference_steps=1, seed=0)
-    assert (await gpu._run(edges, quick)).shape == (1, 64, 64, 3)
+    assert (await gpu.worker.run(edges, quick)).shape == (1, 64, 64, 3)
 
 
 async def test_a_slow_gpu_service_gives_a_504(front, gpu, monkeypatch) -> None:
     async def too_slow(**_: object) -> None:
         await asyncio.sleep(10)
 
-    monkeypatch.setattr(settings, "GENERATION_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(
+        service, "settings", service.settings.model_copy(update={"generation_timeout_s": 0.2})
+    )
     monkeypatch.setattr(gpu, "generate", too_slow)
     response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST))
     assert response.status_code == 504
@@ -234,7 +240,7 @@ async def test_generate_stream_reports_each_step_then_the_images(gpu) -> None:
 
 async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> None:
     steps_run: list[int] = []
-    generate = gpu.pipeline.generate
+    generate = gpu.worker.pipeline.generate
 
     def counting_generate(edges, params, on_step, cancelled):
         def count(done: int, total: int) -> None:
@@ -243,7 +249,7 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
 
         return generate(edges, params, count, cancelled)
 
-    monkeypatch.setattr(gpu.pipeline, "generate", counting_generate)
+    monkeypatch.setattr(gpu.worker.pipeline, "generate", counting_generate)
     params = GenerationParams(prompt="x", num_inference_steps=50, seed=1)
     lines = gpu.generate_stream(np.zeros((64, 64), np.uint8), params)
     async for line in lines:
@@ -252,6 +258,6 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
     await lines.aclose()
 
     async with asyncio.timeout(30):
-        await gpu.gpu_lock.acquire()  # released once the pipeline has stopped
-    gpu.gpu_lock.release()
+        while not gpu.worker.queue.idle:  # idle once the pipeline has stopped
+            await asyncio.sleep(0.05)
     assert steps_run[-1] < 50

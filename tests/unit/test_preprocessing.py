@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from sdxl_controlnet import preprocessing, settings
+from devtools.harness import decode, encode, shapes_image
+from sdxl_controlnet import preprocessing
 from sdxl_controlnet.errors import InvalidRequest
 from sdxl_controlnet.schemas import EdgeParams
-from tests.conftest import decode, encode, shapes_image
+from sdxl_controlnet.settings import settings
 
 
 def test_edges_follow_the_picture_and_flat_areas_have_none() -> None:
@@ -122,7 +123,7 @@ def test_snapped_size(size: tuple[int, int], expected: tuple[int, int]) -> None:
     width, height = preprocessing.snapped_size(*size)
     assert (width, height) == expected
     assert width % 8 == 0 and height % 8 == 0
-    assert width * height <= settings.MAX_OUTPUT_PIXELS
+    assert width * height <= settings.max_output_pixels
 
 
 def test_extreme_aspect_ratio_is_refused() -> None:
@@ -146,7 +147,9 @@ def test_resize_and_fill_pads_with_no_edges() -> None:
 
 
 def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings, "MAX_INPUT_PIXELS", 100 * 100)
+    monkeypatch.setattr(
+        preprocessing, "settings", settings.model_copy(update={"max_input_pixels": 100 * 100})
+    )
     image = Image.open(io.BytesIO(encode(shapes_image(160, 120))))
     with pytest.raises(InvalidRequest, match="at most 10000 pixels"):
         preprocessing.to_grayscale(image)

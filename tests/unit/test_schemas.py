@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sdxl_controlnet import settings
 from sdxl_controlnet.schemas import MAX_SEED, GenerationParams, Params
+from sdxl_controlnet.settings import settings
 
 
 def test_defaults_match_the_published_contract() -> None:
@@ -22,7 +22,7 @@ def test_defaults_match_the_published_contract() -> None:
     [
         ({"prompt": ""}, "prompt"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
-        ({"num_inference_steps": settings.MAX_STEPS + 1}, "num_inference_steps"),
+        ({"num_inference_steps": settings.max_steps + 1}, "num_inference_steps"),
         ({"controlnet_conditioning_scale": 2.5}, "controlnet_conditioning_scale"),
         ({"controlnet_conditioning_scale": float("nan")}, "controlnet_conditioning_scale"),
         ({"guidance_scale": float("inf")}, "guidance_scale"),
@@ -30,7 +30,7 @@ def test_defaults_match_the_published_contract() -> None:
         ({"high_threshold": 256}, "high_threshold"),
         ({"low_threshold": 150, "high_threshold": 100}, "low_threshold must not exceed"),
         ({"control_guidance_start": 0.6, "control_guidance_end": 0.5}, "control_guidance_start"),
-        ({"num_images": settings.MAX_IMAGES + 1}, "num_images"),
+        ({"num_images": settings.max_images + 1}, "num_images"),
         ({"seed": -1}, "seed"),
         ({"width": 100, "height": 96}, "multiple of 8"),
         ({"width": 512}, "both width and height"),

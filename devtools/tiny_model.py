@@ -6,7 +6,7 @@ the VAE's x8 downsampling) at a fraction of the width, so the service, the
 tests and the demo run the real diffusers code path on a CPU in milliseconds
 per step. The weights are random: the pictures are noise, the shapes are real.
 
-    python -m sdxl_controlnet.tiny_model models/tiny
+    python -m devtools.tiny_model models/tiny
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""The GPU Service's work: each generation queued for the GPU, run on the pipeline's
+own thread, stopped at its next step when its caller leaves, its progress streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import typing as t
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+
+from . import metrics, streaming
+from .errors import ClientError, GenerationCancelled
+from .gpu_queue import GPUQueue, work_units
+from .schemas import GenerationParams, check_gpu_request
+
+if t.TYPE_CHECKING:
+    from .pipeline import ControlNetPipeline
+
+
+class GPUWorker:
+    def __init__(self, pipeline: ControlNetPipeline, timeout_s: float) -> None:
+        self.pipeline = pipeline
+        self.queue = GPUQueue(timeout_s)
+
+    async def run(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """The images for ``edges``. If the caller is cancelled, the pipeline stops at
+        its next step, and the GPU is released once it has."""
+        check_gpu_request(edges, params)
+        height, width = edges.shape
+        steps = params.num_inference_steps
+        units = work_units(width, height, steps, params.num_images)
+        stop = threading.Event()
+        async with self.queue.turn(units, steps) as step_done:
+
+            def report(done: int, total: int) -> None:  # on the pipeline's thread
+                step_done()
+                if on_step is not None:
+                    on_step(done, total)
+
+            job = asyncio.wrap_future(self.pipeline.submit(edges, params, report, stop.is_set))
+            try:
+                images = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                stop.set()
+                with contextlib.suppress(GenerationCancelled):
+                    await job
+                raise
+        metrics.IMAGES_GENERATED.inc(len(images))
+        return images
+
+    async def stream(self, edges: np.ndarray, params: GenerationParams) -> AsyncIterator[str]:
+        """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
+        each step, then the images, or the error. Closing it stops the generation."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+
+        yield streaming.progress_line(0, params.num_inference_steps)
+        job = asyncio.ensure_future(self.run(edges, params, on_step))
+        # After any step already reported: call_soon queues behind call_soon_threadsafe.
+        job.add_done_callback(lambda _: loop.call_soon(steps.put_nowait, None))
+        try:
+            while step := await steps.get():
+                yield streaming.progress_line(*step)
+            yield streaming.images_line(job.result())
+        except ClientError as exc:
+            yield streaming.error_line(exc)
+        finally:
+            job.cancel()

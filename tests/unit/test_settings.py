@@ -1,0 +1,68 @@
+"""Settings: one validated object; a bad value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from devtools.harness import ROOT
+from sdxl_controlnet.settings import FRONT_TIMEOUT_MARGIN_S, Settings, SettingsError
+
+
+def test_defaults_are_the_production_models_and_an_l4s_limits() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.sdxl_base_model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert defaults.generation_timeout_s == 300 and not defaults.allow_cpu
+    assert defaults.compile_sizes == []  # compiling is off
+
+
+def test_values_come_from_variables_of_the_same_name() -> None:
+    settings = Settings.from_env(
+        {"MAX_STEPS": "50", "ALLOW_CPU": "1", "GPUS": "4", "FRONT_WORKERS": "2", "HOME": "/x"}
+    )
+    assert (settings.max_steps, settings.allow_cpu, settings.gpus) == (50, True, 4)
+    assert settings.front_workers == 2
+
+
+def test_the_front_timeout_is_derived_from_the_gpu_timeout() -> None:
+    settings = Settings.from_env({"GENERATION_TIMEOUT_S": "100"})
+    assert settings.front_timeout_s == 100 + FRONT_TIMEOUT_MARGIN_S
+
+
+def test_compile_sizes_are_parsed_and_checked() -> None:
+    settings = Settings.from_env(
+        {"TORCH_COMPILE": "1", "TORCH_COMPILE_SIZES": "1024x1024,832x1216"}
+    )
+    assert settings.compile_sizes == [(1024, 1024), (832, 1216)]
+    with pytest.raises(SettingsError, match="TORCH_COMPILE_SIZES"):
+        Settings.from_env({"TORCH_COMPILE": "1", "TORCH_COMPILE_SIZES": "1000x1001"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MAX_STEPS": "abc"}, "MAX_STEPS='abc': Input should be a valid integer"),
+        ({"MAX_QUEUE": "0"}, "MAX_QUEUE='0': Input should be greater than or equal to 1"),
+        ({"ALLOW_CPU": "maybe"}, "ALLOW_CPU='maybe': Input should be a valid boolean"),
+        ({"TORCH_COMPILE_SIZES": "big"}, "TORCH_COMPILE_SIZES='big': String should match"),
+        ({"MIN_OUTPUT_SIDE": "2048"}, "MIN_OUTPUT_SIDE² must not exceed MAX_OUTPUT_PIXELS"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_the_rule(environ, message) -> None:
+    with pytest.raises(SettingsError, match="invalid configuration") as error:
+        Settings.from_env(environ)
+    assert message in str(error.value)
+
+
+def test_a_bad_value_stops_the_application_at_import() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import service"],
+        cwd=ROOT,
+        env={"PATH": "", "MAX_STEPS": "abc"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "MAX_STEPS='abc': Input should be a valid integer" in result.stderr
