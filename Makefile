@@ -42,6 +42,14 @@ test: tiny-model
 bench: tiny-model
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# The GPU tier on a full-size SDXL + Canny ControlNet with random weights, built once into
+# FULL_SIZE_MODEL (about 9.5 GB; no hub). Without CUDA it says so and exits 0.
+# `make bench-gpu BENCH_GPU_ARGS="--variants off,TORCH_COMPILE --runs 9"`; see `python -m bench.gpu -h`.
+FULL_SIZE_MODEL ?= models/full-size
+.PHONY: bench-gpu
+bench-gpu: | $(BIN)/bentoml
+	$(BIN)/python -m bench.gpu --model-dir $(FULL_SIZE_MODEL) $(BENCH_GPU_ARGS)
+
 lint: $(BIN)/bentoml
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
