@@ -35,6 +35,19 @@ debootstrap --variant=minbase \
   --include=python3,python3-pip,python3-venv,ca-certificates \
   "$SUITE" "$root" "$MIRROR"
 
+# Slim like Docker's Debian images: no documentation, manual pages or translations, neither
+# now nor from packages installed later (copyright files stay).
+cat > "$root/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+EOF
+find "$root/usr/share/doc" -type f ! -name copyright -delete
+rm -rf "$root"/usr/share/{man,info,locale,lintian}/*
+
 # Trust the host's extra CAs inside the image, for networks that inspect TLS:
 # without them pip and uv fail with certificate errors during the build.
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
