@@ -5,12 +5,24 @@
 # Idempotent: does nothing if the image exists. Needs root, debootstrap and buildah.
 set -euo pipefail
 
-IMAGE=${IMAGE:-docker.io/library/python:3.11-slim}
+IMAGE=${IMAGE:-python:3.11-slim}
 SUITE=${SUITE:-bookworm}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
 if buildah inspect --type image "$IMAGE" >/dev/null 2>&1; then
   echo "base image $IMAGE already exists"; exit 0
+fi
+
+# The mirrors are the host's own: apt reads its sources (/etc/apt/sources.list, and the deb822
+# `URIs:` of /etc/apt/sources.list.d/*.sources) and lists the repository of each suite, so the
+# image fetches from where the host is allowed to. MIRROR and SECURITY_MIRROR override them.
+mirror_of() {
+  apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 2>/dev/null |
+    awk -v suite="$1" '$1 == suite { print $2; exit }'
+}
+MIRROR=${MIRROR:-$(mirror_of "$SUITE")}
+SECURITY_MIRROR=${SECURITY_MIRROR-$(mirror_of "$SUITE-security")}
+if [[ -z $MIRROR ]]; then
+  echo "no apt source of this host serves $SUITE: set MIRROR to a Debian mirror" >&2; exit 1
 fi
 
 ctr=$(buildah from scratch)
@@ -23,6 +35,19 @@ debootstrap --variant=minbase \
   --include=python3,python3-pip,python3-venv,ca-certificates \
   "$SUITE" "$root" "$MIRROR"
 
+# Slim like Docker's Debian images: no documentation, manual pages or translations, neither
+# now nor from packages installed later (copyright files stay).
+cat > "$root/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+EOF
+find "$root/usr/share/doc" -type f ! -name copyright -delete
+rm -rf "$root"/usr/share/{man,info,locale,lintian}/*
+
 # Trust the host's extra CAs inside the image, for networks that inspect TLS:
 # without them pip and uv fail with certificate errors during the build.
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
@@ -30,8 +55,10 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   chroot "$root" update-ca-certificates
 fi
 
-printf 'deb %s %s main\ndeb %s %s-updates main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
-  "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$SUITE" > "$root/etc/apt/sources.list"
+{
+  printf 'deb %s %s main\ndeb %s %s-updates main\n' "$MIRROR" "$SUITE" "$MIRROR" "$SUITE"
+  if [[ -n $SECURITY_MIRROR ]]; then printf 'deb %s %s-security main\n' "$SECURITY_MIRROR" "$SUITE"; fi
+} > "$root/etc/apt/sources.list"
 chroot "$root" apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
 

@@ -5,7 +5,7 @@
 #   scripts/container.sh ARGS...               docker ARGS, or podman ARGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bentoml=.venv/bin/bentoml  # the pinned BentoML that `make` installs
+bentoml=$PWD/.venv/bin/bentoml  # the pinned BentoML that `make` installs
 
 if docker info >/dev/null 2>&1; then
   engine=(docker)
@@ -25,6 +25,10 @@ if [[ ${1-} == build-image ]]; then
   esac
   tag=$("$bentoml" build -f "$bentofile" -o tag)
   tag=${tag#__tag__:}
+  # From /: BentoML 1.4.40 renders Dockerfile.template again from a copy of the Bento in a
+  # temporary folder, and refuses to read a template outside the working directory
+  # (bentoml/BentoML#5566).
+  cd /
   exec "$bentoml" containerize "$tag" "${builder[@]}" -t "$tag" -t "${tag%%:*}:latest"
 fi
 

@@ -41,17 +41,18 @@ def test_bento_serves_the_front_and_carries_both_services(bento: Path) -> None:
     }
 
 
-def test_bento_carries_the_code_and_not_the_rest(bento: Path) -> None:
+def test_bento_carries_the_runtime_and_nothing_else(bento: Path) -> None:
     src = bento / "src"
-    assert (src / "service.py").is_file()
-    assert (src / "sdxl_controlnet" / "pipeline.py").is_file()
-    assert (src / "studio" / "index.html").is_file()
-    for excluded in ("tests", "models", ".venv"):
-        assert not (src / excluded).exists()
+    shipped = {path.relative_to(src).as_posix() for path in src.rglob("*") if path.is_file()}
+    runtime = [ROOT / "service.py", *ROOT.glob("sdxl_controlnet/*.py"), *ROOT.glob("studio/*")]
+    # bentoml build adds the bentofile it read.
+    assert shipped == {path.relative_to(ROOT).as_posix() for path in runtime} | {"bentofile.yaml"}
+    for dev_only in ("tests", "bench", "devtools", "models", ".venv", "wheels"):
+        assert not (src / dev_only).exists()
 
 
 def test_bento_pins_the_requirements(bento: Path) -> None:
-    locked = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    locked = (bento / "env" / "python" / "requirements.lock.txt").read_text().splitlines()
     for pin in (ROOT / "requirements.txt").read_text().splitlines():
         if pin and not pin.startswith("#"):
             assert pin in locked
@@ -64,7 +65,30 @@ def test_dockerfile_installs_what_opencv_needs(bento: Path) -> None:
 
 def test_dockerfile_installs_the_locked_requirements(bento: Path) -> None:
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
-    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    # BentoML's install.sh installs requirements.lock.txt, then the Bento's wheels.
+    assert "bash -euxo pipefail /home/bentoml/bento/env/python/install.sh" in dockerfile
+
+
+def test_image_keeps_no_build_tools_apt_cache_or_wheels(bento: Path) -> None:
+    """Dockerfile.template: BentoML's Debian template, less what a server never runs."""
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    for build_tool in ("build-essential", "gcc", "curl", "gnupg2"):
+        assert build_tool not in dockerfile
+    assert "Keep-Downloaded-Packages" not in dockerfile
+    base, stages = dockerfile.split("\nFROM base-container AS bento-install\n")
+    install_stage, image = stages.split("\nFROM base-container\n")
+    (apt_install,) = [run for run in base.split("\nRUN ") if "apt-get install" in run]
+    assert "rm -rf /var/lib/apt/lists/*" in apt_install
+    # The packages are installed in a build stage (binutils strips them there); the image copies
+    # their environment and the Bento without its wheels, so the CPU torch wheel is not shipped.
+    assert "install.sh" in install_stage
+    assert "RUN rm -rf ./env/python/wheels" in install_stage
+    assert "install.sh" not in image
+    assert "apt-get" not in image
+    assert "COPY --from=bento-install --chown=0:0 /app /app" in image
+    assert "COPY --from=bento-install --chown=bentoml:bentoml /home/bentoml/bento " in image
+    copies = [line for line in image.splitlines() if line.startswith("COPY ")]
+    assert all(line.startswith("COPY --from=bento-install ") for line in copies)
 
 
 def test_image_user_is_the_one_the_kubernetes_manifests_run_as(bento: Path) -> None:
