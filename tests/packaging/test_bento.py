@@ -100,12 +100,15 @@ def test_image_user_is_the_one_the_kubernetes_manifests_run_as(bento: Path) -> N
                 assert f"ARG BENTO_USER_UID={uid}\n" in dockerfile
 
 
-def test_cpu_bentofile_differs_only_in_name_and_torch() -> None:
+def test_cpu_bentofile_differs_only_in_name_torch_cpu_serving_and_compiler() -> None:
     production = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     cpu = yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())
     (wheel,) = cpu["python"]["wheels"]
     assert f"./{wheel}" in (ROOT / "requirements-cpu.txt").read_text().splitlines()
     assert wheel in (ROOT / "Makefile").read_text(), "make image-cpu fetches another wheel"
+    assert cpu.pop("envs") == [{"name": "ALLOW_CPU", "value": "1"}]
+    assert production["docker"]["system_packages"][-2:] == ["gcc", "libc6-dev"]
+    del production["docker"]["system_packages"][-2:]
     for bentofile in (production, cpu):
         del bentofile["name"], bentofile["python"]
     assert cpu == production
