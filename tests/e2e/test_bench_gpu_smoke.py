@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bench import gpu
-from tests.conftest import TINY_MODEL
+from devtools.harness import TINY_MODEL
 
 pytestmark = pytest.mark.e2e
 

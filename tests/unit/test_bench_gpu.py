@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu
-from tests.conftest import ROOT
+from devtools.harness import ROOT
 
 
 def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
