@@ -21,7 +21,7 @@ submit_tasks_from_the_sync_client()
 
 FAST = {"prompt": "a house", "num_inference_steps": 2}
 # Minutes on a CPU: finishing it would hold the GPU long after the test ends.
-LONG = {"prompt": "x", "num_inference_steps": 100, "width": 128, "height": 128}
+LONG = {"prompt": "x", "num_inference_steps": 100, "width": 64, "height": 64}
 
 
 @pytest.fixture
