@@ -26,6 +26,8 @@ from sdxl_controlnet import bentoml_workarounds, model_refs, preprocessing, stre
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
 from sdxl_controlnet.errors import (
+    ONE_IMAGE,
+    InvalidRequest,
     answers_errors,
     from_gpu_failure,
     gpu_call_errors,
@@ -115,6 +117,8 @@ class ControlNet:
         carry headers): ``X-Seed`` holds the seed used, ``X-Params`` every resolved
         setting, ``Server-Timing`` the stage times.
         """
+        if params.num_images > 1:
+            raise InvalidRequest(ONE_IMAGE.format(params.num_images))
         generation = await self._generate(image, params)
         with generation.timings_ms.stage("encode"):
             body = await asyncio.to_thread(encode_image, generation.images[0], params.output_format)
@@ -123,10 +127,19 @@ class ControlNet:
         )
 
     @bentoml.api
-    @answers_errors
     async def generate_batch(self, image: ImageUpload, params: Params) -> BatchResult:
         """Generate ``params.num_images`` images; return them base64-encoded with the
-        edge map, the seed of each image, the resolved settings and the timings."""
+        control image, the seed of each image, the resolved settings and the timings."""
+        return await self._batch(image, params)
+
+    @bentoml.task
+    async def generate_task(self, image: ImageUpload, params: Params) -> BatchResult:
+        """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
+        ``task_id``; ``/status``, ``/get`` and ``/cancel`` take it. See docs/api.md."""
+        return await self._batch(image, params)
+
+    @answers_errors
+    async def _batch(self, image: Image.Image, params: Params) -> BatchResult:
         return await (await self._generate(image, params)).batch_result()
 
     @bentoml.api
@@ -162,8 +175,8 @@ class ControlNet:
     @bentoml.api
     @answers_errors
     async def canny(self, image: ImageUpload, params: EdgeParams | None = None) -> Image.Image:
-        """The Canny edge map ``/generate`` would use, as a PNG, computed here on
-        the CPU: tune thresholds without spending GPU time."""
+        """The control image ``/generate`` would send the GPU, as a PNG, computed here on
+        the CPU: tune thresholds, or check a ready-made one, without spending GPU time."""
         edges = await asyncio.to_thread(preprocessing.edge_map, image, params or EdgeParams())
         return Response(encode_image(edges, "png"), media_type=MEDIA_TYPES["png"])
 

@@ -6,6 +6,9 @@ taking effect. Upgrading BentoML means re-reading this file: ``apply()`` logs a
 warning when another version is installed.
 
 Handled elsewhere, named here so that the list is whole:
+- An upload whose Content-Type names no Pillow plugin (``image/jpg``) raises KeyError in
+  ``PILImageEncoder.decode`` (``_bentoml_sdk/validators.py``): ``preprocessing._open``
+  opens it from its bytes instead.
 - 5xx messages are replaced with a generic one and response headers dropped
   (``_bentoml_impl/server/app.py``, ``api_endpoint_wrapper``): APIs answer their own
   errors with ``errors.answers_errors``.
@@ -15,10 +18,18 @@ Handled elsewhere, named here so that the list is whole:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import typing as t
 
 import bentoml
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import request_errors
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 
@@ -64,6 +75,188 @@ def close_abandoned_streams() -> None:
     AsyncClient._parse_stream_response = read_then_close
 
 
+def _patch(owner: type, name: str, make: t.Callable[[t.Any], t.Any]) -> None:
+    """Replace ``owner.name`` with ``make(original)``, once."""
+    original = owner.__dict__[name]
+    if getattr(original, "sdxl_controlnet_workaround", False):
+        return
+    patched = make(original)
+    target = patched.__func__ if isinstance(patched, classmethod) else patched
+    target.sdxl_controlnet_workaround = True
+    setattr(owner, name, patched)
+
+
+def read_requests_as_field_errors() -> None:
+    """Only validation errors raised while reading a request are 400s: everything else
+    ``IOMixin.from_http_request`` (``_bentoml_sdk/io_models.py``) lets out, from
+    starlette's form parser or ``MultipartSerde.parse_request`` (``_bentoml_impl/serde.py``),
+    is answered by ``api_endpoint_wrapper`` as a 500 with a stack trace. Wrapped, each
+    becomes a validation error naming the field (``request_errors.diagnose``). No longer
+    needed when upstream answers a malformed form, or a form field too deep to parse, with a
+    4xx; ``tests/e2e/test_reliability.py``'s table of hostile requests shows whether it does.
+    """
+    from _bentoml_sdk.io_models import IOMixin
+
+    def make(original: classmethod) -> classmethod:
+        read = original.__func__
+
+        async def from_http_request(cls: t.Any, request: Request, serde: t.Any) -> t.Any:
+            try:
+                await request_errors.read_form(request)
+                return await read(cls, request, serde)
+            except (ValidationError, BentoMLException):
+                raise
+            except Exception as exc:
+                field, message = await request_errors.diagnose(exc, request, cls.multipart_fields)
+                raise request_errors.field_error(cls.__name__, field, message) from exc
+
+        return classmethod(from_http_request)
+
+    _patch(IOMixin, "from_http_request", make)
+
+
+def answer_validation_errors_in_sentences() -> None:
+    """A validation error's body reads ``{"error": "1 validation error for Input",
+    "detail": [...]}`` (``_bentoml_impl/server/app.py``, ``api_endpoint_wrapper``), and
+    the error is logged with a stack trace. Wrapped, ``api_endpoint`` answers it itself:
+    ``error`` names each field and says what is wrong with it, ``detail`` stays. No longer
+    needed when upstream's ``error`` names the field; ``tests/e2e/test_http.py`` shows it."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    def make(api_endpoint: t.Callable) -> t.Callable:
+        async def answer(self: t.Any, name: str, request: Request) -> Response:
+            try:
+                return await api_endpoint(self, name, request)
+            except ValidationError as exc:
+                return JSONResponse(request_errors.validation_body(exc), status_code=400)
+
+        return answer
+
+    _patch(ServiceAppFactory, "api_endpoint", make)
+
+
+async def read_input(app: t.Any, name: str, request: Request) -> Response | None:
+    """The answer ``/{name}`` would give to ``request``'s input if it is invalid, else
+    None; ``request`` stays readable. The input is read as ``api_endpoint`` reads it."""
+    from _bentoml_impl.serde import ALL_SERDE
+
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media_type == "application/vnd.bentoml+pickle":  # never unpickled on the public front
+        return JSONResponse({"error": "pickle is not accepted"}, status_code=415)
+    body = await request.body()  # cached on ``request`` for the task store
+
+    async def replay() -> dict[str, t.Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    copy = Request(request.scope, replay)
+    serde = ALL_SERDE.get(media_type, ALL_SERDE["application/json"])()
+    try:
+        await app.service.apis[name].input_spec.from_http_request(copy, serde)
+    except ValidationError as exc:
+        return JSONResponse(request_errors.validation_body(exc), status_code=400)
+    except BentoMLException as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.error_code)
+    finally:
+        await copy.close()
+    return None
+
+
+TASK_POLL_S = 0.5
+
+
+def run_tasks_as_asked() -> None:
+    """The local task server (``_bentoml_impl/server/app.py``, ``ServiceAppFactory``)
+    has two gaps that BentoCloud's task queue does not:
+
+    - ``submit_task`` stores a request without reading it, so bad input shows only later,
+      as a failed task. Wrapped, it reads the input first and answers what ``/{name}``
+      would: a 400 naming the field.
+    - ``cancel_task`` marks the task canceled but answers 400 "task cancellation is not
+      supported in local development server", and ``_run_task`` runs on. Wrapped,
+      ``_run_task`` watches the task store (shared by the host's workers, so the cancel
+      may reach any of them) and cancels the task's coroutine when it reads canceled,
+      which closes the call to the GPU Service and stops its generation at the next
+      step; ``cancel_task`` answers 200 with the task's status, 404 for an unknown task,
+      409 for a finished one.
+
+    No longer needed when upstream validates at submit and cancels a running task;
+    ``tests/e2e/test_jobs.py`` shows whether it does.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from _bentoml_impl.tasks import ResultStatus
+
+    def make_submit(submit_task: t.Callable) -> t.Callable:
+        async def submit(self: t.Any, name: str, request: Request) -> Response:
+            refusal = await read_input(self, name, request)
+            if refusal is None:
+                return await submit_task(self, name, request)
+            self._add_response_headers(refusal)
+            return refusal
+
+        return submit
+
+    def make_cancel(cancel_task: t.Callable) -> t.Callable:
+        async def cancel(self: t.Any, request: Request) -> Response:
+            task_id = request.query_params.get("task_id")
+            response = await cancel_task(self, request)
+            if task_id is None:
+                return response
+            try:
+                row = await self._result_store.get_status(task_id)
+            except KeyError:
+                response = JSONResponse({"error": f"task {task_id} not found"}, status_code=404)
+            else:
+                if row.status is ResultStatus.CANCELED:
+                    response = JSONResponse(row.to_json())
+                else:
+                    response = JSONResponse(
+                        {"error": f"task {task_id} is {row.status.value}: nothing to cancel"},
+                        status_code=409,
+                    )
+            self._add_response_headers(response)
+            return response
+
+        return cancel
+
+    def make_run(run_task: t.Callable) -> t.Callable:
+        async def run_until_canceled(self: t.Any, task_id: str, name: str, request: t.Any) -> None:
+            run = asyncio.ensure_future(run_task(self, task_id, name, request))
+            try:
+                while not (await asyncio.wait({run}, timeout=TASK_POLL_S))[0]:
+                    row = await self._result_store.get_status(task_id)
+                    if row.status is ResultStatus.CANCELED:
+                        logger.info("Task(%s) %s canceled: stopping it", name, task_id)
+                        run.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await run
+                        return
+                await run
+            finally:
+                run.cancel()
+
+        return run_until_canceled
+
+    _patch(ServiceAppFactory, "submit_task", make_submit)
+    _patch(ServiceAppFactory, "cancel_task", make_cancel)
+    _patch(ServiceAppFactory, "_run_task", make_run)
+
+
+def submit_tasks_from_the_sync_client() -> None:
+    """``SyncHTTPClient._submit`` (``_bentoml_impl/client/http.py``) closes its files
+    through ``self._opened_files``, an attribute the client no longer has (they moved to
+    ``self._file_manager``), so every ``client.<task>.submit(...)`` raises AttributeError,
+    even after the server accepted the task. Safe for any process that uses the client;
+    the standalone equivalent is ``SyncHTTPClient._opened_files =
+    property(lambda self: self._file_manager._opened_files)``. No longer needed when
+    ``_submit`` calls ``self._file_manager.close()`` as ``AsyncHTTPClient._submit`` does."""
+    from _bentoml_impl.client.http import SyncHTTPClient
+
+    if "_opened_files" not in SyncHTTPClient.__dict__:
+        SyncHTTPClient._opened_files = property(  # type: ignore[attr-defined]
+            lambda self: self._file_manager._opened_files
+        )
+
+
 def apply() -> None:
     """Apply the workarounds that patch BentoML; safe to call more than once."""
     if bentoml.__version__ != TESTED_VERSION:
@@ -74,3 +267,7 @@ def apply() -> None:
             TESTED_VERSION,
         )
     close_abandoned_streams()
+    read_requests_as_field_errors()
+    answer_validation_errors_in_sentences()
+    run_tasks_as_asked()
+    submit_tasks_from_the_sync_client()

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
+ONE_IMAGE = "params.num_images: /generate returns one image; ask /generate_batch for {}"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
 
 

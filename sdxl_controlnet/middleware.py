@@ -14,8 +14,8 @@ ASGIApp = t.Callable[[Scope, Receive, Send], t.Awaitable[None]]
 
 class BodyGuard:
     """Refuse request bodies that must not be read, before a byte of them is:
-    over ``max_bytes`` by their Content-Length, of unknown length (so chunked
-    encoding cannot dodge the limit), or multipart without a boundary (which
+    over ``max_bytes`` by their Content-Length, of unknown length (chunked, so that
+    it cannot dodge the limit), or multipart without a boundary (which
     BentoML would answer with a 500)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -30,6 +30,8 @@ class BodyGuard:
 
     def refusal(self, headers: dict[bytes, bytes]) -> ClientError | None:
         declared = headers.get(b"content-length")
+        if declared is None and b"transfer-encoding" not in headers:
+            return None  # no body at all: curl's PUT /generate_task/cancel, say
         if declared is None:
             return LengthRequired("send a Content-Length header")
         if not declared.isdigit():

@@ -1,4 +1,7 @@
-"""Image in, edge map out: the front Service's CPU work, torch-free."""
+"""Image in, control image out: the front Service's CPU work, torch-free.
+
+The control image is one channel, white edges on black, at the output size: the
+upload's Canny edges, or with ``preprocessor="none"`` the upload itself."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from pydantic import WrapValidator
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import UploadFile
 
 from .errors import InvalidRequest
 from .schemas import EdgeParams, ResizeMode
@@ -30,10 +34,27 @@ def check_image_size(image: Image.Image) -> Image.Image:
     return image
 
 
+def _open(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
+    try:
+        image = open_image(value)
+    except KeyError:
+        # BentoML opens an upload with the Pillow plugin its Content-Type names; one that
+        # names no plugin (image/jpg, image/svg+xml) raises KeyError: look at the bytes.
+        if not isinstance(value, UploadFile):
+            raise
+        value.file.seek(0)
+        image = Image.open(value.file)
+    if not isinstance(image, Image.Image):  # a JSON string or number, say
+        raise PydanticCustomError(
+            "image_not_a_file", "send the image as a file in a multipart/form-data request"
+        )
+    return image
+
+
 def _open_upload(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.Image:
     # Field errors: a 400 naming `image`, like every other field's.
     try:
-        return check_image_size(open_image(value))
+        return check_image_size(_open(value, open_image))
     except InvalidRequest as exc:
         raise PydanticCustomError("image_too_large", exc.message) from exc
     except Image.UnidentifiedImageError as exc:
@@ -68,9 +89,12 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def to_grayscale(image: Image.Image, min_side: int | None = None) -> np.ndarray:
+def to_grayscale(
+    image: Image.Image, min_side: int | None = None, background: str = "white"
+) -> np.ndarray:
     """Decode any PIL mode to 8-bit gray, honouring EXIF orientation and
-    flattening transparency onto white so transparent areas draw no edges.
+    flattening transparency onto ``background``: white for a picture, so that
+    transparent areas draw no edges; black for a control image, where white is an edge.
 
     A JPEG decodes straight to gray (libjpeg skips the colour planes) and, when
     both sides stay at least ``min_side``, at 1/2, 1/4 or 1/8 scale (libjpeg's
@@ -83,7 +107,7 @@ def to_grayscale(image: Image.Image, min_side: int | None = None) -> np.ndarray:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
         if image.mode != "L":
             image = image.convert("L")
         return np.asarray(image)
@@ -126,7 +150,8 @@ def fit_size(
 
 
 def edge_map(image: Image.Image, params: EdgeParams) -> np.ndarray:
-    """The edge map a request asks for: ``image`` decoded, sized and run through Canny."""
+    """The control image a request asks for: ``image`` decoded, sized and run through
+    Canny, or with ``preprocessor="none"`` decoded and sized only."""
     width, height = upright_size(image)
     if params.size:
         size, resize_mode = params.size, params.resize_mode
@@ -134,6 +159,9 @@ def edge_map(image: Image.Image, params: EdgeParams) -> np.ndarray:
         size, resize_mode = snapped_size(width, height), "resize"
     # Square, because draft() sees the picture before EXIF turns it.
     min_side = max(fit_size(width, height, size, resize_mode))
+    if params.preprocessor == "none":
+        gray = to_grayscale(image, min_side, background="black")
+        return fit(gray, size, resize_mode, lambda pixels: pixels)
     gray = to_grayscale(image, min_side)
     return canny(gray, params.low_threshold, params.high_threshold, size, resize_mode)
 
@@ -148,9 +176,22 @@ def canny(
     """Canny edges of ``gray`` at the output ``size`` (width, height), as a
     single-channel uint8 map (0 or 255). Without ``size`` the input's own size
     is snapped to SDXL's limits."""
+    return fit(
+        gray, size, resize_mode, lambda pixels: cv2.Canny(pixels, low_threshold, high_threshold)
+    )
+
+
+def fit(
+    gray: np.ndarray,
+    size: tuple[int, int] | None,
+    resize_mode: ResizeMode,
+    detect: t.Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """``gray`` resized for ``size``, run through ``detect``, then cropped or padded
+    with black to exactly ``size``."""
     in_h, in_w = gray.shape
     fit_w, fit_h = fit_size(in_w, in_h, size, resize_mode)
-    edges = cv2.Canny(_resize(gray, fit_w, fit_h), low_threshold, high_threshold)
+    edges = detect(_resize(gray, fit_w, fit_h))
     width, height = size or (fit_w, fit_h)
     if (fit_w, fit_h) == (width, height):
         return edges

@@ -17,6 +17,7 @@ MAX_SEED = 2**32 - 1
 Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
+Preprocessor = t.Literal["canny", "none"]
 
 
 def check_gpu_request(edges: np.ndarray, params: GenerationParams) -> None:
@@ -40,6 +41,15 @@ def check_gpu_request(edges: np.ndarray, params: GenerationParams) -> None:
             f"budget of {settings.max_batch_pixels} pixels per request (MAX_BATCH_PIXELS); "
             "ask for fewer images or a smaller size"
         )
+
+
+def _null_means_absent(cls: type[BaseModel], data: t.Any) -> t.Any:
+    """``null`` for an optional field means "not given": the original contract declared
+    ``negative_prompt: Optional[str]``, and clients written for it send ``null``."""
+    if not isinstance(data, dict):
+        return data
+    optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+    return {key: value for key, value in data.items() if value is not None or key not in optional}
 
 
 def _rule(message: str) -> PydanticCustomError:
@@ -102,6 +112,8 @@ class GenerationParams(BaseModel):
         default=1, ge=1, le=settings.max_images, description="Images to generate."
     )
 
+    _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
+
     @model_validator(mode="after")
     def _guidance_window_and_seed(self) -> t.Self:
         if self.control_guidance_start >= self.control_guidance_end:
@@ -113,10 +125,15 @@ class GenerationParams(BaseModel):
 
 
 class EdgeParams(BaseModel):
-    """How the Canny edge map is made from the input, and at what size."""
+    """How the control image is made from the input, and at what size."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    preprocessor: Preprocessor = Field(
+        default="canny",
+        description="`canny` detects the edges of the upload; `none` takes the upload as the "
+        "control image itself (white edges on black), only sized and made one-channel.",
+    )
     low_threshold: int = Field(default=100, ge=1, le=255, description="Canny lower threshold.")
     high_threshold: int = Field(default=200, ge=1, le=255, description="Canny upper threshold.")
     width: int | None = Field(
@@ -135,6 +152,8 @@ class EdgeParams(BaseModel):
         default="crop_and_resize",
         description="How the input meets width×height: stretch, cover and crop, or fit and pad.",
     )
+
+    _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
 
     @model_validator(mode="after")
     def _thresholds_and_size(self) -> t.Self:
@@ -170,7 +189,7 @@ class BatchResult(BaseModel):
     """Several images, the edge map that steered them, and how they were made."""
 
     images: list[GeneratedImage]
-    edge_map: str = Field(description="The Canny edge map, base64-encoded PNG.")
+    edge_map: str = Field(description="The control image the GPU received, base64-encoded PNG.")
     params: Params = Field(description="Every setting used; seed, width and height resolved.")
     timings_ms: dict[str, float] = Field(
         description="Milliseconds spent in preprocess, generate and encode."

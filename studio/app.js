@@ -59,7 +59,25 @@ function showError(message) {
   $("#error").textContent = message;
 }
 
+// An image figure is empty (nothing yet), current, or stale: from before a request that failed.
+function showImage(id, url) {
+  const img = $(`#${id}`);
+  img.src = url;
+  img.hidden = false;
+  markStale(id, false);
+  img.closest("figure").classList.remove("empty");
+}
+
+function markStale(id, stale) {
+  const figure = $(`#${id}`).closest("figure");
+  if (figure.classList.contains("empty")) return;
+  figure.classList.toggle("stale", stale);
+  figure.querySelector(".note").textContent = stale ? "(previous, not of the current settings)" : "";
+}
+
 function showThresholds() {
+  const edgeDetection = $("#preprocessor").value !== "none";
+  $("#low_threshold").disabled = $("#high_threshold").disabled = !edgeDetection;
   for (const output of form.querySelectorAll("output")) {
     output.value = $(`#${output.htmlFor}`).value;
   }
@@ -79,12 +97,17 @@ async function preview() {
   previewRequest?.abort();
   previewRequest = new AbortController();
   try {
-    const response = await request("/canny", params(["low_threshold", "high_threshold"]), previewRequest.signal);
-    if (!response.ok) return showError(await errorMessage(response));
+    const response = await request("/canny", params(["low_threshold", "high_threshold", "preprocessor"]), previewRequest.signal);
+    if (!response.ok) {
+      markStale("edges", true);
+      return showError(await errorMessage(response));
+    }
     showError("");
-    $("#edges").src = URL.createObjectURL(await response.blob());
+    showImage("edges", URL.createObjectURL(await response.blob()));
   } catch (error) {
-    if (error.name !== "AbortError") showError(`Preview failed: ${error.message}`);
+    if (error.name === "AbortError") return;
+    markStale("edges", true);
+    showError(`Preview failed: ${error.message}`);
   }
 }
 
@@ -124,8 +147,8 @@ function showProgress({ step, total, elapsed_s }) {
 function showResult(result) {
   const [first] = result.images;
   const url = `data:image/${result.params.output_format};base64,${first.image}`;
-  $("#result").src = url;
-  $("#edges").src = `data:image/png;base64,${result.edge_map}`;
+  showImage("result", url);
+  showImage("edges", `data:image/png;base64,${result.edge_map}`);
   $("#seed").textContent = `Seed ${first.seed}`;
   $("#download").href = url;
   $("#download").download = `sdxl-controlnet-${first.seed}.${result.params.output_format}`;
@@ -140,17 +163,26 @@ async function generate(event) {
   showError("");
   running = new AbortController();
   $("#generate").textContent = "Stop";
+  // Until this request succeeds, what is shown is the previous result.
+  markStale("result", true);
+  $("#download").hidden = true;
+  $("#progress").value = 0;
+  let done = false;
   try {
     const response = await request("/generate_stream", params(), running.signal);
     if (!response.ok) return showError(await errorMessage(response));
     for await (const { event: kind, data } of serverSentEvents(response)) {
       if (kind === "progress") showProgress(data);
-      else if (kind === "result") showResult(data);
+      else if (kind === "result") {
+        showResult(data);
+        done = true;
+      }
       else if (kind === "error") showError(data.error);
     }
   } catch (error) {
     showError(error.name === "AbortError" ? "Stopped." : `Generation failed: ${error.message}`);
   } finally {
+    if (!done) $("#status").textContent = "";
     running = null;
     $("#generate").textContent = "Generate";
   }
@@ -169,5 +201,6 @@ $("#drop").addEventListener("drop", (event) => {
 });
 $("#low_threshold").addEventListener("input", schedulePreview);
 $("#high_threshold").addEventListener("input", schedulePreview);
+$("#preprocessor").addEventListener("change", schedulePreview);
 form.addEventListener("submit", generate);
 applySchema().catch((error) => showError(`Could not read the API schema: ${error.message}`));

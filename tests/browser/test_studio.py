@@ -93,3 +93,49 @@ def test_an_api_validation_error_is_shown(page: Page) -> None:
     slide(page, "#high_threshold", 100)
     expect(page.locator("#error")).to_contain_text("low_threshold must not exceed high_threshold")
     screenshot(page, "4-error")
+
+
+def test_the_empty_studio_shows_frames_not_broken_images(browser, server: Server) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 1100})
+    page.goto(f"{server.url}/studio")
+    expect(page.locator("#preprocessor option")).to_have_count(2)
+    for image in ("#edges", "#result"):
+        expect(page.locator(image)).to_be_hidden()
+    broken = page.evaluate(
+        "[...document.images].filter(i => i.checkVisibility() && !i.naturalWidth).length"
+    )
+    assert broken == 0
+    screenshot(page, "0-empty")
+    page.close()
+
+
+def test_a_failed_generation_leaves_the_last_result_marked_as_previous(page: Page) -> None:
+    page.fill("[name=prompt]", "a red ball")
+    page.fill("[name=num_inference_steps]", "1")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#result-figure")).not_to_have_class(re.compile("stale"))
+
+    page.route(
+        "**/generate_stream",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body='{"error": "the GPU Service is unavailable or failed; retry in a moment"}',
+        ),
+    )
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("GPU Service is unavailable")
+    expect(page.locator("#result-figure")).to_have_class(re.compile("stale"))
+    expect(page.locator("#result-figure")).to_contain_text("previous")
+    expect(page.locator("#download")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("")
+    screenshot(page, "5-failed-after-success")
+
+
+def test_preprocessor_none_previews_the_upload_itself(page: Page) -> None:
+    before = page.locator("#edges").get_attribute("src")
+    page.select_option("#preprocessor", "none")
+    expect(page.locator("#edges")).not_to_have_attribute("src", before)
+    expect(page.locator("#low_threshold")).to_be_disabled()
+    screenshot(page, "6-preprocessor-none")

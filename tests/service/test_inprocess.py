@@ -16,11 +16,17 @@ import pytest
 import service
 from devtools.harness import ROOT, as_array, decode, shapes_image
 from sdxl_controlnet import streaming
+from sdxl_controlnet.encoding import encode_image
+from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
 
 pytestmark = pytest.mark.anyio
 
 FAST = {"prompt": "a red ball", "num_inference_steps": 2}
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    return encode_image(pixels, "png")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ async def test_every_parameter_reaches_the_pipeline(front, pipeline_calls: list[
         width=96,
         height=64,
     )
-    await front.generate(image=shapes_image(), params=params)
+    await front.generate_batch(image=shapes_image(), params=params)
     (call,) = pipeline_calls
     assert call["prompt"] == "a castle" and call["prompt_2"] == "oil painting"
     assert call["negative_prompt"] == "blurry" and call["negative_prompt_2"] == "text"
@@ -261,3 +267,70 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
         while not gpu.worker.queue.idle:  # idle once the pipeline has stopped
             await asyncio.sleep(0.05)
     assert steps_run[-1] < 50
+
+
+async def test_generate_returns_one_image_and_points_at_generate_batch(front) -> None:
+    response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST, num_images=2))
+    assert response.status_code == 400
+    assert json.loads(response.body)["error"] == (
+        "params.num_images: /generate returns one image; ask /generate_batch for 2"
+    )
+
+
+async def test_a_ready_made_control_image_reaches_the_gpu_as_sent(front, pipeline_calls) -> None:
+    control = np.zeros((64, 96), np.uint8)
+    control[10:50, 20] = 255
+    picture = decode(encode_png(control))
+    preview = await front.canny(image=picture, params=EdgeParams(preprocessor="none"))
+    assert np.array_equal(np.asarray(decode(preview.body)), control)
+
+    await front.generate(image=picture, params=Params(**FAST, preprocessor="none"))
+    sent = pipeline_calls[0]["image"]  # 1×3×H×W in [0, 1]
+    assert np.array_equal((sent[0, 0].numpy() * 255).round().astype(np.uint8), control)
+
+
+async def stream_events(front, params: Params) -> list[tuple[str, dict]]:
+    events = []
+    async for chunk in front.generate_stream(image=shapes_image(64, 64), params=params):
+        kind, data = (line.split(": ", 1)[1] for line in chunk.strip().split("\n"))
+        events.append((kind, json.loads(data)))
+    return events
+
+
+async def test_a_stream_that_times_out_ends_with_an_error_event(front, gpu, monkeypatch) -> None:
+    async def stalls(**_: object):
+        yield streaming.progress_line(0, 2)
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(
+        service, "settings", service.settings.model_copy(update={"generation_timeout_s": 0.5})
+    )
+    monkeypatch.setattr(gpu, "generate_stream", stalls)
+    events = await stream_events(front, Params(**FAST))
+    assert [kind for kind, _ in events] == ["progress", "error"]
+    assert events[-1][1]["status"] == 504 and "longer than 0.5 s" in events[-1][1]["error"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "message"),
+    [
+        (aiohttp.ServerDisconnectedError(), 503, "GPU Service is unavailable"),
+        (RuntimeError("CUDA error: an illegal memory access"), 503, "GPU Service is unavailable"),
+        (None, 507, "out of GPU memory"),  # the GPU Service's own error line
+    ],
+)
+async def test_a_gpu_failure_mid_stream_is_an_error_event(
+    front, gpu, monkeypatch, failure, status: int, message: str
+) -> None:
+    async def fails_after_a_step(**_: object):
+        yield streaming.progress_line(0, 2)
+        yield streaming.progress_line(1, 2)
+        if failure is None:
+            yield streaming.error_line(GPUOutOfMemory("out of GPU memory at 1024×1024"))
+        else:
+            raise failure
+
+    monkeypatch.setattr(gpu, "generate_stream", fails_after_a_step)
+    events = await stream_events(front, Params(**FAST))
+    assert [kind for kind, _ in events] == ["progress", "progress", "error"]
+    assert events[-1][1]["status"] == status and message in events[-1][1]["error"]

@@ -7,7 +7,7 @@ import io
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from devtools.harness import decode, encode, shapes_image
 from sdxl_controlnet import preprocessing
@@ -154,3 +154,52 @@ def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPa
     with pytest.raises(InvalidRequest, match="at most 10000 pixels"):
         preprocessing.to_grayscale(image)
     assert image._im is None  # no pixel was decoded
+
+
+def control_picture(width: int = 160, height: int = 120) -> Image.Image:
+    """A ready-made control image: white lines on black."""
+    picture = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(picture)
+    draw.line([(20, 10), (20, 100)], fill=255, width=2)
+    draw.rectangle([60, 30, 120, 90], outline=255)
+    return picture
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "I;16"])
+def test_preprocessor_none_passes_the_control_image_through(mode: str) -> None:
+    picture = control_picture()
+    sixteen_bit = Image.fromarray(np.asarray(picture).astype(np.uint16) * 257)
+    upload = decode(encode(sixteen_bit if mode == "I;16" else picture.convert(mode)))
+    control = preprocessing.edge_map(upload, EdgeParams(preprocessor="none"))
+    assert control.shape == (120, 160) and control.dtype == np.uint8
+    # The very pixels sent: no edge detection, which would turn each line into two.
+    assert np.array_equal(control, np.asarray(picture))
+
+
+def test_preprocessor_none_is_sized_like_any_input() -> None:
+    picture = control_picture(161, 121)  # snapped down to multiples of 8
+    control = preprocessing.edge_map(decode(encode(picture)), EdgeParams(preprocessor="none"))
+    assert control.shape == (120, 160)
+    assert control[10:100, 19:22].max() == 255 and control[:5, :].max() == 0
+
+    padded = preprocessing.edge_map(
+        decode(encode(control_picture())),
+        EdgeParams(preprocessor="none", width=256, height=128, resize_mode="resize_and_fill"),
+    )
+    assert padded.shape == (128, 256)
+    assert not padded[:, :40].any() and not padded[:, -40:].any()  # black padding
+
+
+def test_preprocessor_none_makes_transparent_areas_black() -> None:
+    picture = Image.new("RGBA", (64, 64), (255, 255, 255, 0))  # white, but transparent
+    ImageDraw.Draw(picture).line([(32, 0), (32, 63)], fill=(255, 255, 255, 255))
+    control = preprocessing.edge_map(decode(encode(picture)), EdgeParams(preprocessor="none"))
+    assert control[:, 32].min() == 255 and control[:, :30].max() == 0
+
+
+def test_canny_finds_two_edges_where_none_keeps_one_line() -> None:
+    upload = encode(control_picture())
+    canny = preprocessing.edge_map(decode(upload), EdgeParams())
+    none = preprocessing.edge_map(decode(upload), EdgeParams(preprocessor="none"))
+    assert not np.array_equal(canny, none)
+    assert none[50, 15:26].astype(bool).sum() == 2  # the 2-pixel line itself

@@ -1,0 +1,121 @@
+"""What goes wrong while a request is read, answered as a field error: a 400 whose
+``error`` is a sentence naming the field, with pydantic's ``detail`` list beside it.
+
+BentoML reads a request in three steps, and each can raise something other than a
+validation error, which it would answer with a 500: starlette parses the form
+(a malformed body, a field over the part limit), BentoML's serde ``json.loads`` each
+form field that is not a file (JSON nested past the recursion limit, bytes that are not
+UTF-8, an integer too long to convert) and downloads each file field sent as text
+(anything but a reachable URL), then pydantic validates the model. See
+``bentoml_workarounds.read_requests_as_field_errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import typing as t
+
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+logger = logging.getLogger("bentoml").getChild(__name__)
+
+BODY = "body"  # the loc of a failure that belongs to no one field
+
+
+class PartTooLarge(MultiPartException):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _FieldNamingParser(MultiPartParser):
+    """Starlette's multipart parser, with its limits, naming the part that broke one."""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        try:
+            super().on_part_data(data, start, end)
+        except MultiPartException as exc:
+            raise PartTooLarge(self._current_part.field_name, exc.message) from None
+
+
+async def read_form(request: Request) -> None:
+    """Parse a multipart body where ``Request.form()`` caches it, so that BentoML's
+    serde finds it parsed, and a part over the size limit is reported by name."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data") and request._form is None:
+        request._form = await _FieldNamingParser(request.headers, request.stream()).parse()
+
+
+def sentence(error: t.Mapping[str, t.Any]) -> str:
+    """One pydantic error as ``loc: message``, without the "Value error, " prefix."""
+    where = ".".join(str(part) for part in error["loc"]) or BODY
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def validation_body(exc: ValidationError) -> dict[str, t.Any]:
+    """BentoML's body for a validation error, with ``error`` a sentence rather than
+    "1 validation error for ..."."""
+    detail = exc.errors(include_context=False, include_input=False, include_url=False)
+    return {"error": "; ".join(sentence(error) for error in detail), "detail": detail}
+
+
+def field_error(title: str, field: str, message: str) -> ValidationError:
+    error: InitErrorDetails = {
+        "type": PydanticCustomError("request_unreadable", message),
+        "loc": (field,),
+        "input": None,
+    }
+    return ValidationError.from_exception_data(title, [error])
+
+
+def _json_failure(value: str | bytes) -> str | None:
+    """Why BentoML's ``json.loads`` of a form field raises something it does not catch."""
+    try:
+        json.loads(value)
+    except json.JSONDecodeError:
+        return None  # BentoML takes the field as text; pydantic judges it
+    except RecursionError:
+        return "JSON nested too deeply"
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    return None
+
+
+async def diagnose(
+    exc: Exception, request: Request, file_fields: t.Collection[str]
+) -> tuple[str, str]:
+    """(field, message) for ``exc``, raised while BentoML read ``request``."""
+    if isinstance(exc, PartTooLarge):
+        return exc.field, (
+            f"{exc.message.rstrip('.')}, the limit for a form field without a filename; "
+            "send files as file parts, with a filename"
+        )
+    if isinstance(exc, MultiPartException):
+        return BODY, f"malformed multipart/form-data: {exc.message}"
+    detail = getattr(exc, "detail", None)  # starlette's HTTPException, for a urlencoded form
+    form = request._form
+    if form is None:
+        return BODY, f"could not be read: {detail or exc}"
+    for name, value in form.multi_items():
+        if name in file_fields and isinstance(value, str):
+            return name, (
+                "sent as a text field, which is read as a URL to download, and that failed "
+                f"({type(exc).__name__}: {exc}); send the file as a file part, with a filename"
+            )
+        if name not in file_fields:
+            if isinstance(value, UploadFile):
+                await value.seek(0)
+                text: str | bytes = await value.read()
+            else:
+                text = value
+            if problem := _json_failure(text):
+                return name, problem
+    logger.warning("unexpected failure reading a request", exc_info=exc)
+    return BODY, f"could not be read: {detail or exc}"

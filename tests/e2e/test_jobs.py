@@ -1,0 +1,136 @@
+"""Generation jobs (``@bentoml.task``) on a real `bentoml serve`, driven by BentoML's
+own client: submit, poll, get, cancel, and the failures of each."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+from bentoml.exceptions import BentoMLException
+
+from devtools.harness import Server, decode, encode, metric, shapes_image
+from sdxl_controlnet.bentoml_workarounds import submit_tasks_from_the_sync_client
+
+pytestmark = pytest.mark.e2e
+
+submit_tasks_from_the_sync_client()
+
+FAST = {"prompt": "a house", "num_inference_steps": 2}
+# Minutes on a CPU: finishing it would hold the GPU long after the test ends.
+LONG = {"prompt": "x", "num_inference_steps": 100, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(shapes_image(96, 64)))
+    return path
+
+
+@pytest.fixture
+def client(server: Server):
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
+        yield client
+
+
+def gpu_calls_stopped(server: Server) -> float:
+    return metric(
+        server,
+        "bentoml_service_request_total",
+        service_name="SDXLControlNetService",
+        endpoint="/generate",
+        http_response_code="499",
+    )
+
+
+def wait_while_in_progress(task, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (status := task.get_status().value) == "in_progress":
+        assert time.monotonic() < deadline, "task still in progress"
+        time.sleep(0.2)
+    return status
+
+
+def test_submit_poll_and_get_the_batch_result(client, photo: Path) -> None:
+    task = client.generate_task.submit(image=photo, params={**FAST, "num_images": 2, "seed": 4})
+    assert wait_while_in_progress(task) == "completed"
+    result = task.get()
+    assert [image["seed"] for image in result["images"]] == [4, 5]
+    assert decode(base64.b64decode(result["images"][0]["image"])).size == (96, 64)
+    assert result["params"]["width"] == 96
+
+
+@pytest.mark.anyio
+async def test_the_async_client_runs_jobs_too(server: Server, photo: Path) -> None:
+    async with bentoml.AsyncHTTPClient(server.url, timeout=120) as client:
+        task = await client.generate_task.submit(image=photo, params=FAST)
+        while (await task.get_status()).value == "in_progress":
+            time.sleep(0.2)
+        assert len((await task.get())["images"]) == 1
+
+
+def test_bad_input_is_refused_at_submit_as_generate_batch_refuses_it(
+    server: Server, client, photo: Path
+) -> None:
+    params = {"prompt": "x", "num_inference_steps": 0}
+    with pytest.raises(BentoMLException) as refused:
+        client.generate_task.submit(image=photo, params=params)
+    assert refused.value.error_code == 400
+    assert "params.num_inference_steps" in str(refused.value)
+
+    files = {"image": ("in.png", photo.read_bytes(), "image/png")}
+    answers = [
+        httpx.post(f"{server.url}{path}", files=files, data={"params": '{"prompt": 5}'})
+        for path in ("/generate_task/submit", "/generate_batch")
+    ]
+    assert [a.status_code for a in answers] == [400, 400]
+    assert answers[0].json() == answers[1].json()
+    assert answers[0].json()["error"] == "params.prompt: Input should be a valid string"
+
+
+def test_a_failed_task_reports_its_status_and_message(client, tmp_path: Path) -> None:
+    # Valid as a request, so accepted; found impossible only once the job runs.
+    sliver = tmp_path / "sliver.png"
+    sliver.write_bytes(encode(shapes_image(8000, 8)))
+    task = client.generate_task.submit(image=sliver, params=FAST)
+    assert wait_while_in_progress(task) == "failed"
+    with pytest.raises(BentoMLException) as failure:
+        task.get()
+    assert failure.value.error_code == 400
+    assert "aspect ratio 8000:8 is too extreme" in str(failure.value)
+
+
+def test_cancel_stops_the_generation_and_frees_the_gpu(server: Server, client, photo: Path) -> None:
+    task = client.generate_task.submit(image=photo, params=LONG)
+    time.sleep(3)  # well into its denoising steps
+    if task.get_status().value != "in_progress":
+        task.get()  # raises with the reason
+    assert task.get_status().value == "in_progress"
+    stopped_before = gpu_calls_stopped(server)
+    task.cancel()
+    assert task.get_status().value == "canceled"
+    # The GPU Service saw its caller leave, and stopped: it answers that with a 499.
+    deadline = time.monotonic() + 10
+    while gpu_calls_stopped(server) == stopped_before:
+        assert time.monotonic() < deadline, "the GPU Service went on generating"
+        time.sleep(0.2)
+
+    start = time.monotonic()
+    quick = client.generate_task.submit(image=photo, params={**FAST, "num_inference_steps": 1})
+    assert wait_while_in_progress(quick) == "completed"
+    assert time.monotonic() - start < 30, "the canceled generation still held the GPU"
+    assert task.get_status().value == "canceled"  # and it stays so
+
+
+def test_cancel_answers_for_unknown_and_finished_tasks(server: Server, client, photo) -> None:
+    unknown = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": "nope"})
+    assert unknown.status_code == 404 and "not found" in unknown.json()["error"]
+
+    task = client.generate_task.submit(image=photo, params=FAST)
+    wait_while_in_progress(task)
+    finished = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task.id})
+    assert finished.status_code == 409 and "completed" in finished.json()["error"]
