@@ -1,13 +1,9 @@
 """Distributed SDXL ControlNet on BentoML.
 
-A request enters ``ControlNet`` (CPU): the upload is checked from its header,
-decoded and turned into a Canny edge map at the output size. The one-channel
-edge map and the generation parameters cross to ``SDXLControlNetService``
-(GPU), which runs diffusers' SDXL ControlNet pipeline and returns the images as
-a uint8 array. The front encodes them once, in the format the client asked for.
-
-torch and diffusers are imported only inside the GPU Service, so the CPU tier's
-workers stay small. Every setting comes from ``sdxl_controlnet.settings``.
+A request enters ``ControlNet`` (CPU), which checks the upload, turns it into a
+one-channel edge map at the output size and sends it to ``SDXLControlNetService``
+(GPU). That runs diffusers' SDXL ControlNet pipeline and returns uint8 images, which
+the front encodes once, as the client asked. Only the GPU Service imports torch.
 """
 
 from __future__ import annotations
@@ -38,16 +34,15 @@ from sdxl_controlnet.preprocessing import ImageUpload
 from sdxl_controlnet.results import Generation, Timings
 from sdxl_controlnet.schemas import (
     BatchResult,
+    EdgeMap,
     EdgeParams,
     GenerationParams,
+    Images,
     Params,
 )
 from sdxl_controlnet.settings import settings
 
 bentoml_workarounds.apply()
-
-EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel, 0 or 255
-Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 
 
 @bentoml.service(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import typing as t
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,8 @@ from .schemas import GenerationParams, check_gpu_request
 
 if t.TYPE_CHECKING:
     from .pipeline import ControlNetPipeline
+
+logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
 
 class GPUWorker:
@@ -51,6 +54,7 @@ class GPUWorker:
                 stop.set()
                 with contextlib.suppress(GenerationCancelled):
                     await job
+                logger.info("generation cancelled: its caller went away or timed out")
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
         return images

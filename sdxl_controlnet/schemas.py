@@ -14,6 +14,8 @@ from .errors import InvalidRequest
 from .settings import settings
 
 MAX_SEED = 2**32 - 1
+EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel
+Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
