@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image, ImageDraw, ImageFilter
+
+from devtools.harness import free_port, model_env, stop_process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gpu-latest.json"
@@ -94,20 +95,11 @@ class Config:
         return 2 * self.concurrency
 
 
-def model_paths(model_dir: Path) -> dict[str, str]:
-    model_dir = Path(model_dir).resolve()
-    return {
-        "SDXL_BASE_MODEL": str(model_dir / "base"),
-        "SDXL_CONTROLNET_MODEL": str(model_dir / "controlnet"),
-        "SDXL_VAE_MODEL": str(model_dir / "vae"),
-    }
-
-
 def served_env(config: Config, variant: str) -> dict[str, str]:
     """This process's environment with ALLOW_CPU unset, the model paths and the
     variant's flags: nothing else changes, so the Service runs as it would in production."""
     env = {k: v for k, v in os.environ.items() if k != "ALLOW_CPU"}
-    env.update(model_paths(config.model_dir))
+    env.update(model_env(config.model_dir))
     env.update({flag: "1" if flag in VARIANTS[variant] else "0" for flag in FLAGS})
     env.update(config.server_env)
     return env
@@ -191,18 +183,9 @@ class Subject:
 
     def stop(self) -> None:
         """Stop the whole process tree: BentoML starts its workers in sessions of their own."""
-        if self.process is None:
-            return
-        procs = self.processes()
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        self.process.wait()
-        self.process = None
+        if self.process is not None:
+            stop_process_tree(self.process, grace_s=15)
+            self.process = None
 
     def start(self) -> None:
         raise NotImplementedError
@@ -230,7 +213,7 @@ class Bare(Subject):
 
     def start(self) -> None:
         spec = {
-            **model_paths(self.config.model_dir),
+            **model_env(self.config.model_dir),
             "flags": VARIANTS[self.variant],
             "size": self.config.size,
             "steps": self.config.steps,
@@ -362,12 +345,6 @@ class Served(Subject):
             return ok.count(True) / elapsed
 
         return asyncio.run(run())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- GPU memory per process, from nvidia-smi ---

@@ -40,9 +40,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-BASE_SUBDIR = "base"
-CONTROLNET_SUBDIR = "controlnet"
-VAE_SUBDIR = "vae"
+from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
 
 # What the UNet and the ControlNet share: the ControlNet is a copy of the UNet's encoder.
 _SHARED = dict(

@@ -20,18 +20,25 @@ import psutil
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny"
 
 
+def model_env(model_dir: Path) -> dict[str, str]:
+    """The three model settings for a directory laid out as the model builders write it."""
+    model_dir = Path(model_dir).resolve()
+    return {
+        "SDXL_BASE_MODEL": str(model_dir / BASE_SUBDIR),
+        "SDXL_CONTROLNET_MODEL": str(model_dir / CONTROLNET_SUBDIR),
+        "SDXL_VAE_MODEL": str(model_dir / VAE_SUBDIR),
+    }
+
+
 def tiny_model_env() -> dict[str, str]:
     """The settings that serve the tiny model, on the CPU, as `make serve` does."""
-    return {
-        "SDXL_BASE_MODEL": str(TINY_MODEL / "base"),
-        "SDXL_CONTROLNET_MODEL": str(TINY_MODEL / "controlnet"),
-        "SDXL_VAE_MODEL": str(TINY_MODEL / "vae"),
-        "ALLOW_CPU": "1",
-    }
+    return {**model_env(TINY_MODEL), "ALLOW_CPU": "1"}
 
 
 def ensure_tiny_model() -> Path:
@@ -92,11 +99,15 @@ def wait_until_ready(
 
 
 def post_generate(
-    url: str, image: bytes, params: dict, content_type: str = "image/png"
+    url: str,
+    image: bytes,
+    params: dict,
+    content_type: str = "image/png",
+    endpoint: str = "/generate",
 ) -> httpx.Response:
-    """A multipart /generate request, as any HTTP client sends it."""
+    """A multipart request to ``endpoint``, as any HTTP client sends it."""
     return httpx.post(
-        f"{url}/generate",
+        f"{url}{endpoint}",
         files={"image": ("input", image, content_type)},
         data={"params": json.dumps(params)},
         timeout=120,
@@ -141,23 +152,29 @@ class Server:
         )
 
     def stop(self) -> None:
-        try:
-            tree = [self.process_info(), *self.process_info().children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for proc in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        # In-flight requests get a grace period; BentoML's front workers can
-        # linger after SIGTERM, so what is left after it is killed.
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        self.process.wait()
+        stop_process_tree(self.process)
 
     def process_info(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
+
+
+def stop_process_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to ``process`` and all its descendants, SIGKILL to what is left after
+    ``grace_s``: in-flight requests get a grace period, and BentoML's front workers
+    can linger after SIGTERM."""
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    process.wait()
 
 
 def metric(server: Server, name: str, **labels: str) -> float:

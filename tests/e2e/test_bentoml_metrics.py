@@ -36,7 +36,8 @@ def test_the_gpu_service_records_its_own_metrics(server: Server) -> None:
     waits = metric(server, "sdxl_controlnet_queue_wait_seconds_count")
     generations = metric(server, "sdxl_controlnet_generation_seconds_count")
     params = {"prompt": "x", "num_inference_steps": 2, "num_images": 2}
-    response = post_generate(server.url, encode(shapes_image(64, 64)), params)
+    image = encode(shapes_image(64, 64))
+    response = post_generate(server.url, image, params, endpoint="/generate_batch")
     assert response.status_code == 200, response.text
     assert metric(server, "sdxl_controlnet_images_generated_total") == images + 2
     assert metric(server, "sdxl_controlnet_queue_wait_seconds_count") == waits + 1

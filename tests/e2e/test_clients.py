@@ -111,7 +111,7 @@ def code_blocks(language: str, docs: list[Path] = DOCS) -> list[tuple[str, str]]
 
 
 CURL = [(where, block) for where, block in code_blocks("bash") if "curl " in block]
-PYTHON = code_blocks("python", DOCS[1:])  # docs/: the README's are its own
+PYTHON = code_blocks("python")
 
 
 def in_docs_folder(tmp_path: Path, server: Server, code: str) -> str:
