@@ -27,6 +27,7 @@ from sdxl_controlnet.errors import (
     answers_errors,
     from_gpu_failure,
     gpu_call_errors,
+    raise_for_answer,
 )
 from sdxl_controlnet.gpu_worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard
@@ -179,13 +180,11 @@ class ControlNet:
         timings = Timings()
         with timings.stage("preprocess"):
             edges, resolved = await self._prepare(image, params)
+        gpu_params = resolved.generation_params()
         with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
             async with asyncio.timeout(settings.generation_timeout_s):
-                images = await cancel_on_disconnect(
-                    self.controlnet_service.generate(
-                        edges=edges, params=resolved.generation_params()
-                    )
-                )
+                answer = self.controlnet_service.generate(edges=edges, params=gpu_params)
+                images = raise_for_answer(await cancel_on_disconnect(answer))
         return Generation(edges, images, resolved, timings)
 
     async def _prepare(self, image: Image.Image, params: Params) -> tuple[np.ndarray, Params]:

@@ -15,6 +15,8 @@ import aiohttp
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from starlette.responses import JSONResponse, Response
 
+T = t.TypeVar("T")
+
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
 ONE_IMAGE = "params.num_images: /generate returns one image; ask /generate_batch for {}"
@@ -118,6 +120,15 @@ def from_gpu_failure(exc: BaseException, timeout_s: int) -> ClientError:
         return error_for_status(exc.error_code, _error_body(exc.message))
     logger.error("GPU Service call failed: %r", exc)
     return GPUServiceUnavailable("the GPU Service is unavailable or failed; retry in a moment")
+
+
+def raise_for_answer(answer: T) -> T:
+    """The GPU Service's answer, or the error it answered with. Over HTTP, BentoML's
+    client raises for an error status; in one process (tests, a local ``bentoml.depends``)
+    the error Response that ``answers_errors`` made arrives as the answer itself."""
+    if isinstance(answer, Response):
+        raise error_for_status(answer.status_code, _error_body(bytes(answer.body).decode()))
+    return answer
 
 
 def _error_body(text: str) -> dict[str, t.Any]:

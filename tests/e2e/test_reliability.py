@@ -20,13 +20,19 @@ from devtools.harness import Server, decode, encode, post_generate, serving, sha
 
 pytestmark = pytest.mark.e2e
 
-LIMITS = {"MAX_UPLOAD_BYTES": str(1024 * 1024), "MAX_INPUT_PIXELS": str(1000 * 1000)}
+LIMITS = {
+    "MAX_UPLOAD_BYTES": str(1024 * 1024),
+    "MAX_INPUT_PIXELS": str(1000 * 1000),
+    # The long generations these tests abandon or kill must be admitted on a busy CPU.
+    "GENERATION_TIMEOUT_S": "3600",
+}
 FAST = {"prompt": "x", "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
 def strict_server() -> Iterator[Server]:
-    """Both Services with small upload limits, so limit tests stay quick."""
+    """Both Services with small upload limits, so limit tests stay quick, and a long
+    timeout."""
     with serving(LIMITS) as srv:
         yield srv
 

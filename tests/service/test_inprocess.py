@@ -12,6 +12,7 @@ import sys
 import aiohttp
 import numpy as np
 import pytest
+import torch
 
 import service
 from devtools.harness import ROOT, as_array, decode, shapes_image
@@ -334,3 +335,38 @@ async def test_a_gpu_failure_mid_stream_is_an_error_event(
     events = await stream_events(front, Params(**FAST))
     assert [kind for kind, _ in events] == ["progress", "progress", "error"]
     assert events[-1][1]["status"] == status and message in events[-1][1]["error"]
+
+
+async def test_out_of_memory_reaches_the_client_as_a_507_and_the_service_keeps_serving(
+    front, gpu, monkeypatch
+) -> None:
+    pipe_class = type(gpu.worker.pipeline.pipe)
+    real_call = pipe_class.__call__
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe_class, "__call__", out_of_memory)
+    response = await front.generate_batch(image=shapes_image(64, 64), params=Params(**FAST))
+    assert response.status_code == 507
+    assert "ran out of memory generating 1 image(s) at 64×64" in json.loads(response.body)["error"]
+    assert "retry-after" not in response.headers  # the same request would fail again
+
+    monkeypatch.setattr(pipe_class, "__call__", real_call)
+    assert isinstance(
+        await front.generate_batch(image=shapes_image(64, 64), params=Params(**FAST)), BatchResult
+    )
+
+
+async def test_a_batch_over_the_gpu_memory_budget_is_a_400_before_generating(
+    front, pipeline_calls, monkeypatch
+) -> None:
+    import sdxl_controlnet.schemas
+
+    budget = sdxl_controlnet.schemas.settings.model_copy(update={"max_batch_pixels": 64 * 64})
+    monkeypatch.setattr(sdxl_controlnet.schemas, "settings", budget)
+    params = Params(**FAST, num_images=2)
+    response = await front.generate_batch(image=shapes_image(64, 64), params=params)
+    assert response.status_code == 400
+    assert "exceed this server's GPU memory budget" in json.loads(response.body)["error"]
+    assert pipeline_calls == []
