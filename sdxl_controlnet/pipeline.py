@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -147,9 +148,13 @@ class ControlNetPipeline:
             raise AdapterError(f"{where}: no such file; check LORA_ADAPTERS")
         logger.info("loading %s", where)
         try:
-            self.pipe.load_lora_weights(path, weight_name=weight_name, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns at every adapter after the first
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                self.pipe.load_lora_weights(path, weight_name=weight_name, adapter_name=name)
         except Exception as exc:  # diffusers and peft raise many kinds for a misfit
-            raise AdapterError(f"{where} does not fit the base model: {exc}") from exc
+            reason = " ".join(str(exc).split())  # peft lists every misfit layer: the start
+            reason = reason if len(reason) <= 300 else reason[:300] + " …"
+            raise AdapterError(f"{where} does not fit the base model: {reason}") from exc
         if not any(name in names for names in self.pipe.get_list_adapters().values()):
             raise AdapterError(f"{where} does not fit the base model: it matches no layer")
 

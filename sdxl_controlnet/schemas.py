@@ -64,7 +64,7 @@ def _declared_adapter(name: str) -> str:
         available = ", ".join(sorted(settings.lora_adapters)) or "none (LORA_ADAPTERS is empty)"
         raise PydanticCustomError(
             "unknown_adapter",
-            "unknown adapter {name!r}; this server has: {available}",
+            "unknown adapter '{name}'; this server has: {available}",
             {"name": name, "available": available},
         )
     return name
