@@ -54,10 +54,10 @@ bentoml_workarounds.apply()
     traffic={"timeout": settings.generation_timeout_s, "max_concurrency": settings.max_queue},
     runner_connection=bentoml_workarounds.NEVER_RECYCLE_CONNECTIONS,
 )
+@model_refs.with_adapters(settings.lora_adapters)  # LoRA adapters, declared like the models
 class SDXLControlNetService:
-    # BentoML model references (`bentoml build` records them, `bentoml serve` downloads
-    # the included files before the workers start), or local directories, used as they are.
-    # Either way each reads as a directory on the instance.
+    # BentoML model references (`bentoml build` records them, `bentoml serve` downloads the
+    # included files before the workers start) or local directories: each reads as a directory.
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
     controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
@@ -73,6 +73,7 @@ class SDXLControlNetService:
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
+            adapters=model_refs.adapter_sources(self, settings.lora_adapters),
         )
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
@@ -86,9 +87,8 @@ class SDXLControlNetService:
     async def generate_stream(
         self, edges: EdgeMap, params: GenerationParams
     ) -> t.AsyncGenerator[str, None]:
-        """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each
-        denoising step, then ``{"shape", "images"}`` with the raw uint8 array, or
-        ``{"status", "error"}``. Closing the stream stops the generation."""
+        """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
+        then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
         async for line in self.worker.stream(edges, params):
             yield line
 

@@ -15,12 +15,12 @@ from _bentoml_sdk.io_models import IODescriptor
 from PIL import Image, ImageFilter
 from starlette.datastructures import Headers, UploadFile
 
-from bench.report import Row, interleaved
+from bench.report import Row, interleaved, timed_ms
 from devtools.harness import shapes_image
 from sdxl_controlnet import preprocessing
 from sdxl_controlnet.encoding import encode_image
 from sdxl_controlnet.pipeline import ControlNetPipeline
-from sdxl_controlnet.schemas import GenerationParams, OutputFormat, Params
+from sdxl_controlnet.schemas import GenerationParams, LoraChoice, OutputFormat, Params
 from service import ControlNet, SDXLControlNetService
 
 # In a `bentoml serve`, Services call each other with BentoML's pickle serde.
@@ -179,3 +179,63 @@ def batching_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
         lambda: [pipeline.generate(edges, one) for _ in range(4)],
     )
     return [Row("batching", "4 images 256² steps=2, one call vs four", "ms", batched, single)]
+
+
+def adapter_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
+    """Few-step presets and LoRA adapters on ``pipeline`` (loaded with the tiny adapters):
+    seconds per image at the default steps against the 4-step preset; what one active,
+    unfused adapter adds per step; and what fusing it would cost to switch to and from."""
+    edges = preprocessing.edge_map(photo(256, 256), Params(prompt="bench"))
+    default = GenerationParams(prompt="bench", seed=1)  # the default steps and sampler
+    preset = GenerationParams(prompt="bench", seed=1, loras=[{"name": "fast"}])
+    steps = 12
+    plain = GenerationParams(prompt="bench", seed=1, num_inference_steps=steps)
+    styled = plain.model_copy(update={"loras": [LoraChoice(name="style")]})
+    for warm_up in (plain, styled, preset):  # first calls set up kernels: not counted
+        pipeline.generate(edges, warm_up)
+    full, few = interleaved(
+        runs, lambda: pipeline.generate(edges, default), lambda: pipeline.generate(edges, preset)
+    )
+    rows = [
+        Row(
+            "adapters",
+            f"256² {preset.num_inference_steps}-step preset vs {default.num_inference_steps} "
+            "steps, per image",
+            "ms",
+            few,
+            full,
+            note=f"{preset.scheduler}, guidance {preset.guidance_scale:g}",
+        )
+    ]
+    # Per step: the difference of two step counts cancels the per-call costs.
+    with_lora: list[float] = []
+    without: list[float] = []
+    for _ in range(runs):  # alternating, so a noisy neighbour hits both alike
+        with_lora.append(_per_step_ms(pipeline, edges, styled, steps))
+        without.append(_per_step_ms(pipeline, edges, plain, steps))
+    rows.append(
+        Row("adapters", "256² per step, one adapter active vs none", "ms", with_lora, without)
+    )
+    pipe = pipeline.pipe
+
+    def fuse_and_unfuse() -> None:
+        pipe.enable_lora()
+        pipe.set_adapters(["style"])
+        pipe.fuse_lora(adapter_names=["style"])
+        pipe.unfuse_lora()
+        pipe.disable_lora()
+        pipeline._active = ()
+
+    fuse = [timed_ms(fuse_and_unfuse) for _ in range(runs)]
+    rows.append(Row("adapters", "fuse + unfuse one adapter (a switch)", "ms", fuse))
+    return rows
+
+
+def _per_step_ms(
+    pipeline: ControlNetPipeline, edges: np.ndarray, params: GenerationParams, steps: int
+) -> float:
+    """Milliseconds per denoising step: (time at ``steps`` - time at 1) / (steps - 1)."""
+    one = params.model_copy(update={"num_inference_steps": 1})
+    long_ms = timed_ms(lambda: pipeline.generate(edges, params))
+    short_ms = timed_ms(lambda: pipeline.generate(edges, one))
+    return (long_ms - short_ms) / (steps - 1)

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+from devtools.harness import tiny_adapters_env, tiny_model_env
+
+# Before the application reads its settings: the tiny model's random LoRA adapters, the
+# few-step one with a preset, declared for the pipeline below and the served one alike.
+os.environ.update(tiny_adapters_env())
+
 from bench import inprocess, served
 from bench.report import Row, compare, table
-from devtools.harness import tiny_model_env
 from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.settings import settings
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
@@ -34,10 +41,16 @@ def measure(quick: bool) -> list[Row]:
     rows += inprocess.encoding_rows(runs)
     section("batching in the pipeline")
     model = tiny_model_env()  # the server below runs the same model
+    adapters = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
     pipeline = ControlNetPipeline(
-        model["SDXL_BASE_MODEL"], model["SDXL_CONTROLNET_MODEL"], model["SDXL_VAE_MODEL"]
+        model["SDXL_BASE_MODEL"],
+        model["SDXL_CONTROLNET_MODEL"],
+        model["SDXL_VAE_MODEL"],
+        adapters=adapters,
     )
     rows += inprocess.batching_rows(pipeline, runs=2 if quick else 3)
+    section("few-step preset and LoRA adapters")
+    rows += inprocess.adapter_rows(pipeline, runs=3 if quick else 5)
     section("cold start")
     server, cold_start = served.start_server()
     try:
@@ -79,8 +92,6 @@ def main() -> None:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

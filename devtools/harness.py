@@ -24,6 +24,8 @@ from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny"
+# Random LoRA adapters for the tiny model, built once for the tests and benchmarks.
+TINY_ADAPTERS = ROOT / "test-artifacts" / "tiny-adapters"
 
 
 def model_env(model_dir: Path) -> dict[str, str]:
@@ -48,6 +50,23 @@ def ensure_tiny_model() -> Path:
 
         build(TINY_MODEL)
     return TINY_MODEL
+
+
+def ensure_tiny_adapters() -> Path:
+    """The tiny model's LoRA adapters (devtools.tiny_lora), built first if missing."""
+    from devtools import tiny_lora
+
+    if not all((TINY_ADAPTERS / name).is_dir() for name in tiny_lora.ADAPTERS):
+        tiny_lora.build(ensure_tiny_model(), TINY_ADAPTERS)
+    return TINY_ADAPTERS
+
+
+def tiny_adapters_env() -> dict[str, str]:
+    """LORA_ADAPTERS declaring the tiny adapters: `style`, `detail`, and `fast` with a
+    4-step preset."""
+    from devtools import tiny_lora
+
+    return {"LORA_ADAPTERS": json.dumps(tiny_lora.declaration(ensure_tiny_adapters()))}
 
 
 def shapes_image(width: int = 160, height: int = 120, mode: str = "RGB") -> Image.Image:

@@ -1,4 +1,4 @@
-"""Where the three models come from: a local directory, or a pinned Hugging Face repository.
+"""Where the models come from: a local directory, or a pinned Hugging Face repository.
 
 A model setting holds either a directory (the tiny model, a mounted volume), used as it is
 and never sent to the hub, or ``org/name@revision``, which becomes a BentoML model
@@ -6,6 +6,7 @@ reference: ``bentoml build`` records the commit in the Bento, ``bentoml serve`` 
 the files through BentoML before the workers start. The include patterns name exactly the
 files the pipeline loads; everything else in the repositories (ONNX, Flax and OpenVINO
 exports, ``.bin`` duplicates, single-file checkpoints, sample images) stays on the hub.
+LoRA adapters are declared the same way, each downloading just its weight file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if t.TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     from bentoml.models import HuggingFaceModel
+
+    from .settings import LoraAdapter
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
@@ -83,3 +88,32 @@ def reference(value: str, include: list[str]) -> HuggingFaceModel | str:
     from bentoml.models import HuggingFaceModel
 
     return HuggingFaceModel(source.model_id, revision=source.revision, include=include)
+
+
+# BentoML collects the models of a Service from its class attributes, one Model instance
+# each (_bentoml_sdk/service/factory.py scans dir() of the class); a dict of them would
+# not be collected, so each adapter gets an attribute of its own.
+ADAPTER_ATTRIBUTE = "lora_adapter__{}"
+
+
+def with_adapters(adapters: Mapping[str, LoraAdapter]) -> Callable[[type], type]:
+    """A class decorator, under ``@bentoml.service``, that declares each adapter's model
+    like the base models: a reference ``bentoml build`` records, or a local directory."""
+
+    def declare(cls: type) -> type:
+        for name, adapter in adapters.items():
+            ref = reference(adapter.model, [adapter.weight_name])
+            setattr(cls, ADAPTER_ATTRIBUTE.format(name), ref)
+        return cls
+
+    return declare
+
+
+def adapter_sources(
+    service: object, adapters: Mapping[str, LoraAdapter]
+) -> dict[str, tuple[str, str]]:
+    """Each adapter's (directory, weight file) on this instance, downloaded if a reference."""
+    return {
+        name: (getattr(service, ADAPTER_ATTRIBUTE.format(name)), adapter.weight_name)
+        for name, adapter in adapters.items()
+    }

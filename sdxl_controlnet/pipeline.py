@@ -6,7 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,25 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
 
 from .errors import GenerationCancelled, GPUOutOfMemory
-from .schemas import GenerationParams, Scheduler
+from .schemas import GenerationParams, LoraChoice, Scheduler
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
 SCHEDULERS: dict[Scheduler, tuple[type, dict]] = {
     "euler": (EulerDiscreteScheduler, {}),
+    "euler_trailing": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
 
 # What a compiled graph is specialised on: height, width, images, and the two
@@ -43,6 +47,10 @@ ShapeKey = tuple[int, int, int, bool, bool]
 
 class NoGPUError(RuntimeError):
     """No CUDA device is visible and serving on the CPU was not allowed."""
+
+
+class AdapterError(RuntimeError):
+    """A declared LoRA adapter is missing or does not fit the base model."""
 
 
 def select_device(allow_cpu: bool, worker_index: int | None) -> str:
@@ -88,6 +96,7 @@ class ControlNetPipeline:
         channels_last: bool = False,
         fuse_qkv: bool = False,
         compile_sizes: Iterable[tuple[int, int]] = (),
+        adapters: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
@@ -112,6 +121,14 @@ class ControlNetPipeline:
         # torch 2 picks scaled-dot-product attention by itself; the log shows it did.
         attention = {type(p).__name__ for p in self.pipe.unet.attn_processors.values()}
         logger.info("attention: %s", ", ".join(sorted(attention)))
+        # LoRA adapters by name: (directory, weight file).
+        adapters = adapters or {}
+        self.adapters = list(adapters)
+        for name, (path, weight_name) in adapters.items():
+            self._load_adapter(name, path, weight_name)
+        self._active: tuple[tuple[str, float], ...] = ()
+        if adapters:
+            self.pipe.disable_lora()  # until a request asks for one
         if channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.controlnet.to(memory_format=torch.channels_last)
@@ -123,6 +140,37 @@ class ControlNetPipeline:
         self.warmed: set[ShapeKey] = set()
         if sizes := list(compile_sizes):
             self._compile(sizes)
+
+    def _load_adapter(self, name: str, path: str, weight_name: str) -> None:
+        """Load one LoRA adapter beside the others, unfused; fail naming it."""
+        where = f"LoRA adapter {name!r} ({Path(path) / weight_name})"
+        if not (Path(path) / weight_name).is_file():
+            raise AdapterError(f"{where}: no such file; check LORA_ADAPTERS")
+        logger.info("loading %s", where)
+        try:
+            with warnings.catch_warnings():  # peft warns at every adapter after the first
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                self.pipe.load_lora_weights(path, weight_name=weight_name, adapter_name=name)
+        except Exception as exc:  # diffusers and peft raise many kinds for a misfit
+            reason = " ".join(str(exc).split())  # peft lists every misfit layer: the start
+            reason = reason if len(reason) <= 300 else reason[:300] + " …"
+            raise AdapterError(f"{where} does not fit the base model: {reason}") from exc
+        if not any(name in names for names in self.pipe.get_list_adapters().values()):
+            raise AdapterError(f"{where} does not fit the base model: it matches no layer")
+
+    def _use_adapters(self, loras: list[LoraChoice]) -> None:
+        """Activate the request's adapters at their scales, unfused: switching costs no
+        reload. With none (or all at scale 0) they are disabled: the base model, exactly."""
+        active = tuple((lora.name, lora.scale) for lora in loras if lora.scale != 0)
+        if active == self._active:
+            return
+        if not active:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            names, scales = zip(*active, strict=True)
+            self.pipe.set_adapters(list(names), adapter_weights=list(scales))
+        self._active = active
 
     def _compile(self, sizes: list[tuple[int, int]]) -> None:
         """Compile the UNet and ControlNet and record their graphs at ``sizes``, one
@@ -172,7 +220,12 @@ class ControlNetPipeline:
             return tensors
 
         height, width = edges.shape
-        compiled = self._compiled and shape_key(height, width, params) in self.warmed
+        self._use_adapters(params.loras)
+        # Graphs are compiled without adapters: with one active, the model runs uncompiled
+        # rather than compiling again inside a request.
+        compiled = (
+            self._compiled and not self._active and shape_key(height, width, params) in self.warmed
+        )
         self.pipe.unet, self.pipe.controlnet = self._compiled if compiled else self._eager
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         # torch.tensor copies: the array BentoML unpickles is read-only.

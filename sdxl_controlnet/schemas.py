@@ -7,16 +7,16 @@ import secrets
 import typing as t
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidRequest
-from .settings import settings
+from .settings import Scheduler, SettingsError, settings
 
 MAX_SEED = 2**32 - 1
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
-Scheduler = t.Literal["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+__all__ = ["Scheduler"]  # re-exported: declared in settings, where adapter presets name one
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
 Preprocessor = t.Literal["canny", "none"]
@@ -57,6 +57,44 @@ def _null_means_absent(cls: type[BaseModel], data: t.Any) -> t.Any:
 def _rule(message: str) -> PydanticCustomError:
     """A broken rule between fields, reported as the sentence itself (no "Value error,")."""
     return PydanticCustomError("rule", message)
+
+
+def _declared_adapter(name: str) -> str:
+    if name not in settings.lora_adapters:
+        available = ", ".join(sorted(settings.lora_adapters)) or "none (LORA_ADAPTERS is empty)"
+        raise PydanticCustomError(
+            "unknown_adapter",
+            "unknown adapter '{name}'; this server has: {available}",
+            {"name": name, "available": available},
+        )
+    return name
+
+
+# The declared names reach the OpenAPI schema (and the studio) as an enum.
+_ADAPTER_NAMES = sorted(settings.lora_adapters)
+AdapterName = t.Annotated[
+    str,
+    AfterValidator(_declared_adapter),
+    Field(json_schema_extra={"enum": _ADAPTER_NAMES} if _ADAPTER_NAMES else None),
+]
+# Scale 1 is the adapter as trained, 0 the base model. Negative scales invert an adapter
+# trained as a slider (more or less of a concept); past ±2 the adapter's change outweighs
+# the weights it modifies and images fall apart.
+MAX_LORA_SCALE = 2.0
+
+
+class LoraChoice(BaseModel):
+    """One adapter of a request, and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: AdapterName = Field(description="An adapter this server declares (LORA_ADAPTERS).")
+    scale: float = Field(
+        default=1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="1 applies the adapter as trained; 0 leaves the base model.",
+    )
 
 
 class GenerationParams(BaseModel):
@@ -113,8 +151,38 @@ class GenerationParams(BaseModel):
     num_images: int = Field(
         default=1, ge=1, le=settings.max_images, description="Images to generate."
     )
+    loras: list[LoraChoice] = Field(
+        default_factory=list,
+        max_length=max(1, len(settings.lora_adapters)),
+        description="LoRA adapters to apply, combined; none gives the base model. An adapter "
+        "with a preset (a few-step LoRA) sets `scheduler`, `num_inference_steps` and "
+        "`guidance_scale` where the request does not.",
+        json_schema_extra={
+            "x-presets": {n: a.preset.values() for n, a in settings.lora_adapters.items()}
+        },
+    )
 
     _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
+
+    @model_validator(mode="after")
+    def _adapters_and_their_presets(self) -> t.Self:
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) < len(names):
+            raise _rule("loras: name each adapter at most once")
+        chosen: dict[str, tuple[str, t.Any]] = {}  # field: (adapter, value)
+        for name in names:
+            for field, value in settings.lora_adapters[name].preset.values().items():
+                if field in self.model_fields_set:
+                    continue  # the client's own value wins
+                if field in chosen and chosen[field][1] != value:
+                    raise _rule(
+                        f"loras: the presets of {chosen[field][0]} and {name} disagree on "
+                        f"{field} ({chosen[field][1]} and {value}); set {field} in the request"
+                    )
+                chosen[field] = (name, value)
+        for field, (_, value) in chosen.items():
+            setattr(self, field, value)
+        return self
 
     @model_validator(mode="after")
     def _guidance_window_and_seed(self) -> t.Self:
@@ -196,3 +264,20 @@ class BatchResult(BaseModel):
     timings_ms: dict[str, float] = Field(
         description="Milliseconds spent in preprocess, generate and encode."
     )
+
+
+def _check_presets() -> None:
+    """Hold each adapter's preset to the request's own bounds, at start-up."""
+    for name, adapter in settings.lora_adapters.items():
+        try:
+            GenerationParams(prompt="preset", **adapter.preset.values())
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise SettingsError(
+                f"invalid configuration: LORA_ADAPTERS: {name}.preset: {problems}"
+            ) from None
+
+
+_check_presets()

@@ -9,19 +9,71 @@ one NVIDIA L4 (24 GB) serves comfortably.
 
 from __future__ import annotations
 
+import json
 import os
 import typing as t
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # The front waits this much longer than the GPU Service's own timeout, so that a
 # generation that times out reaches the client as a 504 with a message, not a cut connection.
 FRONT_TIMEOUT_MARGIN_S = 30
 
 
+# The samplers a request can choose, declared here because an adapter's preset names one.
+# "euler_trailing" is Euler with the trailing timestep spacing that few-step distilled
+# models (SDXL-Lightning) are trained with; "lcm" is the sampler LCM-LoRA needs.
+Scheduler = t.Literal[
+    "euler",
+    "euler_trailing",
+    "euler_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "ddim",
+    "unipc",
+    "lcm",
+]
+# LoRA weights as diffusers' save_lora_weights names them.
+DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
 class SettingsError(Exception):
     """An environment variable holds a value the application cannot start with."""
+
+
+class Preset(BaseModel):
+    """The settings an adapter needs (a few-step distilled LoRA: its sampler, step count
+    and guidance), used by a request that names the adapter and does not set them itself.
+    Each is checked against the request's own bounds at start-up (schemas.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheduler: Scheduler | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def values(self) -> dict[str, t.Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class LoraAdapter(BaseModel):
+    """One LoRA adapter a request can choose by name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A local directory, or org/name@revision on the Hugging Face hub (model_refs.py).
+    model: str = Field(min_length=1)
+    # The file in it; a hub reference downloads only this file.
+    weight_name: str = Field(default=DEFAULT_LORA_WEIGHT_NAME, pattern=r"^[^/\\]+\.safetensors$")
+    preset: Preset = Preset()
 
 
 class Settings(BaseModel):
@@ -81,6 +133,22 @@ class Settings(BaseModel):
     torch_compile: bool = False
     torch_compile_sizes: str = Field(default="1024x1024", pattern=r"^\d+x\d+(,\d+x\d+)*$")
 
+    # LoRA adapters requests choose by name, as JSON: {"name": {"model": ..., "weight_name":
+    # ..., "preset": {...}}}. All load at start-up: a request never waits for one.
+    lora_adapters: dict[
+        t.Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w-]{0,63}$")], LoraAdapter
+    ] = Field(default_factory=dict)
+
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def _json(cls, value: t.Any) -> t.Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> t.Self:
         if self.min_output_side**2 > self.max_output_pixels:
@@ -91,6 +159,11 @@ class Settings(BaseModel):
                     f"TORCH_COMPILE_SIZES: {width}x{height} must have sides that are multiples "
                     "of 8 and at most MAX_OUTPUT_PIXELS pixels"
                 )
+        if self.fuse_qkv and self.lora_adapters:
+            raise ValueError(
+                "FUSE_QKV cannot be combined with LORA_ADAPTERS: the fused projections "
+                "bypass the adapters' attention layers"
+            )
         return self
 
     @property
@@ -116,7 +189,7 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{_variable(error['loc'])}={values.get(str(error['loc'][0]), '')!r}: "
-                f"{error['msg']}"
+                f"{_within(error['loc'])}{error['msg']}"
                 if error["loc"]
                 else error["msg"]
                 for error in exc.errors(include_url=False)
@@ -126,6 +199,11 @@ class Settings(BaseModel):
 
 def _variable(loc: tuple[int | str, ...]) -> str:
     return str(loc[0]).upper()
+
+
+def _within(loc: tuple[int | str, ...]) -> str:
+    """Where in a structured value (LORA_ADAPTERS) the error is: ``lightning.preset: ``."""
+    return ".".join(str(part) for part in loc[1:]) + ": " if len(loc) > 1 else ""
 
 
 settings = Settings.from_env()

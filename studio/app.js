@@ -22,7 +22,32 @@ async function applySchema() {
     if (field.default !== undefined && field.default !== null) input.value = field.default;
     if (field.description) input.title = field.description;
   }
+  applyAdapterSchema(spec.components.schemas, fields);
   showThresholds();
+}
+
+// LoRA adapters: the names the server declares, each with the preset a few-step adapter
+// brings. Choosing one fills in its preset, since the studio sends every field it shows.
+let presets = {};
+let defaults = {};
+function applyAdapterSchema(schemas, fields) {
+  const choice = schemas.LoraChoice?.properties;
+  if (!choice?.name?.enum) return; // the server declares no adapters
+  presets = fields.loras["x-presets"] ?? {};
+  defaults = Object.fromEntries(paramInputs.map((input) => [input.name, input.value]));
+  $("#lora").append(...choice.name.enum.map((name) => new Option(name)));
+  $("#lora_scale").min = choice.scale.minimum;
+  $("#lora_scale").max = choice.scale.maximum;
+  $("#lora").title = fields.loras.description;
+}
+
+function choosePreset() {
+  const preset = presets[$("#lora").value] ?? {};
+  for (const input of paramInputs) {
+    if (input.name in defaults && ["num_inference_steps", "guidance_scale", "scheduler"].includes(input.name)) {
+      input.value = preset[input.name] ?? defaults[input.name];
+    }
+  }
 }
 
 function params(names) {
@@ -31,6 +56,9 @@ function params(names) {
     if (names && !names.includes(input.name)) continue;
     if (input.value === "") continue;
     values[input.name] = input.type === "text" || input.tagName !== "INPUT" ? input.value : Number(input.value);
+  }
+  if (!names && $("#lora").value) {
+    values.loras = [{ name: $("#lora").value, scale: Number($("#lora_scale").value) }];
   }
   return values;
 }
@@ -202,5 +230,6 @@ $("#drop").addEventListener("drop", (event) => {
 $("#low_threshold").addEventListener("input", schedulePreview);
 $("#high_threshold").addEventListener("input", schedulePreview);
 $("#preprocessor").addEventListener("change", schedulePreview);
+$("#lora").addEventListener("change", choosePreset);
 form.addEventListener("submit", generate);
 applySchema().catch((error) => showError(`Could not read the API schema: ${error.message}`));

@@ -1,5 +1,5 @@
-"""Test set-up: every test process serves the tiny model on the CPU, and the
-suite's shared `bentoml serve`."""
+"""Test set-up: every test process serves the tiny model and its LoRA adapters on the
+CPU, and the suite's shared `bentoml serve`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.harness import Server, ensure_tiny_model, serving, tiny_model_env
+from devtools.harness import (
+    Server,
+    ensure_tiny_model,
+    serving,
+    tiny_adapters_env,
+    tiny_model_env,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Before any test module imports the application, whose settings read the environment.
     ensure_tiny_model()
-    os.environ.update(tiny_model_env())
+    # The tiny LoRA adapters too: every server and in-process Service declares them, so
+    # the base model's tests also prove that declared but unused adapters change nothing.
+    os.environ.update({**tiny_model_env(), **tiny_adapters_env()})
 
 
 @pytest.fixture(scope="session")

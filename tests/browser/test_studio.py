@@ -139,3 +139,19 @@ def test_preprocessor_none_previews_the_upload_itself(page: Page) -> None:
     expect(page.locator("#edges")).not_to_have_attribute("src", before)
     expect(page.locator("#low_threshold")).to_be_disabled()
     screenshot(page, "6-preprocessor-none")
+
+
+def test_choosing_a_few_step_adapter_fills_in_its_preset_and_generates(page: Page) -> None:
+    expect(page.locator("#lora option")).to_have_text(["none", "detail", "fast", "style"])
+    page.select_option("#lora", "fast")
+    expect(page.locator("[name=num_inference_steps]")).to_have_value("4")
+    expect(page.locator("[name=scheduler]")).to_have_value("euler_trailing")
+    expect(page.locator("[name=guidance_scale]")).to_have_value("0")
+    page.fill("[name=prompt]", "a red ball")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#progress")).to_have_js_property("max", 4)
+    screenshot(page, "adapter-fast")
+    page.select_option("#lora", "")
+    expect(page.locator("[name=num_inference_steps]")).to_have_value("25")
+    expect(page.locator("[name=scheduler]")).to_have_value("euler")

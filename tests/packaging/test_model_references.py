@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from huggingface_hub.errors import RevisionNotFoundError
 
 from devtools.harness import (
     ROOT,
+    TINY_ADAPTERS,
     TINY_MODEL,
     Server,
     decode,
@@ -49,9 +51,24 @@ NEVER = ["*.bin", "*.onnx", "*.onnx_data", "*.msgpack", "*.png", "*.md", ".gitat
 NEVER += ["sd_xl_base_1.0.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors", "vae/*"]
 
 
+# A LoRA repository like ByteDance/SDXL-Lightning: several weight files, one per variant.
+LORA_REPO = "org/tiny-lightning"
+LORA_WEIGHTS = "tiny_lightning_4step_lora.safetensors"
+
+
+def lora_repo(out: Path) -> Path:
+    out.mkdir()
+    weights = (TINY_ADAPTERS / "style" / "pytorch_lora_weights.safetensors").read_bytes()
+    for name in (LORA_WEIGHTS, "tiny_lightning_8step_lora.safetensors", "tiny_lightning.ckpt"):
+        (out / name).write_bytes(weights)
+    (out / "README.md").write_text("# tiny Lightning stand-in\n")
+    return out
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    with Hub(lay_out(TINY_MODEL, tmp_path_factory.mktemp("repos"))) as hub:
+    repos = tmp_path_factory.mktemp("repos")
+    with Hub({**lay_out(TINY_MODEL, repos), LORA_REPO: lora_repo(repos / "lora")}) as hub:
         yield hub
 
 
@@ -238,6 +255,42 @@ def test_a_model_setting_is_a_directory_or_a_repository(value: str, expected: ob
 def test_a_model_setting_that_is_neither_is_refused_before_the_hub_sees_it() -> None:
     with pytest.raises(ValueError, match="neither an existing directory nor a hub repository"):
         model_refs.parse("models/tiny/missing")
+
+
+def test_an_adapter_reference_downloads_only_its_weight_file(hub: Hub) -> None:
+    from sdxl_controlnet.settings import LoraAdapter
+
+    adapter = LoraAdapter(model=f"{LORA_REPO}@{commit(hub, LORA_REPO)}", weight_name=LORA_WEIGHTS)
+    ref = model_refs.reference(adapter.model, [adapter.weight_name])
+    assert isinstance(ref, HuggingFaceModel)
+    ref.endpoint = hub.url
+
+    assert snapshot_files(ref.resolve()) == [LORA_WEIGHTS]
+    assert hub.served_paths(LORA_REPO) == [LORA_WEIGHTS]
+
+
+def test_declared_hub_adapters_are_models_of_the_gpu_service() -> None:
+    """BentoML collects a Service's models from its class attributes, so `bentoml build`
+    records each adapter's commit and `bentoml serve` downloads it before the workers start."""
+    declared = {
+        "lightning": {"model": f"{LORA_REPO}@{'a' * 40}", "weight_name": LORA_WEIGHTS},
+        "local": {"model": str(TINY_ADAPTERS / "style")},
+    }
+    code = (
+        "import service; "
+        "print([(m.model_id, m.revision, m.include) "
+        "for m in service.SDXLControlNetService.models])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **tiny_model_env(), "LORA_ADAPTERS": json.dumps(declared)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([(LORA_REPO, "a" * 40, [LORA_WEIGHTS])])
 
 
 # What the GPU Service will declare, in a Service of its own so the build is quick.

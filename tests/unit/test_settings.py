@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -51,6 +52,24 @@ def test_compile_sizes_are_parsed_and_checked() -> None:
         ({"ALLOW_CPU": "maybe"}, "ALLOW_CPU='maybe': Input should be a valid boolean"),
         ({"TORCH_COMPILE_SIZES": "big"}, "TORCH_COMPILE_SIZES='big': String should match"),
         ({"MIN_OUTPUT_SIDE": "2048"}, "MIN_OUTPUT_SIDE² must not exceed MAX_OUTPUT_PIXELS"),
+        ({"LORA_ADAPTERS": "{lightning}"}, "LORA_ADAPTERS='{lightning}': Value error, not valid"),
+        (
+            {"LORA_ADAPTERS": '{"a b": {"model": "org/x"}}'},
+            "a b.[key]: String should match pattern",
+        ),
+        ({"LORA_ADAPTERS": '{"fast": {}}'}, "fast.model: Field required"),
+        (
+            {"LORA_ADAPTERS": '{"fast": {"model": "org/x", "weight_name": "sub/x.bin"}}'},
+            "fast.weight_name: String should match pattern",
+        ),
+        (
+            {"LORA_ADAPTERS": '{"fast": {"model": "org/x", "preset": {"scheduler": "turbo"}}}'},
+            "fast.preset.scheduler: Input should be 'euler'",
+        ),
+        (
+            {"LORA_ADAPTERS": '{"fast": {"model": "org/x"}}', "FUSE_QKV": "1"},
+            "FUSE_QKV cannot be combined with LORA_ADAPTERS",
+        ),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_rule(environ, message) -> None:
@@ -69,6 +88,37 @@ def test_a_bad_value_stops_the_application_at_import() -> None:
     )
     assert result.returncode != 0
     assert "MAX_STEPS='abc': Input should be a valid integer" in result.stderr
+
+
+def test_adapters_are_read_as_json_with_their_defaults() -> None:
+    declared = json.dumps(
+        {
+            "lightning": {
+                "model": "ByteDance/SDXL-Lightning@abc",
+                "preset": {"num_inference_steps": 4},
+            }
+        }
+    )
+    (adapter,) = Settings.from_env({"LORA_ADAPTERS": declared}).lora_adapters.values()
+    assert adapter.weight_name == "pytorch_lora_weights.safetensors"
+    assert adapter.preset.values() == {"num_inference_steps": 4}
+    assert Settings.from_env({"LORA_ADAPTERS": ""}).lora_adapters == {}
+
+
+def test_a_preset_beyond_the_request_bounds_stops_the_application_naming_it() -> None:
+    declared = '{"fast": {"model": "/models/fast", "preset": {"num_inference_steps": 500}}}'
+    result = subprocess.run(
+        [sys.executable, "-c", "import service"],
+        cwd=ROOT,
+        env={"PATH": "", "LORA_ADAPTERS": declared},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert (
+        "LORA_ADAPTERS: fast.preset: num_inference_steps: Input should be less than or equal to 100"
+        in result.stderr
+    )
 
 
 def test_the_configuration_docs_list_every_setting_with_its_default() -> None:
