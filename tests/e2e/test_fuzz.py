@@ -7,6 +7,7 @@ BentoML's multipart models, so it is not run.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from devtools.harness import Server, serving
+from devtools import tiny_lora
+from devtools.harness import Server, ensure_tiny_adapters, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +26,11 @@ CHEAP = {"MAX_STEPS": "1", "MAX_OUTPUT_PIXELS": str(64 * 64), "MAX_IMAGES": "1"}
 
 @pytest.fixture(scope="module")
 def cheap_server() -> Iterator[Server]:
-    with serving(CHEAP) as srv:
+    # The tiny adapters too, their preset held to the same one step.
+    adapters = tiny_lora.declaration(ensure_tiny_adapters())
+    fast = adapters["fast"]
+    fast["preset"] = {**fast["preset"], "num_inference_steps": 1}
+    with serving({**CHEAP, "LORA_ADAPTERS": json.dumps(adapters)}) as srv:
         yield srv
 
 
