@@ -17,6 +17,7 @@ Prints a table and writes every sample to bench/results/gpu-latest.json.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -146,7 +147,7 @@ def canny_image(size: int) -> Image.Image:
 # --- the subjects: one bare pipeline process or one `bentoml serve` per (mode, variant) ---
 
 
-class Subject:
+class Subject(abc.ABC):
     mode = ""
 
     def __init__(self, config: Config, variant: str, group: int = 1) -> None:
@@ -187,21 +188,21 @@ class Subject:
             stop_process_tree(self.process, grace_s=15)
             self.process = None
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def wait_ready(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def wait_ready(self) -> None: ...
 
+    @abc.abstractmethod
     def generate(self, seed: int) -> float:
         """Seconds for one image."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def burst(self, seed: int) -> float:
         """Images per second."""
-        raise NotImplementedError
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - a hook: only some subjects report anything
         """Collect what the subject reports about itself before it stops."""
 
 

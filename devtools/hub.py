@@ -18,6 +18,7 @@ which files left the stand-in.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import hashlib
@@ -151,7 +152,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__((host, 0), handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BaseHTTPRequestHandler, abc.ABC):
     server: _Server
     # HTTP/1.0: one request per connection, so no response framing can go wrong.
     protocol_version = "HTTP/1.0"
@@ -178,8 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
             if body:
                 self.wfile.write(payload)
 
+    @abc.abstractmethod
     def route(self, hub: Hub, body: bool) -> None:
-        raise NotImplementedError
+        """Answer the request, or raise HubError."""
 
     def _start(self, status: HTTPStatus, content_type: str, length: int) -> None:
         self.send_response(status)

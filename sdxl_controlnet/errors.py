@@ -36,6 +36,10 @@ class ClientError(BentoMLException):
             body["retry_after_s"] = self.retry_after_s
         return body
 
+    def body_with_status(self) -> dict[str, t.Any]:
+        """The body with the status it goes with: how a stream reports a failure."""
+        return {"status": int(self.error_code), **self.body()}
+
     def response(self) -> JSONResponse:
         headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
         return JSONResponse(self.body(), status_code=self.error_code, headers=headers)
@@ -103,7 +107,7 @@ def error_for_status(status: int, body: dict[str, t.Any]) -> ClientError:
     ours = "error" in body and (cls is not ServiceBusy or "retry_after_s" in body)
     if cls is None or not ours:  # BentoML's own failure, or a proxy's page
         logger.error("GPU Service answered %s: %s", status, body)
-        return GPUServiceUnavailable("the GPU Service is unavailable or failed; retry in a moment")
+        return _gpu_service_unavailable()
     return cls(body["error"], retry_after_s=body.get("retry_after_s"))
 
 
@@ -119,6 +123,10 @@ def from_gpu_failure(exc: BaseException, timeout_s: int) -> ClientError:
     if isinstance(exc, BentoMLException):
         return error_for_status(exc.error_code, _error_body(exc.message))
     logger.error("GPU Service call failed: %r", exc)
+    return _gpu_service_unavailable()
+
+
+def _gpu_service_unavailable() -> GPUServiceUnavailable:
     return GPUServiceUnavailable("the GPU Service is unavailable or failed; retry in a moment")
 
 

@@ -179,9 +179,9 @@ class ControlNetPipeline:
         # CUDA graphs on a GPU; on the CPU (tests) inductor's default is the useful mode.
         mode = "max-autotune" if self.device.startswith("cuda") else None
         self._compiled = tuple(torch.compile(m, mode=mode, dynamic=False) for m in self._eager)
+        warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
         for width, height in sizes:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
-            warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
             self.warmed.add(shape_key(height, width, warm_up))
             self.submit(np.zeros((height, width), np.uint8), warm_up).result()
 

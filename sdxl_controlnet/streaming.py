@@ -29,7 +29,7 @@ def images_line(images: np.ndarray) -> str:
 
 def error_line(error: ClientError) -> str:
     """A failure after the stream started: the status and body it would have had."""
-    return json.dumps({"status": int(error.error_code), **error.body()}) + "\n"
+    return json.dumps(error.body_with_status()) + "\n"
 
 
 def decode_images(event: dict[str, t.Any]) -> np.ndarray:
@@ -57,7 +57,7 @@ def server_sent_event(event: str, data: dict[str, t.Any] | str) -> str:
 
 def error_event(error: ClientError) -> str:
     """A failure as a server-sent event: the status and body the request would have had."""
-    return server_sent_event("error", {"status": int(error.error_code), **error.body()})
+    return server_sent_event("error", error.body_with_status())
 
 
 async def relay(
