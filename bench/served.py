@@ -8,9 +8,9 @@ import time
 
 import httpx
 
-from bench.inprocess import file_bytes, photo
+from bench.inprocess import file_bytes
 from bench.report import Row, timed_ms
-from devtools.harness import Server
+from devtools.harness import Server, photo
 from sdxl_controlnet import preprocessing
 from sdxl_controlnet.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, Params

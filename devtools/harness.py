@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
@@ -78,6 +78,16 @@ def shapes_image(width: int = 160, height: int = 120, mode: str = "RGB") -> Imag
     return image.convert(mode)
 
 
+def photo(width: int, height: int) -> Image.Image:
+    """Shapes on a gradient with sensor-like noise: compresses like a photo, unlike flat art."""
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(shapes_image(width, height)).astype(np.int16)
+    ramp = np.add.outer(np.arange(height), np.arange(width)) * 60 // (width + height) - 30
+    pixels += ramp[..., None] + rng.integers(-12, 12, pixels.shape, dtype=np.int16)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(0.8))
+
+
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -123,13 +133,14 @@ def post_generate(
     params: dict,
     content_type: str = "image/png",
     endpoint: str = "/generate",
+    timeout: float = 120,
 ) -> httpx.Response:
     """A multipart request to ``endpoint``, as any HTTP client sends it."""
     return httpx.post(
         f"{url}{endpoint}",
         files={"image": ("input", image, content_type)},
         data={"params": json.dumps(params)},
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -145,11 +156,12 @@ class Server:
         env: dict[str, str] | None = None,
         port: int = 0,
         module: str = "bentoml",
+        log_dir: Path = ROOT / "test-artifacts",
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = ROOT / "test-artifacts" / f"server-{self.port}.log"
-        self.log.parent.mkdir(exist_ok=True)
+        self.log = Path(log_dir) / f"server-{self.port}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
