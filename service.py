@@ -18,7 +18,7 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import bentoml_workarounds, model_refs, preprocessing, streaming
+from sdxl_controlnet import bentoml_workarounds, model_refs, preprocessing, readiness, streaming
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
 from sdxl_controlnet.errors import (
@@ -30,7 +30,7 @@ from sdxl_controlnet.errors import (
     raise_for_answer,
 )
 from sdxl_controlnet.gpu_worker import GPUWorker
-from sdxl_controlnet.middleware import BodyGuard
+from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
 from sdxl_controlnet.preprocessing import ImageUpload
 from sdxl_controlnet.results import Generation, Timings
 from sdxl_controlnet.schemas import (
@@ -43,12 +43,12 @@ from sdxl_controlnet.schemas import (
 )
 from sdxl_controlnet.settings import settings
 
-bentoml_workarounds.apply()
+bentoml_workarounds.apply(allow_untested=settings.allow_untested_bentoml)
 
 
 @bentoml.service(
     # One worker per GPU, each pinned to its own (pipeline.select_device).
-    resources={"gpu": settings.gpus, "gpu_type": "nvidia-l4"},
+    resources={"gpu": settings.gpus, "gpu_type": settings.gpu_type},
     workers=settings.gpus,
     # Beyond max_concurrency BentoML answers 429 at once: a bounded queue, not a pile-up.
     traffic={"timeout": settings.generation_timeout_s, "max_concurrency": settings.max_queue},
@@ -97,12 +97,20 @@ class SDXLControlNetService:
 @bentoml.asgi_app(
     StaticFiles(directory=Path(__file__).parent / "studio", html=True), path="/studio"
 )
-@bentoml.service(workers=settings.front_workers, traffic={"timeout": settings.front_timeout_s})
+@bentoml.service(
+    workers=settings.front_workers,
+    traffic={"timeout": settings.front_timeout_s},
+    runner_probe=readiness.NO_RUNNER_PROBE,  # __is_ready__ asks the GPU Service instead
+)
 class ControlNet:
     """The public CPU front. It runs no ControlNet itself: the name is the original
     example's, kept because clients and BentoCloud configurations refer to it."""
 
-    controlnet_service = bentoml.depends(SDXLControlNetService)
+    controlnet_service = bentoml.depends(SDXLControlNetService)  # the SDXL GPU Service
+
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: 200 once the GPU Service answers ready, 503 until then, in seconds."""
+        return await readiness.dependency_ready(self.controlnet_service)
 
     @bentoml.api
     @answers_errors
@@ -194,5 +202,8 @@ class ControlNet:
         return edges, params.model_copy(update={"width": width, "height": height})
 
 
-# Oversized or malformed uploads are refused before they are read, let alone decoded.
+# Every error answer is {"error": ...}, whoever builds it; oversized or malformed uploads
+# are refused before they are read, let alone decoded.
+ControlNet.add_asgi_middleware(ErrorBodies)
 ControlNet.add_asgi_middleware(BodyGuard, max_bytes=settings.max_upload_bytes)
+SDXLControlNetService.add_asgi_middleware(ErrorBodies)

@@ -2,10 +2,13 @@
 
 Each says what it works around, where it lives upstream, and how to tell that it is
 no longer needed; ``tests/unit/test_bentoml_workarounds.py`` fails when one stops
-taking effect. Upgrading BentoML means re-reading this file: ``apply()`` logs a
-warning when another version is installed.
+taking effect. The patches are fenced: on another BentoML version ``apply()`` refuses
+to start (``ALLOW_UNTESTED_BENTOML=1`` overrides it, for whoever has re-checked this
+file), and on any version it checks the signature of each upstream function it patches
+(``PATCHED``) and refuses to start on a mismatch, naming it: a changed function fails
+at start, not as a 500 under traffic.
 
-Handled elsewhere, named here so that the list is whole:
+Handled with BentoML's public hooks, named here so that the list is whole:
 - An upload whose Content-Type names no Pillow plugin (``image/jpg``) raises KeyError in
   ``PILImageEncoder.decode`` (``_bentoml_sdk/validators.py``): ``preprocessing._open``
   opens it from its bytes instead.
@@ -14,12 +17,25 @@ Handled elsewhere, named here so that the list is whole:
   errors with ``errors.answers_errors``.
 - A multipart Content-Type without a boundary is a 500 inside BentoML's form parser:
   ``middleware.BodyGuard`` answers it with a 400 before BentoML reads the body.
+- ``api_endpoint_wrapper`` answers a 4xx ``BentoMLException`` with a list,
+  ``[{"error": ...}]`` (``detail = ({"error": str(exc)},)``), logging a stack trace;
+  that includes the 415 to a pickle body, and a client error raised when
+  ``IOMixin.to_http_response`` (``_bentoml_sdk/io_models.py``) asks a stream for its first
+  chunk. Its validation errors read ``{"error": "1 validation error for Input", ...}``.
+  ``middleware.ErrorBodies`` puts every error answer into one shape (``errors.in_shape``).
+- ``ServiceAppFactory.readyz`` probes a dependency with ``AsyncClient.is_ready``
+  (``_bentoml_impl/client/proxy2.py``), which catches only ``aiohttp.ServerTimeoutError``:
+  the ``TimeoutError`` of its own 5 s limit (``runner_probe.timeout`` is not read) and a
+  refused connection escape as a 500, and the answer is never released. The front turns
+  ``runner_probe`` off and asks itself (``readiness.py``, its ``__is_ready__``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import inspect
 import logging
 import typing as t
 
@@ -30,11 +46,45 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import request_errors
+from .errors import UnsupportedMediaType, error_response, validation_body
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 
 TESTED_VERSION = "1.4.40"
 NEVER = 2**31 - 1  # requests, or seconds (68 years)
+
+# Each upstream function a workaround replaces or calls in place of BentoML, with the
+# signature it had in TESTED_VERSION: (module, qualified name) -> signature.
+PATCHED: dict[tuple[str, str], str] = {
+    ("_bentoml_impl.client.proxy2", "AsyncClient._parse_stream_response"): (
+        "(self, endpoint: 'ClientEndpoint', resp: 'aiohttp.ClientResponse') "
+        "-> 't.AsyncGenerator[t.Any, None]'"
+    ),
+    ("_bentoml_sdk.io_models", "IOMixin.from_http_request"): (
+        "(request: 'Request', serde: 'Serde') -> 'IODescriptor'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory.submit_task"): (
+        "(self, name: 'str', request: 'Request') -> 'Response'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory.cancel_task"): (
+        "(self, request: 'Request') -> 'Response'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory._run_task"): (
+        "(self, task_id: 'str', name: 'str', request: 'Request') -> 'None'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory._add_response_headers"): (
+        "(self, resp: 'Response', logging_format: 'dict[str, str]') -> 'None'"
+    ),
+    ("_bentoml_impl.client.http", "SyncHTTPClient._submit"): (
+        "(self, _SyncHTTPClient__endpoint: 'ClientEndpoint', /, *args: 't.Any', "
+        "**kwargs: 't.Any') -> 'Task'"
+    ),
+}
+
+
+class UntestedBentoML(RuntimeError):
+    """BentoML is not what the workarounds were written for: start-up stops."""
+
 
 # Connection recycling fails requests in flight: the Service-to-Service client
 # (``_bentoml_impl/client/proxy2.py``, ``SessionManager``) replaces its aiohttp session
@@ -72,6 +122,7 @@ def close_abandoned_streams() -> None:
         return _read_then_close(read_stream, self, endpoint, resp)
 
     read_then_close.closes_abandoned_streams = True  # type: ignore[attr-defined]
+    read_then_close.__wrapped__ = read_stream  # type: ignore[attr-defined]
     AsyncClient._parse_stream_response = read_then_close
 
 
@@ -83,6 +134,8 @@ def _patch(owner: type, name: str, make: t.Callable[[t.Any], t.Any]) -> None:
     patched = make(original)
     target = patched.__func__ if isinstance(patched, classmethod) else patched
     target.sdxl_controlnet_workaround = True
+    # inspect.signature follows it: the signature check sees the upstream function.
+    target.__wrapped__ = original.__func__ if isinstance(original, classmethod) else original
     setattr(owner, name, patched)
 
 
@@ -115,26 +168,6 @@ def read_requests_as_field_errors() -> None:
     _patch(IOMixin, "from_http_request", make)
 
 
-def answer_validation_errors_in_sentences() -> None:
-    """A validation error's body reads ``{"error": "1 validation error for Input",
-    "detail": [...]}`` (``_bentoml_impl/server/app.py``, ``api_endpoint_wrapper``), and
-    the error is logged with a stack trace. Wrapped, ``api_endpoint`` answers it itself:
-    ``error`` names each field and says what is wrong with it, ``detail`` stays. No longer
-    needed when upstream's ``error`` names the field; ``tests/e2e/test_http.py`` shows it."""
-    from _bentoml_impl.server.app import ServiceAppFactory
-
-    def make(api_endpoint: t.Callable) -> t.Callable:
-        async def answer(self: t.Any, name: str, request: Request) -> Response:
-            try:
-                return await api_endpoint(self, name, request)
-            except ValidationError as exc:
-                return JSONResponse(request_errors.validation_body(exc), status_code=400)
-
-        return answer
-
-    _patch(ServiceAppFactory, "api_endpoint", make)
-
-
 async def read_input(app: t.Any, name: str, request: Request) -> Response | None:
     """The answer ``/{name}`` would give to ``request``'s input if it is invalid, else
     None; ``request`` stays readable. The input is read as ``api_endpoint`` reads it."""
@@ -142,7 +175,7 @@ async def read_input(app: t.Any, name: str, request: Request) -> Response | None
 
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if media_type == "application/vnd.bentoml+pickle":  # never unpickled on the public front
-        return JSONResponse({"error": "pickle is not accepted"}, status_code=415)
+        return UnsupportedMediaType("application/vnd.bentoml+pickle is not accepted").response()
     body = await request.body()  # cached on ``request`` for the task store
 
     async def replay() -> dict[str, t.Any]:
@@ -153,9 +186,9 @@ async def read_input(app: t.Any, name: str, request: Request) -> Response | None
     try:
         await app.service.apis[name].input_spec.from_http_request(copy, serde)
     except ValidationError as exc:
-        return JSONResponse(request_errors.validation_body(exc), status_code=400)
+        return JSONResponse(validation_body(exc), status_code=400)
     except BentoMLException as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.error_code)
+        return error_response(exc.error_code, exc.message)
     finally:
         await copy.close()
     return None
@@ -204,14 +237,13 @@ def run_tasks_as_asked() -> None:
             try:
                 row = await self._result_store.get_status(task_id)
             except KeyError:
-                response = JSONResponse({"error": f"task {task_id} not found"}, status_code=404)
+                response = error_response(404, f"task {task_id} not found")
             else:
                 if row.status is ResultStatus.CANCELED:
                     response = JSONResponse(row.to_json())
                 else:
-                    response = JSONResponse(
-                        {"error": f"task {task_id} is {row.status.value}: nothing to cancel"},
-                        status_code=409,
+                    response = error_response(
+                        409, f"task {task_id} is {row.status.value}: nothing to cancel"
                     )
             self._add_response_headers(response)
             return response
@@ -257,17 +289,58 @@ def submit_tasks_from_the_sync_client() -> None:
         )
 
 
-def apply() -> None:
-    """Apply the workarounds that patch BentoML; safe to call more than once."""
-    if bentoml.__version__ != TESTED_VERSION:
+def _signature(function: t.Callable) -> str:
+    """Parameters, their kinds and annotations, and the return annotation; defaults are
+    left out (a dependency-injected one prints as an object address)."""
+    signature = inspect.signature(function)
+    parameters = [p.replace(default=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=parameters))
+
+
+def _upstream(module: str, qualname: str) -> t.Callable:
+    owner: t.Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def check_upstream(installed: str = bentoml.__version__, allow_untested: bool = False) -> None:
+    """Refuse to start on a BentoML these workarounds were not checked against, or
+    where a function they patch has changed its signature."""
+    if installed != TESTED_VERSION and not allow_untested:
+        raise UntestedBentoML(
+            f"bentoml {installed} is installed, but {__name__} was written for bentoml "
+            f"{TESTED_VERSION}: re-check each workaround in {__file__}, then set "
+            "ALLOW_UNTESTED_BENTOML=1 to start anyway"
+        )
+    if installed != TESTED_VERSION:
         logger.warning(
-            "bentoml %s is installed; the workarounds in %s were written for %s: re-check them",
-            bentoml.__version__,
+            "bentoml %s is installed; %s was written for %s (ALLOW_UNTESTED_BENTOML=1)",
+            installed,
             __name__,
             TESTED_VERSION,
         )
+    for (module, qualname), expected in PATCHED.items():
+        try:
+            found = _signature(_upstream(module, qualname))
+        except (ImportError, AttributeError) as exc:
+            raise UntestedBentoML(
+                f"bentoml {installed}: {module}.{qualname}, which {__name__} patches, "
+                f"is gone ({exc}); re-check the workaround that names it"
+            ) from None
+        if found != expected:
+            raise UntestedBentoML(
+                f"bentoml {installed}: {module}.{qualname}, which {__name__} patches, "
+                f"changed its signature from {expected} to {found}; re-check the "
+                "workaround that names it"
+            )
+
+
+def apply(allow_untested: bool = False) -> None:
+    """Check BentoML (``check_upstream``), then apply the workarounds that patch it;
+    safe to call more than once."""
+    check_upstream(allow_untested=allow_untested)
     close_abandoned_streams()
     read_requests_as_field_errors()
-    answer_validation_errors_in_sentences()
     run_tasks_as_asked()
     submit_tasks_from_the_sync_client()

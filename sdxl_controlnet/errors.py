@@ -1,5 +1,7 @@
-"""Every failure a client can see: one typed error per status, answered the same way
-by both Services, by the request guard and in a stream's ``error`` event."""
+"""Every failure a client can see: one typed error per status, and the one shape every
+error answer has, ``{"error": "<sentence>", ...}``, whoever answers: an API, the request
+guard, BentoML itself (put into shape by ``middleware.ErrorBodies``) or a stream's
+``error`` event."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import typing as t
 from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 
 import aiohttp
 from bentoml.exceptions import BentoMLException, InvalidArgument
+from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 T = t.TypeVar("T")
@@ -21,6 +25,89 @@ logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server 
 
 ONE_IMAGE = "params.num_images: /generate returns one image; ask /generate_batch for {}"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read
+BODY = "body"  # the loc of a failure that belongs to no one field
+
+
+def error_body(message: str, **fields: t.Any) -> dict[str, t.Any]:
+    """The body of every error answer: ``error``, a sentence, and the fields set."""
+    return {
+        "error": message,
+        **{name: value for name, value in fields.items() if value is not None},
+    }
+
+
+def error_response(
+    status: int, message: str, headers: t.Mapping[str, str] | None = None, **fields: t.Any
+) -> JSONResponse:
+    return JSONResponse(error_body(message, **fields), status_code=status, headers=headers)
+
+
+# BentoML's own ``error`` for a validation error (``api_endpoint_wrapper``).
+_BENTOML_VALIDATION_ERROR = re.compile(r"^\d+ validation errors? for ")
+
+
+def in_shape(status: int, raw: bytes) -> dict[str, t.Any]:
+    """``raw``, the body of an error answer with ``status``, as the one error body:
+    BentoML's ``[{"error": ...}]`` (its 4xx branch) unwrapped, its "1 validation error for
+    Input" replaced by sentences naming the fields, plain text (a 404, a 503 from
+    ``/readyz``) put under ``error``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return error_body(raw.decode(errors="replace").strip() or _phrase(status))
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+        body = body[0]
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return error_body(_phrase(status), detail=body)
+    detail = body.get("detail")
+    if isinstance(detail, list) and _BENTOML_VALIDATION_ERROR.match(body["error"]):
+        return {**body, **validation_body(detail)}
+    return body
+
+
+class ClientErrorTraces(logging.Filter):
+    """BentoML logs every error its ``api_endpoint_wrapper`` answers with a stack trace
+    (``log_exception``), a client's bad request too. Those become one line, at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        client_error = isinstance(exc, ValidationError) or (
+            isinstance(exc, BentoMLException) and int(exc.error_code) < 500
+        )
+        if client_error:
+            first_line = str(exc).partition("\n")[0]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first_line}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+# The logger of BentoML's ``log_exception`` (``bentoml/_internal/server/http_app.py``).
+BENTOML_EXCEPTION_LOGGER = "bentoml._internal.server.http_app"
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"status {status}"
+
+
+def sentence(error: t.Mapping[str, t.Any]) -> str:
+    """One pydantic error as ``loc: message``, without the "Value error, " prefix."""
+    where = ".".join(str(part) for part in error["loc"]) or BODY
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def validation_body(detail: ValidationError | list[dict[str, t.Any]]) -> dict[str, t.Any]:
+    """The body of a validation error: ``error`` names each field and says what is wrong
+    with it, ``detail`` is pydantic's list, as BentoML sends it."""
+    if isinstance(detail, ValidationError):
+        detail = detail.errors(include_context=False, include_input=False, include_url=False)
+    else:
+        detail = [{k: v for k, v in item.items() if k != "url"} for item in detail]
+    return error_body("; ".join(sentence(error) for error in detail), detail=detail)
 
 
 class ClientError(BentoMLException):
@@ -31,10 +118,7 @@ class ClientError(BentoMLException):
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, t.Any]:
-        body: dict[str, t.Any] = {"error": self.message}
-        if self.retry_after_s is not None:
-            body["retry_after_s"] = self.retry_after_s
-        return body
+        return error_body(self.message, retry_after_s=self.retry_after_s)
 
     def body_with_status(self) -> dict[str, t.Any]:
         """The body with the status it goes with: how a stream reports a failure."""
@@ -42,7 +126,9 @@ class ClientError(BentoMLException):
 
     def response(self) -> JSONResponse:
         headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
-        return JSONResponse(self.body(), status_code=self.error_code, headers=headers)
+        return error_response(
+            self.error_code, self.message, headers, retry_after_s=self.retry_after_s
+        )
 
 
 class InvalidRequest(ClientError, InvalidArgument):
@@ -51,12 +137,12 @@ class InvalidRequest(ClientError, InvalidArgument):
     error_code = HTTPStatus.BAD_REQUEST
 
 
-class LengthRequired(ClientError):
-    error_code = HTTPStatus.LENGTH_REQUIRED
-
-
 class PayloadTooLarge(ClientError):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(ClientError):
+    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
 class ServiceBusy(ClientError):

@@ -1,46 +1,131 @@
-"""ASGI middleware for the public front Service."""
+"""ASGI middleware, BentoML's public hook around every request of a Service."""
 
 from __future__ import annotations
 
+import json
+import logging
 import typing as t
 
-from .errors import ClientError, InvalidRequest, LengthRequired, PayloadTooLarge
+from .errors import (
+    BENTOML_EXCEPTION_LOGGER,
+    ClientError,
+    ClientErrorTraces,
+    InvalidRequest,
+    PayloadTooLarge,
+    in_shape,
+)
 
 Scope = dict[str, t.Any]
-Receive = t.Callable[[], t.Awaitable[dict[str, t.Any]]]
-Send = t.Callable[[dict[str, t.Any]], t.Awaitable[None]]
+Message = dict[str, t.Any]
+Receive = t.Callable[[], t.Awaitable[Message]]
+Send = t.Callable[[Message], t.Awaitable[None]]
 ASGIApp = t.Callable[[Scope, Receive, Send], t.Awaitable[None]]
 
 
 class BodyGuard:
-    """Refuse request bodies that must not be read, before a byte of them is:
-    over ``max_bytes`` by their Content-Length, of unknown length (chunked, so that
-    it cannot dodge the limit), or multipart without a boundary (which
-    BentoML would answer with a 500)."""
+    """Refuse request bodies that must not be read: over ``max_bytes`` by their
+    Content-Length before a byte of them is read, or, sent without one (chunked), as
+    soon as what arrived passes it; and multipart without a boundary (which BentoML
+    would answer with a 500)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        has_body = scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH")
-        if has_body and (refusal := self.refusal(dict(scope["headers"]))):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if refusal := self.refusal(headers):
             return await refusal.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        if b"content-length" in headers:  # the server reads no more than it declares
+            return await self.app(scope, receive, send)
+        await self._counting(scope, receive, send)
+
+    async def _counting(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass a body of unknown length on as it arrives, counting; past ``max_bytes``
+        the app's reading fails, and its answer is replaced with a 413."""
+        received = 0
+        too_large: PayloadTooLarge | None = None
+
+        async def counted() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                too_large = PayloadTooLarge(
+                    f"request body is over {self.max_bytes} bytes, the most this server reads"
+                )
+                raise too_large
+            return message
+
+        async def send_unless_refused(message: Message) -> None:
+            if too_large is None:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, send_unless_refused)
+        except Exception:
+            if too_large is None:
+                raise
+        if too_large is not None:
+            await too_large.response()(scope, receive, send)
 
     def refusal(self, headers: dict[bytes, bytes]) -> ClientError | None:
         declared = headers.get(b"content-length")
-        if declared is None and b"transfer-encoding" not in headers:
-            return None  # no body at all: curl's PUT /generate_task/cancel, say
-        if declared is None:
-            return LengthRequired("send a Content-Length header")
-        if not declared.isdigit():
+        if declared is not None and not declared.isdigit():
             return InvalidRequest("Content-Length must be a number of bytes")
-        if int(declared) > self.max_bytes:
+        if declared is not None and int(declared) > self.max_bytes:
             return PayloadTooLarge(
                 f"request body is {int(declared)} bytes; at most {self.max_bytes}"
             )
-        content_type = headers.get(b"content-type", b"")
-        if content_type.startswith(b"multipart/") and b"boundary=" not in content_type:
+        media_type, *parameters = headers.get(b"content-type", b"").split(b";")
+        boundary = (p.split(b"=", 1) for p in parameters if b"=" in p)
+        has_boundary = any(k.strip().lower() == b"boundary" and v.strip() for k, v in boundary)
+        if media_type.strip().lower().startswith(b"multipart/") and not has_boundary:
             return InvalidRequest("multipart Content-Type needs a boundary")
         return None
+
+
+class ErrorBodies:
+    """Every error answer in the one shape, ``{"error": ...}`` (``errors.in_shape``),
+    including those BentoML builds itself: a list from its 4xx branch, plain text from
+    ``/readyz`` and unknown routes. Answers under 400 pass untouched. A client's error
+    is logged in one line, not with BentoML's stack trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        logger = logging.getLogger(BENTOML_EXCEPTION_LOGGER)
+        if not any(isinstance(f, ClientErrorTraces) for f in logger.filters):
+            logger.addFilter(ClientErrorTraces())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def reshape(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = json.dumps(in_shape(start["status"], b"".join(chunks))).encode()
+            headers = [
+                (name, value)
+                for name, value in start.get("headers", [])
+                if name.lower() not in (b"content-length", b"content-type")
+            ]
+            headers += [
+                (b"content-length", str(len(body)).encode()),
+                (b"content-type", b"application/json"),
+            ]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshape)

@@ -1,5 +1,5 @@
-"""What goes wrong while a request is read, answered as a field error: a 400 whose
-``error`` is a sentence naming the field, with pydantic's ``detail`` list beside it.
+"""What goes wrong while a request is read, raised as a field error: a validation error
+that BentoML answers with a 400, whose ``error`` names the field (``errors.validation_body``).
 
 BentoML reads a request in three steps, and each can raise something other than a
 validation error, which it would answer with a 500: starlette parses the form
@@ -22,9 +22,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+from .errors import BODY
 
-BODY = "body"  # the loc of a failure that belongs to no one field
+logger = logging.getLogger("bentoml").getChild(__name__)
 
 
 class PartTooLarge(MultiPartException):
@@ -49,19 +49,6 @@ async def read_form(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data") and request._form is None:
         request._form = await _FieldNamingParser(request.headers, request.stream()).parse()
-
-
-def sentence(error: t.Mapping[str, t.Any]) -> str:
-    """One pydantic error as ``loc: message``, without the "Value error, " prefix."""
-    where = ".".join(str(part) for part in error["loc"]) or BODY
-    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
-
-
-def validation_body(exc: ValidationError) -> dict[str, t.Any]:
-    """BentoML's body for a validation error, with ``error`` a sentence rather than
-    "1 validation error for ..."."""
-    detail = exc.errors(include_context=False, include_input=False, include_url=False)
-    return {"error": "; ".join(sentence(error) for error in detail), "detail": detail}
 
 
 def field_error(title: str, field: str, message: str) -> ValidationError:

@@ -119,9 +119,13 @@ class Settings(BaseModel):
 
     # GPUs on one host: the GPU Service runs one worker per GPU, each pinned to its own.
     gpus: int = Field(default=1, ge=1)
+    # The GPU the GPU Service asks for (its `resources`); BentoCloud picks the instance by it.
+    gpu_type: str = Field(default="nvidia-l4", pattern=r"^[a-z0-9][a-z0-9-]*$")
     # Without a visible CUDA GPU the GPU Service refuses to start unless this is set:
     # `make serve`, the tests and the CPU image set it; a GPU pod must not.
     allow_cpu: bool = False
+    # Start on a BentoML other than the one bentoml_workarounds.py was checked against.
+    allow_untested_bentoml: bool = False
     # Front workers: "cpu_count" counts the host's cores, not a container's share of them.
     front_workers: int | t.Literal["cpu_count"] = "cpu_count"
 

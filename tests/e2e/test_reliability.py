@@ -228,16 +228,60 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(strict_server: Serve
     assert "at most 1048576" in response.json()["error"]
 
 
-def test_a_body_of_unknown_length_is_refused(strict_server: Server) -> None:
-    def chunks() -> Iterator[bytes]:
-        yield b"--x\r\n"
+def multipart_body(boundary: bytes, image: bytes, params: dict = FAST) -> bytes:
+    return b"".join(
+        [
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="params"\r\n\r\n',
+            json.dumps(params).encode(),
+            b"\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; ',
+            b'filename="in.png"\r\nContent-Type: image/png\r\n\r\n',
+            image,
+            b"\r\n--" + boundary + b"--\r\n",
+        ]
+    )
 
+
+def in_chunks(body: bytes, size: int = 16 * 1024) -> Iterator[bytes]:
+    """A body sent with Transfer-Encoding: chunked, as a streaming client sends it."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def test_a_chunked_upload_is_served(strict_server: Server) -> None:
     response = httpx.post(
         f"{strict_server.url}/generate",
-        content=chunks(),
+        content=in_chunks(multipart_body(b"x", GOOD_IMAGE[1])),
         headers={"content-type": "multipart/form-data; boundary=x"},
+        timeout=120,
     )
-    assert response.status_code == 411
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 200, response.text
+    assert decode(response.content).size == (64, 64)
+
+
+def test_a_chunked_upload_past_the_limit_is_refused_as_it_arrives(strict_server: Server) -> None:
+    body = multipart_body(b"x", GOOD_IMAGE[1] + b"\0" * (1024 * 1024))
+    response = httpx.post(
+        f"{strict_server.url}/generate",
+        content=in_chunks(body),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": "request body is over 1048576 bytes, the most this server reads"
+    }
+
+
+def test_the_boundary_parameter_is_read_whatever_its_case(strict_server: Server) -> None:
+    response = httpx.post(
+        f"{strict_server.url}/generate",
+        content=multipart_body(b"X", GOOD_IMAGE[1]),
+        headers={"content-type": "multipart/form-data; BOUNDARY=X"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_a_wrong_content_type_is_refused(strict_server: Server) -> None:

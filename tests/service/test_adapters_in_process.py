@@ -155,7 +155,7 @@ def test_the_preset_reaches_the_gpu_service_resolved() -> None:
     ],
 )
 def test_bad_adapter_choices_are_refused_naming_the_field(loras, message) -> None:
-    from sdxl_controlnet.request_errors import validation_body
+    from sdxl_controlnet.errors import validation_body
 
     with pytest.raises(ValidationError) as error:
         Params(prompt="x", loras=loras)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import bentoml
+import pytest
 from _bentoml_impl.client.base import ClientFileManager
 from _bentoml_impl.client.proxy2 import AsyncClient, SessionManager
 
@@ -34,14 +35,63 @@ def test_connection_recycling_is_still_configured_by_max_requests_and_max_age() 
     assert manager.max_age == float(bentoml_workarounds.NEVER)
 
 
-def test_request_reading_and_validation_answers_are_patched() -> None:
+def test_request_reading_and_the_task_endpoints_are_patched() -> None:
     from _bentoml_impl.server.app import ServiceAppFactory
     from _bentoml_sdk.io_models import IODescriptor
 
     bentoml_workarounds.apply()
     assert IODescriptor.from_http_request.__func__.sdxl_controlnet_workaround
-    for name in ("api_endpoint", "submit_task", "cancel_task", "_run_task"):
+    for name in ("submit_task", "cancel_task", "_run_task"):
         assert getattr(ServiceAppFactory, name).sdxl_controlnet_workaround, name
+
+
+def test_another_bentoml_version_refuses_to_start_naming_both_and_the_module() -> None:
+    with pytest.raises(bentoml_workarounds.UntestedBentoML) as refusal:
+        bentoml_workarounds.check_upstream("1.5.0")
+    message = str(refusal.value)
+    assert "bentoml 1.5.0 is installed" in message
+    assert f"written for bentoml {bentoml_workarounds.TESTED_VERSION}" in message
+    assert "bentoml_workarounds" in message
+    assert "ALLOW_UNTESTED_BENTOML=1" in message
+
+
+def test_the_override_starts_on_another_version_with_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="bentoml"):
+        bentoml_workarounds.check_upstream("1.5.0", allow_untested=True)
+    assert "bentoml 1.5.0 is installed" in caplog.text
+
+
+def test_the_override_reads_from_the_environment() -> None:
+    from sdxl_controlnet.settings import Settings
+
+    assert Settings.from_env({"ALLOW_UNTESTED_BENTOML": "1"}).allow_untested_bentoml
+    assert not Settings.from_env({}).allow_untested_bentoml
+
+
+def test_every_patched_function_has_the_signature_the_workaround_was_written_for() -> None:
+    bentoml_workarounds.apply()  # patched first: the check must still see upstream's
+    bentoml_workarounds.check_upstream()
+
+
+def test_a_changed_signature_stops_start_up_naming_the_function(monkeypatch) -> None:
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    async def cancel_task(self, request, *, force: bool = False): ...
+
+    monkeypatch.setattr(ServiceAppFactory, "cancel_task", cancel_task)
+    with pytest.raises(bentoml_workarounds.UntestedBentoML) as refusal:
+        bentoml_workarounds.apply(allow_untested=True)  # the override does not cover it
+    message = str(refusal.value)
+    assert "_bentoml_impl.server.app.ServiceAppFactory.cancel_task" in message
+    assert "force" in message
+
+
+def test_a_moved_function_stops_start_up_naming_it(monkeypatch) -> None:
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    monkeypatch.delattr(ServiceAppFactory, "_run_task")
+    with pytest.raises(bentoml_workarounds.UntestedBentoML, match=r"ServiceAppFactory\._run_task"):
+        bentoml_workarounds.check_upstream()
 
 
 def test_upstream_still_has_the_gaps_the_task_workarounds_close() -> None:

@@ -1,18 +1,21 @@
-"""Failures while a request is read, as sentences naming the field."""
+"""Failures while a request is read, as sentences naming the field, and every error
+answer in one shape."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from pydantic import ValidationError
 
-from sdxl_controlnet import request_errors
+from sdxl_controlnet import errors, request_errors
 from sdxl_controlnet.schemas import Params
 
 
 def test_a_validation_error_reads_as_one_sentence_per_field() -> None:
     with pytest.raises(ValidationError) as error:
         Params.model_validate({"prompt": "", "num_inference_steps": 10**6})
-    body = request_errors.validation_body(error.value)
+    body = errors.validation_body(error.value)
     assert body["error"] == (
         "prompt: String should have at least 1 character; "
         "num_inference_steps: Input should be less than or equal to 100"
@@ -22,12 +25,39 @@ def test_a_validation_error_reads_as_one_sentence_per_field() -> None:
 
 def test_a_value_error_loses_its_prefix() -> None:
     error = {"loc": ("params", "width"), "msg": "Value error, too wide"}
-    assert request_errors.sentence(error) == "params.width: too wide"
+    assert errors.sentence(error) == "params.width: too wide"
 
 
 def test_a_field_error_names_its_field() -> None:
     exc = request_errors.field_error("Input", "params", "JSON nested too deeply")
-    assert request_errors.validation_body(exc)["error"] == "params: JSON nested too deeply"
+    assert errors.validation_body(exc)["error"] == "params: JSON nested too deeply"
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "body"),
+    [
+        # BentoML's 4xx branch answers a list
+        (415, b'[{"error": "pickle is not allowed"}]', {"error": "pickle is not allowed"}),
+        # plain text: /readyz's 503, an unknown route
+        (404, b"Not Found", {"error": "Not Found"}),
+        (503, b"", {"error": "Service Unavailable"}),
+        (400, b'["a", "b"]', {"error": "Bad Request", "detail": ["a", "b"]}),
+        # ours already
+        (503, b'{"error": "busy", "retry_after_s": 3}', {"error": "busy", "retry_after_s": 3}),
+    ],
+)
+def test_every_error_answer_becomes_one_object_with_error(status, raw, body) -> None:
+    assert errors.in_shape(status, raw) == body
+
+
+def test_bentomls_validation_error_is_rewritten_as_sentences() -> None:
+    with pytest.raises(ValidationError) as error:
+        Params.model_validate({"prompt": ""})
+    detail = json.loads(error.value.json())  # as BentoML sends it, with urls
+    raw = json.dumps({"error": "1 validation error for Input", "detail": detail}).encode()
+    body = errors.in_shape(400, raw)
+    assert body["error"] == "prompt: String should have at least 1 character"
+    assert "url" not in body["detail"][0]
 
 
 @pytest.mark.parametrize(
