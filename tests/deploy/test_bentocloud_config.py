@@ -95,3 +95,23 @@ def test_a_wrong_value_is_an_error(field: str, value: object) -> None:
     config["services"]["ControlNet"][field] = value
     with pytest.raises(ValueError):
         check(config)
+
+
+def envs(service: str) -> dict[str, str]:
+    return {env["name"]: env["value"] for env in CONFIG["services"][service].get("envs", [])}
+
+
+def test_both_services_get_the_settings_both_read() -> None:
+    from sdxl_controlnet.settings import Settings
+
+    front, gpu = envs("ControlNet"), envs("SDXLControlNetService")
+    assert front == gpu
+    assert {"GENERATION_TIMEOUT_S", "MAX_STEPS", "MAX_OUTPUT_PIXELS"} <= set(front)
+    Settings.from_env(front)
+
+
+def test_gpu_requests_wait_in_bentoclouds_queue_one_at_a_time_per_replica() -> None:
+    traffic = CONFIG["services"]["SDXLControlNetService"]["config_overrides"]["traffic"]
+    assert traffic == {"external_queue": True, "concurrency": 1}
+    # what BentoML 1.4.40's own traffic schema accepts
+    ConfigOverrides(config={"traffic": traffic})

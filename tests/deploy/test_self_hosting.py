@@ -15,8 +15,12 @@ from devtools.harness import ROOT
 from sdxl_controlnet.settings import Settings
 
 DEPLOY = ROOT / "deploy"
-# The oldest Kubernetes release the manifests are meant for.
-KUBERNETES_VERSION = "1.30.0"
+# The oldest Kubernetes release the manifests are meant for (docs/deployment.md), and the
+# newest: the preStop pause is an `exec` of sleep, not the `sleep` action of 1.30.
+KUBERNETES_VERSIONS = ["1.27.0", "1.33.0"]
+# Settings that only one Service reads, or that differ between them by design.
+PER_SERVICE = {"FRONT_WORKERS", "MAX_QUEUE", "GPUS", "GPU_TYPE", "ALLOW_CPU"}
+SHARED = {name.upper() for name in Settings.model_fields} - PER_SERVICE
 
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
 MANIFESTS = [
@@ -82,11 +86,12 @@ def test_compose_front_depends_on_the_gpu_service_by_name_and_port() -> None:
     assert "gpu" in front["depends_on"]
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize(
     "resource", MANIFESTS, ids=lambda r: f"{r['kind']}/{r['metadata']['name']}"
 )
-def test_kubernetes_manifest_is_valid(resource: dict) -> None:
-    kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+def test_kubernetes_manifest_is_valid(resource: dict, version: str) -> None:
+    kubernetes_validate.validate(resource, version, strict=True)
 
 
 def test_kubernetes_runs_each_service_from_one_image_the_gpu_one_on_a_gpu() -> None:
@@ -128,15 +133,40 @@ def test_kubernetes_lets_a_generation_in_flight_finish_on_shutdown(service_name:
     deployment, container = running(service_name)
     timeout_s = Settings.from_env(env(container)).generation_timeout_s
     waits_s = timeout_s if service_name == "SDXLControlNetService" else timeout_s + 30
-    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    pre_stop_s = pre_stop_pause_s(container)
     grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace_s >= pre_stop_s + waits_s
 
 
-def test_kubernetes_front_and_gpu_agree_on_the_generation_timeout() -> None:
+def pre_stop_pause_s(container: dict) -> int:
+    """The preStop pause: `sleep N` run in the container, which any Kubernetes runs."""
+    pre_stop = container["lifecycle"]["preStop"]
+    assert "sleep" not in pre_stop, "the sleep action needs Kubernetes 1.30"
+    command, seconds = pre_stop["exec"]["command"]
+    assert command == "sleep"
+    return int(seconds)
+
+
+def shared(settings: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in settings.items() if name in SHARED}
+
+
+def test_kubernetes_front_and_gpu_set_the_settings_both_read_alike() -> None:
     _, gpu = running("SDXLControlNetService")
     _, front = running("ControlNet")
-    assert env(gpu)["GENERATION_TIMEOUT_S"] == env(front)["GENERATION_TIMEOUT_S"]
+    assert shared(env(gpu)) == shared(env(front))
+    assert {"GENERATION_TIMEOUT_S", "MAX_STEPS", "MAX_OUTPUT_PIXELS"} <= set(shared(env(front)))
+
+
+def test_compose_front_and_gpu_set_the_settings_both_read_alike() -> None:
+    gpu, front = COMPOSE["services"]["gpu"], COMPOSE["services"]["front"]
+    assert shared(gpu["environment"]) == shared(front["environment"])
+    assert "GENERATION_TIMEOUT_S" in shared(front["environment"])
+
+
+def test_compose_front_runs_one_worker_per_cpu_it_may_use() -> None:
+    front = COMPOSE["services"]["front"]
+    assert Settings.from_env(front["environment"]).front_workers == front["cpus"]
 
 
 def test_kubernetes_front_runs_one_worker_per_cpu_of_its_limit() -> None:
