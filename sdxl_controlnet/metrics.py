@@ -34,3 +34,9 @@ STEP_SECONDS = Gauge(
     "Time the last timed denoising step took: how fast this GPU is right now.",
     multiprocess_mode="mostrecent",
 )
+UNCOMPILED = Counter(
+    "sdxl_controlnet_uncompiled_generations",
+    "With TORCH_COMPILE on, generations that ran uncompiled models, by reason: a shape "
+    "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
+    ["reason"],
+)

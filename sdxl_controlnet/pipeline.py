@@ -24,6 +24,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from . import metrics
+from .compilation import CompiledModels, graph_key, without_compiling
 from .errors import GenerationCancelled, GPUOutOfMemory
 from .schemas import GenerationParams, LoraChoice, Scheduler
 
@@ -39,10 +41,6 @@ SCHEDULERS: dict[Scheduler, tuple[type, dict]] = {
     "unipc": (UniPCMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
 }
-
-# What a compiled graph is specialised on: height, width, images, and the two
-# settings that change the UNet's and ControlNet's batch (guidance, guess mode).
-ShapeKey = tuple[int, int, int, bool, bool]
 
 
 class NoGPUError(RuntimeError):
@@ -69,9 +67,9 @@ def select_device(allow_cpu: bool, worker_index: int | None) -> str:
     )
 
 
-def shape_key(height: int, width: int, params: GenerationParams) -> ShapeKey:
-    cfg = params.guidance_scale > 1
-    return (height, width, params.num_images, cfg, params.guess_mode and cfg)
+def active_adapters(loras: list[LoraChoice]) -> tuple[tuple[str, float], ...]:
+    """The adapters a request turns on, with their scales: those at scale 0 change nothing."""
+    return tuple((lora.name, lora.scale) for lora in loras if lora.scale != 0)
 
 
 def _variant(path: str) -> str | None:
@@ -126,7 +124,8 @@ class ControlNetPipeline:
         self.adapters = list(adapters)
         for name, (path, weight_name) in adapters.items():
             self._load_adapter(name, path, weight_name)
-        self._active: tuple[tuple[str, float], ...] = ()
+        # What the models have on now; None after a failed switch: unknown, set afresh.
+        self._active: tuple[tuple[str, float], ...] | None = ()
         if adapters:
             self.pipe.disable_lora()  # until a request asks for one
         if channels_last:
@@ -135,9 +134,10 @@ class ControlNetPipeline:
         if fuse_qkv:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        # The pipeline holds the eager modules except during a compiled call, so that
+        # diffusers always finds the adapters on them.
         self._eager = (self.pipe.unet, self.pipe.controlnet)
-        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
-        self.warmed: set[ShapeKey] = set()
+        self._compiled: CompiledModels | None = None
         if sizes := list(compile_sizes):
             self._compile(sizes)
 
@@ -160,30 +160,45 @@ class ControlNetPipeline:
 
     def _use_adapters(self, loras: list[LoraChoice]) -> None:
         """Activate the request's adapters at their scales, unfused: switching costs no
-        reload. With none (or all at scale 0) they are disabled: the base model, exactly."""
-        active = tuple((lora.name, lora.scale) for lora in loras if lora.scale != 0)
+        reload. With none (or all at scale 0) they are disabled: the base model, exactly.
+        If switching fails, they are disabled before the error goes on, so no adapter is
+        left on for a later request."""
+        active = active_adapters(loras)
         if active == self._active:
             return
-        if not active:
+        self._active = None
+        try:
+            if active:
+                self.pipe.enable_lora()
+                names, scales = zip(*active, strict=True)
+                self.pipe.set_adapters(list(names), adapter_weights=list(scales))
+            else:
+                self.pipe.disable_lora()
+        except Exception:
             self.pipe.disable_lora()
-        else:
-            self.pipe.enable_lora()
-            names, scales = zip(*active, strict=True)
-            self.pipe.set_adapters(list(names), adapter_weights=list(scales))
+            self._active = ()
+            raise
         self._active = active
 
     def _compile(self, sizes: list[tuple[int, int]]) -> None:
         """Compile the UNet and ControlNet and record their graphs at ``sizes``, one
-        image with guidance. Other shapes run uncompiled: a request never waits for a
-        compilation, which holds the GPU for minutes and cannot be cancelled."""
-        # CUDA graphs on a GPU; on the CPU (tests) inductor's default is the useful mode.
-        mode = "max-autotune" if self.device.startswith("cuda") else None
-        self._compiled = tuple(torch.compile(m, mode=mode, dynamic=False) for m in self._eager)
+        image with guidance: a warm-up generation at each, before the Service is ready."""
+        self._compiled = CompiledModels(*self._eager, self.device)
         warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
         for width, height in sizes:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
-            self.warmed.add(shape_key(height, width, warm_up))
-            self.submit(np.zeros((height, width), np.uint8), warm_up).result()
+            self._compiled.warmed.add(graph_key(height, width, warm_up))
+            edges = np.zeros((height, width), np.uint8)
+            self._thread.submit(self._generate, edges, warm_up, None, lambda: False).result()
+
+    def runs_compiled(self, height: int, width: int, params: GenerationParams) -> bool:
+        """Whether a request runs the compiled models: compiling is on, its shape was
+        warmed, and no adapter is on (the graphs are traced with the adapters off)."""
+        return (
+            self._compiled is not None
+            and graph_key(height, width, params) in self._compiled.warmed
+            and not active_adapters(params.loras)
+        )
 
     def submit(
         self,
@@ -195,7 +210,6 @@ class ControlNetPipeline:
         """Run ``generate`` on the pipeline's own thread."""
         return self._thread.submit(self.generate, edges, params, on_step, cancelled)
 
-    @torch.inference_mode()
     def generate(
         self,
         edges: np.ndarray,
@@ -208,8 +222,20 @@ class ControlNetPipeline:
 
         After each denoising step ``on_step(done, total)`` reports progress, and
         ``cancelled()`` can stop the run (raising GenerationCancelled), so an
-        abandoned request frees the GPU within one step.
+        abandoned request frees the GPU within one step. Nothing is compiled here:
+        what the warmed graphs do not fit runs the eager models.
         """
+        with without_compiling():
+            return self._generate(edges, params, on_step, cancelled)
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        on_step: Callable[[int, int], None] | None,
+        cancelled: Callable[[], bool],
+    ) -> np.ndarray:
         assert params.seed is not None, "the caller resolves the seed"
 
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
@@ -221,12 +247,9 @@ class ControlNetPipeline:
 
         height, width = edges.shape
         self._use_adapters(params.loras)
-        # Graphs are compiled without adapters: with one active, the model runs uncompiled
-        # rather than compiling again inside a request.
-        compiled = (
-            self._compiled and not self._active and shape_key(height, width, params) in self.warmed
-        )
-        self.pipe.unet, self.pipe.controlnet = self._compiled if compiled else self._eager
+        compiled = self.runs_compiled(height, width, params)
+        if self._compiled is not None:
+            self._say_what_runs_eagerly(height, width, params, compiled)
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         # torch.tensor copies: the array BentoML unpickles is read-only.
         control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
@@ -236,6 +259,8 @@ class ControlNetPipeline:
             for i in range(params.num_images)
         ]
         self.pipe.scheduler = self.schedulers[params.scheduler]
+        if compiled:
+            self.pipe.unet, self.pipe.controlnet = self._compiled.modules
         try:
             images = self.pipe(
                 prompt=params.prompt,
@@ -263,6 +288,29 @@ class ControlNetPipeline:
                 f"the GPU ran out of memory generating {params.num_images} image(s) at "
                 f"{width}×{height}; try fewer images or a smaller size"
             ) from exc
+        finally:
+            self.pipe.unet, self.pipe.controlnet = self._eager
         # Quantize on the device: a quarter of the bytes to copy back.
         images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    def _say_what_runs_eagerly(
+        self, height: int, width: int, params: GenerationParams, compiled: bool
+    ) -> None:
+        """With compiling on, a log line and a metric for each request that runs the
+        slower, uncompiled models."""
+        if not compiled:
+            reason = "adapters" if active_adapters(params.loras) else "shape"
+            logger.info(
+                "uncompiled generation (%s): %d×%d, batch of %d",
+                reason,
+                width,
+                height,
+                params.batch,
+            )
+        elif params.guess_mode:
+            reason = "guess_mode"
+            logger.info("uncompiled ControlNet (guess mode); the UNet runs compiled")
+        else:
+            return
+        metrics.UNCOMPILED.labels(reason).inc()

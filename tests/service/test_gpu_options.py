@@ -1,8 +1,11 @@
 """The GPU speed-ups and safety nets a deployment turns on by configuration, run
 for real on the tiny pipeline: torch.compile with inductor (it compiles on the CPU
-too), channels-last, fused QKV, the device choice and out-of-memory handling."""
+too) across every request the API allows, channels-last, fused QKV, the device choice
+and out-of-memory handling."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -11,8 +14,8 @@ from torch._dynamo.utils import counters
 
 from sdxl_controlnet import pipeline as pipeline_module
 from sdxl_controlnet.errors import GPUOutOfMemory
-from sdxl_controlnet.pipeline import ControlNetPipeline, NoGPUError, select_device
-from sdxl_controlnet.schemas import GenerationParams
+from sdxl_controlnet.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
+from sdxl_controlnet.schemas import GenerationParams, LoraChoice
 from sdxl_controlnet.settings import settings
 
 PARAMS = GenerationParams(prompt="a red ball", num_inference_steps=2, seed=5)
@@ -49,27 +52,114 @@ def test_channels_last_and_fused_qkv_give_the_same_image() -> None:
 
 
 def compiled_graphs() -> int:
-    return sum(counters["stats"].values()) and counters["stats"]["unique_graphs"]
+    return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_pipeline_compiles_at_warm_up_only_and_matches_eager() -> None:
+ADAPTERS = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
+STYLE = [LoraChoice(name="style", scale=0.8)]
+
+
+@pytest.fixture(scope="module")
+def eager() -> ControlNetPipeline:
+    return load(adapters=ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> ControlNetPipeline:
+    """Compiled for real with inductor (it compiles on the CPU too), warmed at 64×64."""
     torch._dynamo.reset()
-    eager = load().submit(edges(64, 64), PARAMS).result()
-    compiled = load(compile_sizes=[(64, 64)])  # inductor, for real
-    after_warm_up = compiled_graphs()
-    assert after_warm_up > 0, "the warm-up compiled nothing"
+    pipeline = load(compile_sizes=[(64, 64)], adapters=ADAPTERS)
+    assert compiled_graphs() > 0, "the warm-up compiled nothing"
+    return pipeline
 
-    # A warmed size runs the compiled graphs and compiles nothing more.
-    images = compiled.submit(edges(64, 64), PARAMS).result()
-    assert compiled.pipe.unet is compiled._compiled[0]
+
+def test_a_warmed_request_runs_the_compiled_graphs_and_matches_eager(eager, compiled) -> None:
+    after_warm_up = compiled_graphs()
+    seen = []
+    hook = compiled._compiled.modules[0].register_forward_hook(lambda *_: seen.append(True))
+    try:
+        images = compiled.submit(edges(64, 64), PARAMS).result()
+    finally:
+        hook.remove()
+    assert seen, "the compiled UNet did not run"
     assert compiled_graphs() == after_warm_up
-    assert np.abs(images.astype(int) - eager).max() <= 3
+    assert np.abs(images.astype(int) - eager.submit(edges(64, 64), PARAMS).result()).max() <= 3
 
     # Another size, or another batch, runs uncompiled rather than compiling in a request.
     other = compiled.submit(edges(64, 96), PARAMS.model_copy(update={"num_images": 2})).result()
     assert other.shape == (2, 64, 96, 3)
-    assert compiled.pipe.unet is compiled._eager[0]
     assert compiled_graphs() == after_warm_up
+    # Between calls the pipeline holds the eager modules, where diffusers finds the adapters.
+    assert compiled.pipe.unet is compiled._eager[0]
+
+
+MATRIX = list(
+    itertools.product(SCHEDULERS, (0.0, 0.5, 0.8), (1.0, 0.5), (False, True), (False, True))
+)
+
+
+def test_no_request_compiles_again_whatever_it_asks(eager, compiled) -> None:
+    """Every scheduler (int64 or float32 timesteps), ControlNet scale, guidance window
+    (the scale drops to 0 within the request), guess mode and adapter, at the warmed size:
+    dynamo's graph count stays where the warm-up left it, and no request fails."""
+    after_warm_up = compiled_graphs()
+    for scheduler, scale, end, guess_mode, adapter in MATRIX:
+        params = PARAMS.model_copy(
+            update={
+                "scheduler": scheduler,
+                "controlnet_conditioning_scale": scale,
+                "control_guidance_end": end,
+                "guess_mode": guess_mode,
+                "loras": STYLE if adapter else [],
+            }
+        )
+        images = compiled.submit(edges(64, 64), params).result()
+        assert compiled_graphs() == after_warm_up, f"compiled again for {params}"
+        if scale == 0.8 and end == 0.5 and not guess_mode:
+            reference = eager.submit(edges(64, 64), params).result()
+            assert np.abs(images.astype(int) - reference).max() <= 3, params
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -> None:
+    """Not only no compilation, but no fallback: dynamo's fail_on_recompile stance raises
+    where the warmed graphs do not fit a request that should run compiled."""
+    for scale, end in itertools.product((0.0, 0.5, 0.8), (1.0, 0.5)):
+        params = PARAMS.model_copy(
+            update={
+                "scheduler": scheduler,
+                "controlnet_conditioning_scale": scale,
+                "control_guidance_end": end,
+                "seed": 9,
+            }
+        )
+        assert compiled.runs_compiled(64, 64, params)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled._thread.submit(
+                compiled._generate, edges(64, 64), params, None, lambda: False
+            ).result()
+
+
+def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> None:
+    styled = PARAMS.model_copy(update={"loras": STYLE})
+    detail = PARAMS.model_copy(update={"loras": [LoraChoice(name="detail", scale=1.0)]})
+    base, with_style = (compiled.submit(edges(64, 64), p).result() for p in (PARAMS, styled))
+    assert not np.array_equal(base, with_style)
+    real_set_adapters = type(compiled.pipe).set_adapters
+
+    def fail_halfway(self, names, adapter_weights=None):
+        real_set_adapters(self, names, adapter_weights)  # on, and then it breaks
+        raise RuntimeError("injected: failed while switching adapters")
+
+    # From the base model and from an adapter: after a failed switch to another one, the
+    # same request as before gives the same image, bit for bit.
+    for before, image in ((PARAMS, base), (styled, with_style)):
+        compiled.submit(edges(64, 64), before).result()
+        with monkeypatch.context() as patch:
+            patch.setattr(type(compiled.pipe), "set_adapters", fail_halfway)
+            with pytest.raises(RuntimeError, match="injected"):
+                compiled.submit(edges(64, 64), detail).result()
+        assert np.array_equal(compiled.submit(edges(64, 64), before).result(), image)
 
 
 def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatch) -> None:
