@@ -14,7 +14,7 @@ import numpy as np
 
 from . import metrics, streaming
 from .errors import ClientError, GenerationCancelled
-from .gpu_queue import GPUQueue
+from .gpu_queue import GPUQueue, Work
 from .schemas import GenerationParams, check_gpu_request
 
 if t.TYPE_CHECKING:
@@ -39,8 +39,10 @@ class GPUWorker:
         check_gpu_request(edges, params)
         height, width = edges.shape
         stop = threading.Event()
-        pixels = width * height * params.num_images
-        async with self.queue.turn(pixels, params.num_inference_steps) as step_done:
+        work = Work(
+            width * height * params.batch, self.pipeline.runs_compiled(height, width, params)
+        )
+        async with self.queue.turn(work, params.num_inference_steps) as step_done:
 
             def report(done: int, total: int) -> None:  # on the pipeline's thread
                 step_done()

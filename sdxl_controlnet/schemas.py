@@ -164,6 +164,12 @@ class GenerationParams(BaseModel):
 
     _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
 
+    @property
+    def batch(self) -> int:
+        """The models' batch: diffusers guides (guidance_scale > 1) by denoising each image
+        twice, with and without the prompt."""
+        return self.num_images * (2 if self.guidance_scale > 1 else 1)
+
     @model_validator(mode="after")
     def _adapters_and_their_presets(self) -> t.Self:
         names = [lora.name for lora in self.loras]
