@@ -1,26 +1,30 @@
-"""GPU benchmark on a full-size SDXL + Canny ControlNet: `make bench-gpu`, or `python -m bench.gpu`.
+"""GPU benchmark on a full-size SDXL + Canny ControlNet, in one time budget: `make bench-gpu`.
 
-Needs an NVIDIA GPU; without CUDA it says so and exits 0. The model is SDXL's
-real architecture with random weights (``devtools.full_size_model``), built once
-into ``--model-dir`` without the Hugging Face hub, so the figures are real
-timings of real shapes.
+Needs an NVIDIA GPU; without CUDA it says so and exits 0 (``--cpu`` rehearses the whole run on
+the CPU with a small model; its CUDA rows then say there is no CUDA). The model is SDXL's real
+architecture with random weights (``devtools.full_size_model``), built into ``--model-dir`` if
+absent, so the figures are real timings of real shapes.
 
-Each variant (every speed-up flag off, each one on, all on) is measured two ways:
-**bare**, diffusers' ``StableDiffusionXLControlNetPipeline`` called directly in a
-process of its own, and **served**, a ``bentoml serve .`` of both Services sent
-multipart ``/generate`` requests. Both stay loaded side by side on the GPU and
-are measured in turns, as many variants at once as fit in GPU memory, so a
-drifting clock weighs on all alike. Figures: seconds per image (1024², 30
-steps, batch 1), images per second at concurrency 4, peak GPU memory, start-up.
-Prints a table and writes every sample to bench/results/gpu-latest.json.
+One request is measured two ways: **bare**, diffusers' pipeline called in this process with the
+values the GPU Service uses (its negative prompt, guidance, ControlNet scale and scheduler, both
+text encoders), and **served**, ``bentoml serve .`` sent multipart /generate requests; eager and
+with TORCH_COMPILE. Figures: start-up to ready, the first request, seconds per image (1024², 30
+steps, batch 1), the same with the 4-step preset, peak GPU memory.
+
+Everything fits in BENCH_GPU_BUDGET_S (default 420 s; the model build and every start-up count):
+a plan estimates each item, runs them in priority order, skips with its reason what would
+overrun, and abandons an item still running at the deadline. Estimates follow what the run has
+measured so far. ``--full`` adds CHANNELS_LAST, FUSE_QKV, all flags together and bursts at
+concurrency 4, for a longer window. Prints one table; writes it as JSON to ``--output``.
 """
 
 from __future__ import annotations
 
-import abc
 import argparse
-import asyncio
+import concurrent.futures
 import contextlib
+import gc
+import importlib
 import io
 import json
 import os
@@ -29,23 +33,24 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import psutil
-from PIL import Image, ImageDraw, ImageFilter
 
-from devtools.harness import free_port, model_env, stop_process_tree
+from bench.budget import Item, Plan, say
+from devtools.harness import Server, model_env, photo, post_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gpu-latest.json"
 LOGS = ROOT / "bench" / "results" / "gpu-logs"
 DEFAULT_MODEL = ROOT / "models" / "full-size"
+BUDGET_S = 420.0
+# Kept back from the budget for stopping the servers and writing the results.
+RESERVE_S = 15.0
 
 FLAGS = ("CHANNELS_LAST", "FUSE_QKV", "TORCH_COMPILE")
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -55,473 +60,529 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "TORCH_COMPILE": ("TORCH_COMPILE",),
     "all": FLAGS,
 }
+DEFAULT_VARIANTS = ["off", "TORCH_COMPILE"]
 PROMPT = "a lighthouse on a rocky coast at dusk, photograph"
-# The service's defaults that the bare call has to be told (diffusers' own differ).
-CONTROLNET_SCALE = 0.5
-CANNY_THRESHOLDS = (100, 200)
 
+# What each item costs on an H100-class GPU at 1024², 30 steps, before this run has measured
+# it. Images scale with pixels × steps. The compile is a guess until a GPU run measures it;
+# each run's JSON records estimate and time side by side.
+ESTIMATE_S = {
+    "build": 60.0,  # 9.5 GB of weights drawn on the GPU in fp16 and written
+    "start bare": 20.0,  # the same 9.5 GB from the page cache onto the GPU
+    "start served": 45.0,  # `bentoml serve`: imports, both Services, then the same load
+    "compile": 240.0,  # max-autotune of the UNet and the ControlNet at one size
+    "compile at least": 60.0,  # a compile is tried when this much fits; the deadline stops it
+    "image": 3.5,  # 1024², 30 steps: a published 3.3 s on an H100 (docs/performance.md)
+    "first extra": 3.0,  # a first request picks its kernels
+}
+NO_CUDA_REASON = "no CUDA"
 NO_CUDA = (
     "bench.gpu: no CUDA GPU here (torch.cuda.is_available() is False), so nothing was "
     "measured.\nThe GPU benchmark needs an NVIDIA GPU and a CUDA build of torch; "
-    "`make bench` measures the CPU tier."
-)
-# Published figures to read ours against: SDXL base alone, fp16, 1024², 30 steps, batch 1.
-ANCHORS_S = {"H100": 2.5, "A100": 3.7}
-CONTROLNET_FACTOR = 4 / 3  # a Canny ControlNet adds about a third
-ANCHOR_NOTE = (
-    "published anchors (SDXL base, fp16, 1024², 30 steps, batch 1): 2.5 s on H100, "
-    "3.7 s on A100; a Canny ControlNet adds about 1/3, so ≈ 3.3 s and ≈ 4.9 s with it"
+    "`make bench` measures the CPU tier (`--cpu` rehearses this one on the CPU)."
 )
 
 
 @dataclass
 class Config:
     model_dir: Path
-    variants: list[str]
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     size: int = 1024
     steps: int = 30
-    runs: int = 5  # timed images per subject
-    bursts: int = 2  # throughput bursts per subject
+    runs: int = 3  # timed images per subject and request kind
+    bursts: int = 0  # throughput bursts per subject (--full)
     concurrency: int = 4
-    group: int | None = None  # variants measured side by side; None: as many as fit
-    headroom_gib: float = 6.0  # GPU memory per subject beyond its weights
-    ready_timeout_s: float = 1800.0  # TORCH_COMPILE start-up takes minutes
-    log_dir: Path = LOGS  # each subject's output
-    device: str = "cuda"  # "cpu" only to test the benchmark itself on the tiny model
-    # Set on the served env last; only the CPU test of the benchmark itself uses it.
-    server_env: dict[str, str] = field(default_factory=dict)
+    budget_s: float = BUDGET_S
+    device: str = "cuda"  # "cpu": the rehearsal, on a small model
+    log_dir: Path = LOGS
 
     @property
-    def burst_requests(self) -> int:
-        return 2 * self.concurrency
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def preset() -> dict[str, Any]:
+    """The few-step preset the tiny adapter declares, SDXL-Lightning's: 4 steps, no guidance."""
+    from devtools.tiny_lora import FAST_PRESET
+
+    return dict(FAST_PRESET)
+
+
+def request_params(config: Config, kind: str, seed: int) -> dict[str, Any]:
+    """What a served request sends; the bare call fills the rest with the same defaults."""
+    params = {"prompt": PROMPT, "num_inference_steps": config.steps, "seed": seed}
+    if kind == "preset":
+        params.update(preset())
+    return {**params, "width": config.size, "height": config.size}
 
 
 def served_env(config: Config, variant: str) -> dict[str, str]:
-    """This process's environment with ALLOW_CPU unset, the model paths and the
-    variant's flags: nothing else changes, so the Service runs as it would in production."""
-    env = {k: v for k, v in os.environ.items() if k != "ALLOW_CPU"}
+    """This process's environment with the model paths, the variant's flags and, on a GPU,
+    ALLOW_CPU off: the Service runs as in production."""
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}  # each server its own
     env.update(model_env(config.model_dir))
     env.update({flag: "1" if flag in VARIANTS[variant] else "0" for flag in FLAGS})
-    env.update(config.server_env)
+    env["TORCH_COMPILE_SIZES"] = f"{config.size}x{config.size}"
+    env["ALLOW_CPU"] = "0" if config.cuda else "1"
     return env
 
 
-def request_params(config: Config, seed: int) -> dict[str, Any]:
-    return {
-        "prompt": PROMPT,
-        "num_inference_steps": config.steps,
-        "width": config.size,
-        "height": config.size,
-        "seed": seed,
-    }
+# --- the subjects: diffusers called here, or a `bentoml serve` ---
 
 
-def photo(size: int) -> Image.Image:
-    """A synthetic photo: shapes on a gradient with sensor-like noise, so it has edges."""
-    rng = np.random.default_rng(0)
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([size // 8, size // 4, size // 2, 3 * size // 4], fill=(20, 40, 160))
-    draw.ellipse([size // 2, size // 8, 7 * size // 8, 5 * size // 8], fill=(200, 30, 30))
-    pixels = np.asarray(image).astype(np.int16)
-    ramp = np.add.outer(np.arange(size), np.arange(size)) * 60 // (2 * size) - 30
-    pixels += ramp[..., None] + rng.integers(-12, 12, pixels.shape, dtype=np.int16)
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    return image.filter(ImageFilter.GaussianBlur(0.8))
-
-
-def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def canny_image(size: int) -> Image.Image:
-    """The edge map the front would send, as the RGB image a bare diffusers call takes."""
-    import cv2
-
-    edges = cv2.Canny(np.asarray(photo(size).convert("L")), *CANNY_THRESHOLDS)
-    return Image.fromarray(edges).convert("RGB")
-
-
-# --- the subjects: one bare pipeline process or one `bentoml serve` per (mode, variant) ---
-
-
-class Subject(abc.ABC):
+class Subject:
     mode = ""
 
-    def __init__(self, config: Config, variant: str, group: int = 1) -> None:
+    def __init__(self, config: Config, variant: str) -> None:
         self.config = config
         self.variant = variant
-        self.process: subprocess.Popen | None = None
-        self.log = Path(config.log_dir) / f"group{group}-{self.mode}-{variant}.log"
-        self.started = 0.0
-        self.startup_s: float | None = None  # process start to ready, imports included
-        self.seconds: list[float] = []  # per image
-        self.rates: list[float] = []  # images per second
-        self.failed_requests = 0
-        self.peak_smi_mib: float | None = None  # nvidia-smi, the whole process tree
-        self.max_allocated_mib: float | None = None  # torch, bare only
+        self.live = False
+        self.startup_s: float | None = None
+        self.first_s: float | None = None
+        self.seconds: dict[str, list[float]] = {"image": [], "preset": []}
+        self.rates: list[float] = []
+        self.memory_gib: float | None = None
+        self.missing: dict[str, str] = {}  # figure: why it has no value
         self.error: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.mode} {self.variant}"
+        return f"{self.mode} {label(self.variant)}"
 
-    def processes(self) -> list[psutil.Process]:
-        """The subject's process tree (read from the memory sampler's thread too)."""
-        process = self.process
-        if process is None:
-            return []
-        try:
-            root = psutil.Process(process.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+    def start(self) -> None:
+        raise NotImplementedError
 
-    def pids(self) -> set[int]:
-        return {proc.pid for proc in self.processes()}
-
-    def stop(self) -> None:
-        """Stop the whole process tree: BentoML starts its workers in sessions of their own."""
-        if self.process is not None:
-            stop_process_tree(self.process, grace_s=15)
-            self.process = None
-
-    @abc.abstractmethod
-    def start(self) -> None: ...
-
-    @abc.abstractmethod
-    def wait_ready(self) -> None: ...
-
-    @abc.abstractmethod
-    def generate(self, seed: int) -> float:
+    def generate(self, kind: str, seed: int) -> float:
         """Seconds for one image."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def burst(self, seed: int) -> float:
         """Images per second."""
+        raise NotImplementedError
 
-    def finish(self) -> None:  # noqa: B027 - a hook: only some subjects report anything
-        """Collect what the subject reports about itself before it stops."""
+    def read_memory(self) -> None:
+        """Peak GPU memory so far, in GiB."""
+
+    def stop(self) -> None:
+        self.live = False
+
+    def fail(self, reason: str) -> None:
+        self.error = self.error or reason
+        with contextlib.suppress(Exception):
+            self.stop()
 
 
 class Bare(Subject):
-    """diffusers' pipeline called directly, in a process of its own (``--bare-worker``),
-    answering one JSON line per command."""
+    """diffusers' StableDiffusionXLControlNetPipeline, called directly in this process."""
 
     mode = "bare"
 
     def start(self) -> None:
-        spec = {
-            **model_env(self.config.model_dir),
-            "flags": VARIANTS[self.variant],
-            "size": self.config.size,
-            "steps": self.config.steps,
-            "device": self.config.device,
-        }
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.gpu", "--bare-worker", json.dumps(spec)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("wb"),
-            text=True,
-            start_new_session=True,
+        import torch
+        from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline
+        from PIL import Image
+
+        from sdxl_controlnet import preprocessing
+        from sdxl_controlnet.schemas import Params
+
+        began = time.perf_counter()
+        self.live = True
+        env, device = model_env(self.config.model_dir), self.config.device
+        dtype = torch.float16 if self.config.cuda else torch.float32
+        self.pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+            env["SDXL_BASE_MODEL"],
+            controlnet=ControlNetModel.from_pretrained(env["SDXL_CONTROLNET_MODEL"], dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(env["SDXL_VAE_MODEL"], dtype=dtype),
+            dtype=dtype,
+        ).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        flags = VARIANTS[self.variant]
+        if "CHANNELS_LAST" in flags:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.controlnet.to(memory_format=torch.channels_last)
+        if "FUSE_QKV" in flags:
+            self.pipe.fuse_qkv_projections()
+        # The edge map the front makes of the same upload.
+        size = self.config.size
+        edges = preprocessing.edge_map(photo(size, size), Params(prompt=PROMPT))
+        self.control = Image.fromarray(edges).convert("RGB")
+        self.weights = sum(
+            t.numel() * t.element_size()
+            for m in self.pipe.components.values()
+            if isinstance(m, torch.nn.Module)
+            for t in [*m.parameters(), *m.buffers()]
         )
+        self.working = 0  # bytes above the weights, at the peak of a call
+        if "TORCH_COMPILE" in flags:  # as the Service does, a warm-up before it is ready
+            mode = "max-autotune" if self.config.cuda else None
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
+            self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode=mode, dynamic=False)
+            self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
+        self.startup_s = time.perf_counter() - began
 
-    def _reply(self) -> dict:
-        assert self.process and self.process.stdout
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the bare pipeline process exited; see {self.log}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{reply['error']}; see {self.log}")
-        return reply
+    def _call(self, request: dict[str, Any]) -> float:
+        import torch
 
-    def _ask(self, **command: object) -> dict:
-        assert self.process and self.process.stdin
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        return self._reply()
+        from sdxl_controlnet.pipeline import SCHEDULERS
+        from sdxl_controlnet.schemas import GenerationParams
 
-    def wait_ready(self) -> None:
-        self._reply()  # the worker's first line: loaded (and compiled), ready
-        self.startup_s = time.monotonic() - self.started
+        # The Service's defaults for everything the request leaves out.
+        p = GenerationParams(**{k: v for k, v in request.items() if k not in ("width", "height")})
+        scheduler, options = SCHEDULERS[p.scheduler]
+        self.pipe.scheduler = scheduler.from_config(self.pipe.scheduler.config, **options)
+        cuda = self.config.cuda
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        began = time.perf_counter()
+        self.pipe(
+            prompt=p.prompt,
+            prompt_2=p.prompt_2,
+            negative_prompt=p.negative_prompt,
+            negative_prompt_2=p.negative_prompt_2,
+            image=self.control,
+            height=self.config.size,
+            width=self.config.size,
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            controlnet_conditioning_scale=p.controlnet_conditioning_scale,
+            control_guidance_start=p.control_guidance_start,
+            control_guidance_end=p.control_guidance_end,
+            guess_mode=p.guess_mode,
+            generator=torch.Generator(self.config.device).manual_seed(p.seed),
+            output_type="np",
+        )
+        if cuda:
+            torch.cuda.synchronize()
+            self.working = max(self.working, torch.cuda.max_memory_allocated() - before)
+        return time.perf_counter() - began
 
-    def generate(self, seed: int) -> float:
-        return self._ask(cmd="generate", seed=seed)["seconds"]
+    def generate(self, kind: str, seed: int) -> float:
+        return self._call(request_params(self.config, kind, seed))
 
     def burst(self, seed: int) -> float:
         # Bare diffusers serves no concurrent callers: its rate is images back to back.
         n = self.config.concurrency
-        return n / self._ask(cmd="burst", seed=seed, n=n)["seconds"]
+        return n / sum(self.generate("image", seed + i) for i in range(n))
 
-    def finish(self) -> None:
-        self.max_allocated_mib = self._ask(cmd="memory")["max_allocated_mib"]
+    def read_memory(self) -> None:
+        if self.config.cuda:
+            self.memory_gib = (self.weights + self.working) / 2**30
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(OSError, RuntimeError, ValueError):
-                self._ask(cmd="quit")
         super().stop()
+        self.pipe = self.control = None
+        gc.collect()
+        if self.config.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 class Served(Subject):
     """`bentoml serve .` of both Services on a free port, sent multipart /generate requests."""
 
     mode = "served"
+    server: Server | None = None
 
     def start(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.upload = jpeg(photo(self.config.size))
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
-            cwd=ROOT,
+        size = self.config.size
+        buffer = io.BytesIO()
+        photo(size, size).save(buffer, format="JPEG", quality=90)
+        self.upload = buffer.getvalue()
+        began = time.perf_counter()
+        self.live = True
+        self.server = Server(
+            ["serve", "."],
             env=served_env(self.config, self.variant),
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log_dir=self.config.log_dir,
         )
+        self.server.wait_ready(timeout=self.config.budget_s)  # the plan's deadline stops it first
+        self.startup_s = time.perf_counter() - began
 
-    def wait_ready(self) -> None:
-        while time.monotonic() - self.started < self.config.ready_timeout_s:
-            assert self.process
-            if self.process.poll() is not None:
-                raise RuntimeError(f"`bentoml serve` exited; see {self.log}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - self.started
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"not ready after {self.config.ready_timeout_s:.0f} s; see {self.log}")
-
-    async def _post(self, client: httpx.AsyncClient, seed: int) -> httpx.Response:
-        return await client.post(
-            "/generate",
-            files={"image": ("input.jpg", self.upload, "image/jpeg")},
-            data={"params": json.dumps(request_params(self.config, seed))},
+    def generate(self, kind: str, seed: int) -> float:
+        assert self.server
+        began = time.perf_counter()
+        response = post_generate(
+            self.server.url,
+            self.upload,
+            request_params(self.config, kind, seed),
+            "image/jpeg",
+            timeout=self.config.budget_s,
         )
-
-    def _client(self, connections: int) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.url,
-            timeout=self.config.ready_timeout_s,
-            limits=httpx.Limits(max_connections=connections),
-        )
-
-    def generate(self, seed: int) -> float:
-        async def one() -> float:
-            async with self._client(1) as client:
-                start = time.perf_counter()
-                response = await self._post(client, seed)
-                elapsed = time.perf_counter() - start
-                response.raise_for_status()
-                return elapsed
-
-        return asyncio.run(one())
+        elapsed = time.perf_counter() - began
+        if response.status_code != 200:
+            raise RuntimeError(f"/generate answered {response.status_code}: {response.text[:200]}")
+        return elapsed
 
     def burst(self, seed: int) -> float:
-        """``burst_requests`` requests, ``concurrency`` in flight at a time."""
-        concurrency = self.config.concurrency
+        """Twice ``concurrency`` requests, ``concurrency`` in flight at a time."""
+        n = self.config.concurrency
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            began = time.perf_counter()
+            list(pool.map(lambda i: self.generate("image", seed + i), range(2 * n)))
+            return 2 * n / (time.perf_counter() - began)
 
-        async def run() -> float:
-            async with self._client(concurrency) as client:
-                gate = asyncio.Semaphore(concurrency)
+    def read_memory(self) -> None:
+        """nvidia-smi's figure for the whole process tree; PyTorch's allocator keeps what it
+        reserved, so after the timed images it is the peak."""
+        if not self.config.cuda or self.server is None or shutil.which("nvidia-smi") is None:
+            return
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+        root = psutil.Process(self.server.process.pid)
+        pids = {p.pid for p in [root, *root.children(recursive=True)]}
+        mib = sum(
+            float(line.split(",")[1].split()[0])
+            for line in out.splitlines()
+            if line.split(",")[0].strip().isdigit() and int(line.split(",")[0]) in pids
+        )
+        self.memory_gib = mib / 1024 if mib else None
 
-                async def one(i: int) -> bool:
-                    async with gate:
-                        return (await self._post(client, seed + i)).is_success
-
-                start = time.perf_counter()
-                ok = await asyncio.gather(*(one(i) for i in range(self.config.burst_requests)))
-                elapsed = time.perf_counter() - start
-            self.failed_requests += ok.count(False)
-            return ok.count(True) / elapsed
-
-        return asyncio.run(run())
-
-
-# --- GPU memory per process, from nvidia-smi ---
-
-
-def smi_process_memory() -> dict[int, float]:
-    """MiB of GPU memory used by each process nvidia-smi lists (none without nvidia-smi)."""
-    if shutil.which("nvidia-smi") is None:
-        return {}
-    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-    try:
-        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return {}
-    usage: dict[int, float] = {}
-    for line in out.splitlines():
-        with contextlib.suppress(ValueError):
-            pid, mib = (part.strip() for part in line.split(","))
-            usage[int(pid)] = usage.get(int(pid), 0.0) + float(mib)
-    return usage
+    def stop(self) -> None:
+        super().stop()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
-class MemorySampler:
-    """Keeps each subject's peak nvidia-smi memory, summed over its process tree, by
-    polling while the subjects run (nvidia-smi has no peak of its own)."""
-
-    def __init__(self, subjects: list[Subject], interval_s: float = 0.5) -> None:
-        self.subjects = subjects
-        self.interval_s = interval_s
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            self.sample()
-            self.stopped.wait(self.interval_s)
-
-    def sample(self) -> None:
-        usage = smi_process_memory()
-        for subject in self.subjects:
-            mine = [usage[pid] for pid in subject.pids() if pid in usage]
-            if mine:
-                subject.peak_smi_mib = max(subject.peak_smi_mib or 0.0, sum(mine))
+def label(variant: str) -> str:
+    return "eager" if variant == "off" else variant
 
 
-# --- the run ---
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
-def weights_gib(model_dir: Path) -> float:
-    """GiB of weights a pipeline loads: the base's UNet and text encoders, ControlNet, VAE."""
-    parts = ["base/unet", "base/text_encoder", "base/text_encoder_2", "controlnet", "vae"]
-    files = (f for part in parts for f in (Path(model_dir) / part).glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files) / 2**30
+def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
+    """The items in priority order: the model, then eager bare and served side by side (start,
+    first request, images in turns, the 4-step preset), then each other variant, served first,
+    its images in turns with the eager subject of the same mode."""
+    plan = Plan(deadline)
+    subjects = {(cls.mode, v): cls(config, v) for v in config.variants for cls in (Bare, Served)}
+    scale = (config.size / 1024) ** 2 * config.steps / 30
+    preset_share = preset()["num_inference_steps"] / config.steps / 2  # no guidance: half
 
+    def startup_estimate(subject: Subject) -> float:
+        eager = subjects[(subject.mode, "off")].startup_s
+        base = eager if eager is not None else ESTIMATE_S[f"start {subject.mode}"]
+        return base + ESTIMATE_S["compile"] * ("TORCH_COMPILE" in VARIANTS[subject.variant])
 
-def plan_groups(
-    variants: list[str], per_variant_gib: float, free_gib: float, group: int | None = None
-) -> list[list[str]]:
-    """Variants in groups measured side by side, each group's bare and served subjects
-    fitting in 90 % of the free GPU memory (``group`` variants each, if given). When they
-    take several groups, "off" is in each of them: every speed-up is then timed in turns
-    with the baseline, and the baseline's samples span the whole run."""
-    size = group or max(1, int(0.9 * free_gib // per_variant_gib))
-    if len(variants) <= size:
-        return [list(variants)]
-    if size == 1 or "off" not in variants:
-        return [variants[i : i + size] for i in range(0, len(variants), size)]
-    rest = [v for v in variants if v != "off"]
-    return [["off", *rest[i : i + size - 1]] for i in range(0, len(rest), size - 1)]
+    def image_estimate(subject: Subject, kind: str) -> float:
+        eager = subjects[(subject.mode, "off")]
+        measured = median_or_none(subject.seconds["image"]) or subject.first_s
+        measured = measured or median_or_none(eager.seconds["image"]) or eager.first_s
+        image = measured or ESTIMATE_S["image"] * scale
+        return image * preset_share if kind == "preset" else image
 
+    def missed(group: list[Subject], figure: str) -> Callable[[str], None]:
+        """What an item that did not run to its end leaves: each subject's reason for the
+        figure; a start-up that did not finish stops the subject."""
 
-def rotated(items: list, shift: int) -> list:
-    """``items`` starting at ``shift``: each subject takes each place in the order in turn."""
-    shift %= max(1, len(items))
-    return items[shift:] + items[:shift]
+        def note(reason: str) -> None:
+            for subject in group:
+                subject.missing.setdefault(figure, reason)
+                if figure == "startup":
+                    subject.fail(reason)
 
+        return note
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    def images(group: list[Subject], kind: str) -> float:
+        """One image of ``kind`` from each subject still expected to run."""
+        return sum(image_estimate(s, kind) for s in group if s.error is None)
 
+    def live(group: list[Subject]) -> list[Subject]:
+        return [s for s in group if s.live]
 
-def measure_group(config: Config, variants: list[str], group: int = 1) -> list[Subject]:
-    """Start a bare and a served subject per variant, then time them in turns."""
-    subjects: list[Subject] = [cls(config, v, group) for v in variants for cls in (Bare, Served)]
-    live: list[Subject] = []
+    def none_live(group: list[Subject]) -> Callable[[], str | None]:
+        return lambda: (
+            None if live(group) else "; ".join({s.error or "not started": 0 for s in group})
+        )
 
-    def attempt(subject: Subject, what: str, fn: Any, *args: object) -> Any:
-        """``fn(*args)``; if it fails, the subject is stopped and left out from then on."""
-        try:
-            return fn(*args)
-        except Exception as exc:
-            subject.error = f"{what}: {exc}"
-            say(f"{subject.name} failed at {what}: {exc}")
-            with contextlib.suppress(ValueError):
-                live.remove(subject)
-            subject.stop()
-            return None
+    def each(group: list[Subject], action: Callable[[Subject], None]) -> None:
+        for subject in live(group):
+            try:
+                action(subject)
+            except Exception as exc:
+                say(f"{subject.name} failed: {exc}")
+                subject.fail(f"{type(exc).__name__}: {exc}"[:300])
 
-    try:
-        with MemorySampler(subjects):
-            # One at a time: a start-up (and a compile) has the machine to itself.
-            for subject in subjects:
-                say(f"starting {subject.name}")
-                live.append(subject)
-                attempt(subject, "start", lambda s: (s.start(), s.wait_ready()), subject)
-                if subject.startup_s is not None:
-                    say(f"{subject.name} ready in {subject.startup_s:.1f} s")
-            for subject in list(live):  # untimed: first calls set up kernels and caches
-                attempt(subject, "warm-up", subject.generate, 0)
-            for run in range(config.runs):
-                say(f"seconds per image, run {run + 1}/{config.runs}")
-                for subject in rotated(list(live), run):
-                    seconds = attempt(subject, "generate", subject.generate, 1 + run)
-                    if seconds is not None:
-                        subject.seconds.append(seconds)
+    def start_item(subject: Subject) -> None:
+        compiling = "TORCH_COMPILE" in VARIANTS[subject.variant]
+        plan.add(
+            Item(
+                f"start {subject.name}" + (" (compiles)" if compiling else ""),
+                lambda: startup_estimate(subject),
+                subject.start,
+                missed=missed([subject], "startup"),
+                blocked=lambda: NO_CUDA_REASON if compiling and not config.cuda else None,
+                minimum=(
+                    (
+                        lambda: (
+                            startup_estimate(subject)
+                            - ESTIMATE_S["compile"]
+                            + ESTIMATE_S["compile at least"]
+                        )
+                    )
+                    if compiling
+                    else None
+                ),
+            )
+        )
+
+    def first_item(group: list[Subject]) -> None:
+        def run() -> None:
+            def first(s: Subject) -> None:
+                s.first_s = s.generate("image", 0)
+
+            each(group, first)
+
+        plan.add(
+            Item(
+                f"first request: {', '.join(s.name for s in group)}",
+                lambda: images(group, "image") + ESTIMATE_S["first extra"] * len(group),
+                run,
+                blocked=none_live(group),
+                missed=missed(group, "first"),
+            )
+        )
+
+    def timed_item(group: list[Subject], kind: str, extra: list[Subject] = ()) -> None:
+        """``config.runs`` rounds over ``group`` and ``extra`` (the baseline), each subject
+        taking each place in the order in turn."""
+        everyone = [*group, *extra]
+
+        def run() -> None:
+            for round_ in range(config.runs):
+                order = live(everyone)
+                order = order[round_ % max(len(order), 1) :] + order[: round_ % max(len(order), 1)]
+
+                def once(s: Subject, seed: int = 1 + round_) -> None:
+                    s.seconds[kind].append(s.generate(kind, seed))
+
+                each(order, once)
+            each(everyone, lambda s: s.read_memory())
+
+        what = "4-step preset" if kind == "preset" else f"{config.size}², {config.steps} steps"
+        plan.add(
+            Item(
+                f"{what}, {config.runs} each: {', '.join(s.name for s in everyone)}",
+                lambda: config.runs * images(everyone, kind),
+                run,
+                blocked=none_live(group),
+                missed=missed(group, kind),
+            )
+        )
+
+    def burst_item(group: list[Subject]) -> None:
+        def run() -> None:
             for burst in range(config.bursts):
-                say(f"images per second at concurrency {config.concurrency}, burst {burst + 1}")
-                for subject in rotated(list(live), burst):
-                    rate = attempt(subject, "burst", subject.burst, 1000 * (burst + 1))
-                    if rate is not None:
-                        subject.rates.append(rate)
-            for subject in list(live):
-                attempt(subject, "memory", subject.finish)
+                each(group, lambda s, b=burst: s.rates.append(s.burst(1000 * (b + 1))))
+
+        plan.add(
+            Item(
+                f"bursts at concurrency {config.concurrency}: {', '.join(s.name for s in group)}",
+                lambda: 2 * config.concurrency * config.bursts * images(group, "image"),
+                run,
+                blocked=none_live(group),
+                missed=missed(group, "burst"),
+            )
+        )
+
+    if not _model_built(config.model_dir):
+        plan.add(
+            Item(
+                f"build the full-size model in {config.model_dir}",
+                lambda: ESTIMATE_S["build"],
+                lambda: _build_model(config),
+                missed=missed(list(subjects.values()), "startup"),
+            )
+        )
+    eager = [subjects[("bare", "off")], subjects[("served", "off")]]
+    for subject in eager:
+        start_item(subject)
+    first_item(eager)
+    timed_item(eager, "image")
+    timed_item(eager, "preset")
+    if config.bursts:
+        burst_item(eager)
+    for variant in config.variants:
+        if variant == "off":
+            continue
+        pair = [subjects[("served", variant)], subjects[("bare", variant)]]
+        for subject in pair:
+            start_item(subject)
+            first_item([subject])
+            timed_item([subject], "image", extra=[subjects[(subject.mode, "off")]])
+        if config.bursts:
+            burst_item(pair)
+        # The next variant needs the memory: only the eager baseline stays loaded.
+        plan.add(
+            Item(
+                f"stop {variant}",
+                "",
+                [],
+                lambda: 0.0,
+                lambda p=pair: each(p, Subject.stop),
+                listed=False,
+            )
+        )
+    return plan, list(subjects.values())
+
+
+def _model_built(model_dir: Path) -> bool:
+    from devtools.full_size_model import is_built
+
+    return is_built(model_dir)
+
+
+def _build_model(config: Config) -> None:
+    from devtools.full_size_model import build
+
+    if not config.cuda:
+        raise RuntimeError(f"no model in {config.model_dir}; the rehearsal takes a built one")
+    build(config.model_dir)
+
+
+# --- the run, its figures and the table ---
+
+
+def run_benchmark(config: Config, started: float | None = None) -> dict[str, Any]:
+    """Every item that fits in ``config.budget_s`` counted from ``started`` (time.time();
+    default now), as a JSON-ready dict."""
+    started = time.time() if started is None else started
+    deadline = time.monotonic() + config.budget_s - (time.time() - started) - RESERVE_S
+    plan, subjects = build_plan(config, deadline)
+    try:
+        plan.run()
     finally:
         for subject in subjects:
             subject.stop()
-    return subjects
-
-
-def run_benchmark(config: Config, free_gib: float | None = None) -> dict:
-    """Measure every variant of ``config``; the results as a JSON-ready dict."""
-    start = time.monotonic()
-    per_variant = 2 * (weights_gib(config.model_dir) + config.headroom_gib)
-    groups = plan_groups(config.variants, per_variant, free_gib or per_variant, config.group)
-    say(f"variants in groups measured side by side: {groups}")
-    subjects: list[Subject] = []
-    for group, variants in enumerate(groups, 1):
-        subjects += measure_group(config, variants, group)
-    rows = figures(subjects, config)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "groups": groups,
-        "seconds": round(time.monotonic() - start),
-        "anchors": ANCHOR_NOTE,
+        "seconds": round(time.time() - started, 1),
+        "plan": [item.as_dict() for item in plan.items if item.listed],
         "subjects": [
             {
                 "mode": s.mode,
                 "variant": s.variant,
-                "flags": list(VARIANTS[s.variant]),
                 "startup_s": s.startup_s,
-                "seconds_per_image": s.seconds,
+                "first_request_s": s.first_s,
+                "seconds_per_image": s.seconds["image"],
+                "seconds_per_preset_image": s.seconds["preset"],
                 "images_per_s": s.rates,
-                "failed_requests": s.failed_requests,
-                "peak_gpu_mib_nvidia_smi": s.peak_smi_mib,
-                "max_allocated_mib": s.max_allocated_mib,
+                "peak_gpu_gib": s.memory_gib,
+                "missing": s.missing,
                 "error": s.error,
-                "log": str(s.log),
             }
             for s in subjects
         ],
-        "rows": rows,
+        "rows": figures(subjects, config),
     }
 
 
-# --- figures and the table ---
-
-
-def stats(values: list[float]) -> dict | None:
+def stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {
@@ -532,35 +593,45 @@ def stats(values: list[float]) -> dict | None:
     }
 
 
-def figures(subjects: list[Subject], config: Config) -> list[dict]:
-    """One row per variant and figure: bare, served and served/bare. A variant measured
-    in several groups (the baseline) has its samples pooled."""
+def figures(subjects: list[Subject], config: Config) -> list[dict[str, Any]]:
+    """One row per variant and figure: bare, served (each its figures or why there are none),
+    and served/bare."""
+    by = {(s.mode, s.variant): s for s in subjects}
+    what = f"{config.size}², {config.steps} steps"
+    kinds: list[tuple[str, str, str, Callable[[Subject], list[float]]]] = [
+        ("startup", "start-up to ready", "s", lambda s: _one(s.startup_s)),
+        ("first", "first request", "s", lambda s: _one(s.first_s)),
+        ("image", f"seconds per image ({what})", "s", lambda s: s.seconds["image"]),
+        ("preset", "4-step preset, seconds per image", "s", lambda s: s.seconds["preset"]),
+        ("burst", f"images/s at concurrency {config.concurrency}", "img/s", lambda s: s.rates),
+        ("memory", "peak GPU memory", "GiB", lambda s: _one(s.memory_gib)),
+    ]
     rows = []
     for variant in config.variants:
-        mine = {
-            mode: [s for s in subjects if s.mode == mode and s.variant == variant]
-            for mode in ("bare", "served")
-        }
-        for figure, unit, get in [
-            ("seconds per image", "s", lambda s: s.seconds),
-            (
-                f"images/s at concurrency {config.concurrency} (bare: back to back)",
-                "img/s",
-                lambda s: s.rates,
-            ),
-            ("peak GPU memory, nvidia-smi", "MiB", lambda s: _one(s.peak_smi_mib)),
-            ("peak GPU memory, torch max allocated", "MiB", lambda s: _one(s.max_allocated_mib)),
-            ("start-up to ready", "s", lambda s: _one(s.startup_s)),
-        ]:
-            b, s = (stats([v for subject in mine[m] for v in get(subject)]) for m in mine)
-            ratio = s["median"] / b["median"] if b and s and b["median"] else None
+        for kind, name, unit, get in kinds:
+            if (kind == "preset" and variant != "off") or (kind == "burst" and not config.bursts):
+                continue
+            cells = {}
+            for mode in ("bare", "served"):
+                subject = by[(mode, variant)]
+                values = get(subject)
+                if kind == "memory" and not config.cuda:
+                    cells[mode] = NO_CUDA_REASON
+                elif values:
+                    cells[mode] = stats(values)
+                else:
+                    cells[mode] = subject.missing.get(kind) or subject.error or "not measured"
+            bare, served = cells["bare"], cells["served"]
+            ratio = None
+            if isinstance(bare, dict) and isinstance(served, dict) and bare["median"]:
+                ratio = served["median"] / bare["median"]
             rows.append(
                 {
                     "variant": variant,
-                    "figure": figure,
+                    "figure": f"{name}, {label(variant)}",
                     "unit": unit,
-                    "bare": b,
-                    "served": s,
+                    "bare": bare,
+                    "served": served,
                     "served_over_bare": ratio,
                 }
             )
@@ -571,151 +642,71 @@ def _one(value: float | None) -> list[float]:
     return [] if value is None else [value]
 
 
-def _cell(stat: dict | None) -> str:
-    if stat is None:
-        return "n/a"
-    if stat["runs"] == 1:
-        return f"{stat['median']:.3g}"
-    return f"{stat['median']:.3g} [{stat['min']:.3g}–{stat['max']:.3g}] ×{stat['runs']}"
+def _cell(cell: dict | str) -> str:
+    if isinstance(cell, str):
+        return f"({cell})"
+    if cell["runs"] == 1:
+        return f"{cell['median']:.3g}"
+    return f"{cell['median']:.3g} [{cell['min']:.3g}–{cell['max']:.3g}] ×{cell['runs']}"
 
 
-def table(results: dict) -> str:
-    """Rows of figures, then each variant's speed against all flags off."""
-    header = ("variant", "figure", "unit", "bare", "served", "served/bare")
-    lines = [header]
+def _columns(lines: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures, each variant's speed-up over eager, and the plan: estimate against time."""
+    lines = [("figure", "unit", "bare", "served", "served/bare")]
     for row in results["rows"]:
         ratio = row["served_over_bare"]
         lines.append(
             (
-                row["variant"],
                 row["figure"],
                 row["unit"],
                 _cell(row["bare"]),
                 _cell(row["served"]),
-                "n/a" if ratio is None else f"{ratio:.3f}",
+                "-" if ratio is None else f"{ratio:.3f}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    text.append("cells: median [min–max] ×runs")
+    text = _columns(lines)
+    text.append("cells: median [min–max] ×runs, or (why there is no figure)")
 
     per_image = {
         (row["variant"], mode): row[mode]["median"]
         for row in results["rows"]
-        if row["figure"] == "seconds per image"
+        if row["figure"].startswith("seconds per image")
         for mode in ("bare", "served")
-        if row[mode]
+        if isinstance(row[mode], dict)
     }
     speedups = []
     for variant in results["config"]["variants"]:
-        if variant == "off":
-            continue
-        cells = []
-        for mode in ("bare", "served"):
-            off, on = per_image.get(("off", mode)), per_image.get((variant, mode))
-            cells.append(f"{mode} {off / on:.2f}×" if off and on else f"{mode} n/a")
-        speedups.append(f"  {variant}: {', '.join(cells)}")
+        cells = [
+            f"{mode} {per_image[('off', mode)] / per_image[(variant, mode)]:.2f}×"
+            for mode in ("bare", "served")
+            if (variant, mode) in per_image and ("off", mode) in per_image
+        ]
+        if variant != "off" and cells:
+            speedups.append(f"  {variant}: {', '.join(cells)}")
     if speedups:
-        text += ["", "speed-up over all flags off (seconds per image, off / on):", *speedups]
-    failures = [
-        f"  {s['mode']} {s['variant']}: "
-        + "; ".join(
-            ([s["error"]] if s["error"] else [])
-            + ([f"{s['failed_requests']} failed requests"] if s["failed_requests"] else [])
-        )
-        for s in results["subjects"]
-        if s["error"] or s["failed_requests"]
-    ]
-    if failures:
-        text += ["", "failures:", *failures]
-    text += ["", ANCHOR_NOTE]
-    gpu = results.get("gpu", "")
-    for name, seconds in ANCHORS_S.items():
-        if name in gpu:
-            text.append(
-                f"this GPU is an {name}: anchor ≈ {seconds * CONTROLNET_FACTOR:.1f} s per image "
-                "with ControlNet"
+        text += ["", "speed-up over eager (seconds per image, eager / variant):", *speedups]
+
+    budget = results["config"]["budget_s"]
+    plan = [("plan", "estimate", "took", "")]
+    for item in results["plan"]:
+        estimate, took = item["estimate_s"], item["seconds"]
+        plan.append(
+            (
+                item["name"],
+                "-" if estimate is None else f"{estimate:.0f} s",
+                "-" if took is None else f"{took:.0f} s",
+                f"{item['status']}: {item['note']}" if item["note"] else item["status"],
             )
-    return "\n".join(text)
-
-
-# --- the bare pipeline process ---
-
-
-def bare_worker(spec: dict) -> int:
-    """Load the pipeline with ``spec``'s flags, then answer JSON-line commands on stdin:
-    generate, burst, memory, quit. Replies go to the original stdout; everything else
-    (library messages) goes to stderr, the log."""
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-
-    def reply(**fields: object) -> None:
-        replies.write(json.dumps(fields) + "\n")
-
-    try:
-        generate, memory = _load_bare(spec)
-        reply(ready=True)
-        for line in sys.stdin:
-            command = json.loads(line)
-            if command["cmd"] == "quit":
-                break
-            if command["cmd"] == "memory":
-                reply(max_allocated_mib=memory())
-                continue
-            start = time.perf_counter()
-            for i in range(command.get("n", 1)):
-                generate(command["seed"] + i)
-            reply(seconds=time.perf_counter() - start)
-    except Exception as exc:
-        reply(error=repr(exc))
-        raise
-    return 0
-
-
-def _load_bare(spec: dict) -> tuple[Any, Any]:
-    import torch
-    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline
-
-    device = spec["device"]
-    cuda = device.startswith("cuda")
-    dtype = torch.float16 if cuda else torch.float32
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-        spec["SDXL_BASE_MODEL"],
-        controlnet=ControlNetModel.from_pretrained(spec["SDXL_CONTROLNET_MODEL"], dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(spec["SDXL_VAE_MODEL"], dtype=dtype),
-        dtype=dtype,
-    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    # The flags as the GPU Service applies them.
-    if "CHANNELS_LAST" in spec["flags"]:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.controlnet.to(memory_format=torch.channels_last)
-    if "FUSE_QKV" in spec["flags"]:
-        pipe.fuse_qkv_projections()
-    control = canny_image(spec["size"])
-
-    def generate(seed: int, steps: int = spec["steps"]) -> None:
-        pipe(
-            prompt=PROMPT,
-            image=control,
-            height=spec["size"],
-            width=spec["size"],
-            num_inference_steps=steps,
-            controlnet_conditioning_scale=CONTROLNET_SCALE,
-            generator=torch.Generator(device).manual_seed(seed),
         )
-        if cuda:
-            torch.cuda.synchronize()
-
-    if "TORCH_COMPILE" in spec["flags"]:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune")
-        pipe.controlnet = torch.compile(pipe.controlnet, mode="max-autotune")
-        generate(0, steps=2)  # compiles, as the Service's warm-up does before it is ready
-
-    def memory() -> float | None:
-        return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-
-    return generate, memory
+    text += ["", f"budget {budget:.0f} s, used {results['seconds']:.0f} s:", *_columns(plan)]
+    return "\n".join(text)
 
 
 # --- the command ---
@@ -725,47 +716,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL, help="built if absent")
     parser.add_argument(
-        "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)",
+        "--budget",
+        type=float,
+        default=float(os.environ.get("BENCH_GPU_BUDGET_S", BUDGET_S)),
+        help="seconds for the whole run, the model build included (BENCH_GPU_BUDGET_S)",
     )
-    parser.add_argument("--runs", type=int, default=5, help="timed images per subject")
-    parser.add_argument("--bursts", type=int, default=2, help="throughput bursts per subject")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--full", action="store_true", help="every variant, 5 runs, 2 bursts")
+    parser.add_argument("--runs", type=int, help="timed images per subject (default 3; --full 5)")
     parser.add_argument("--size", type=int, default=1024, help="output side, pixels")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--group", type=int, help="variants side by side (default: as many as fit)")
+    parser.add_argument("--cpu", action="store_true", help="rehearse on the CPU, small model")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write results")
-    parser.add_argument("--quick", action="store_true", help="3 runs, 1 burst: a smoke test")
-    parser.add_argument("--bare-worker", help=argparse.SUPPRESS)  # internal: a bare subject
+    parser.add_argument("--log-dir", type=Path, default=LOGS, help="the servers' logs")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = args.variants or ",".join(VARIANTS if args.full else DEFAULT_VARIANTS)
+    args.variants = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if "off" not in args.variants:
         args.variants.insert(0, "off")  # the baseline every speed-up is read against
-    if args.quick:
-        args.runs, args.bursts = 3, 1
+    args.runs = args.runs or (5 if args.full else 3)
+    args.bursts = 2 if args.full else 0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.bare_worker:
-        return bare_worker(json.loads(args.bare_worker))
-
+    # scripts/gpu-bench.sh sets when the run began, so that installing the kit counts too.
+    started = float(os.environ.get("BENCH_GPU_STARTED") or time.time())
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.cpu and not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
-
-    from devtools.full_size_model import build, is_built
-
-    if not is_built(args.model_dir):
-        say(f"building the full-size random-weight model in {args.model_dir} (about 9.5 GB)")
-        build(args.model_dir)
     config = Config(
         model_dir=args.model_dir,
         variants=args.variants,
@@ -773,23 +758,29 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         runs=args.runs,
         bursts=args.bursts,
-        concurrency=args.concurrency,
-        group=args.group,
+        budget_s=args.budget,
+        device="cpu" if args.cpu else "cuda",
+        log_dir=args.log_dir,
     )
-    free_bytes, total_bytes = torch.cuda.mem_get_info()
-    gpu = torch.cuda.get_device_name()
+    cuda = torch.cuda.is_available() and not args.cpu
     results = {
-        "gpu": gpu,
-        "gpu_memory_gib": round(total_bytes / 2**30, 1),
+        "gpu": torch.cuda.get_device_name() if cuda else NO_CUDA_REASON,
         "machine": f"{platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPUs",
-        **run_benchmark(config, free_gib=free_bytes / 2**30),
+        # Where the libraries came from: on a GPU machine, the kit's folder.
+        "packages": {name: _package(name) for name in ("torch", "diffusers", "bentoml")},
+        **run_benchmark(config, started),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
     print(table(results))
-    print(f"\n{gpu}; {results['machine']}; {results['seconds']} s; results in {args.output}")
-    return 1 if any(s["error"] for s in results["subjects"]) else 0
+    print(f"\n{results['gpu']}; {results['machine']}; results in {args.output}")
+    return 0  # figures, never a failure: failures are in the table
+
+
+def _package(name: str) -> str:
+    module = importlib.import_module(name)
+    return f"{module.__version__} in {Path(module.__file__).parent.parent}"
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
-"""`python -m bench.gpu`: what runs without a GPU. Without CUDA it must say so and
-exit 0; the request it sends, the env it serves with, the grouping, the order and
-the table are checked here on made-up figures."""
+"""`python -m bench.gpu`: what runs without a GPU. Without CUDA it must say so and exit 0;
+the requests, the served env, the plan within its budget, and the table are checked here."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench import gpu
+from bench.budget import Item, Plan
 from devtools.harness import ROOT
 
 
@@ -32,125 +33,177 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
 
 
 def config(**fields: object) -> gpu.Config:
-    return gpu.Config(**{"model_dir": Path("m"), "variants": list(gpu.VARIANTS), **fields})
+    return gpu.Config(**{"model_dir": Path("m"), **fields})
 
 
-def test_the_request_is_1024_square_30_steps_seeded() -> None:
-    assert gpu.request_params(config(), seed=7) == {
+def test_the_requests_are_1024_square_30_steps_and_the_4_step_preset() -> None:
+    assert gpu.request_params(config(), "image", seed=7) == {
         "prompt": gpu.PROMPT,
         "num_inference_steps": 30,
         "width": 1024,
         "height": 1024,
         "seed": 7,
     }
+    fast = gpu.request_params(config(), "preset", seed=7)
+    assert (fast["num_inference_steps"], fast["guidance_scale"]) == (4, 0)
+    assert fast["scheduler"] == "euler_trailing"
 
 
-def test_the_served_env_changes_only_model_paths_and_flags(monkeypatch, tmp_path) -> None:
+def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("ALLOW_CPU", "1")
     monkeypatch.setenv("CHANNELS_LAST", "1")  # the variant decides, not the caller's shell
-    monkeypatch.setenv("HF_HOME", "/somewhere")
-    env = gpu.served_env(config(model_dir=tmp_path), "FUSE_QKV")
-    assert "ALLOW_CPU" not in env
+    monkeypatch.setenv("BENTOML_HOME", "/shared")  # each server gets a home of its own
+    env = gpu.served_env(config(model_dir=tmp_path, size=512), "TORCH_COMPILE")
+    assert env["ALLOW_CPU"] == "0"  # on a GPU the Service must not fall back to the CPU
     assert env["SDXL_BASE_MODEL"] == str(tmp_path.resolve() / "base")
     assert env["SDXL_CONTROLNET_MODEL"] == str(tmp_path.resolve() / "controlnet")
     assert env["SDXL_VAE_MODEL"] == str(tmp_path.resolve() / "vae")
-    assert (env["CHANNELS_LAST"], env["FUSE_QKV"], env["TORCH_COMPILE"]) == ("0", "1", "0")
+    assert (env["CHANNELS_LAST"], env["FUSE_QKV"], env["TORCH_COMPILE"]) == ("0", "0", "1")
+    assert env["TORCH_COMPILE_SIZES"] == "512x512"  # compiled at the size it is timed at
+    assert "BENTOML_HOME" not in env
     changed = {"ALLOW_CPU", "SDXL_BASE_MODEL", "SDXL_CONTROLNET_MODEL", "SDXL_VAE_MODEL"}
-    changed |= set(gpu.FLAGS)
+    changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "BENTOML_HOME"}
     assert {k: v for k, v in env.items() if k not in changed} == {
         k: v for k, v in os.environ.items() if k not in changed
     }
+    assert gpu.served_env(config(device="cpu"), "off")["ALLOW_CPU"] == "1"
 
 
-def test_every_flag_is_measured_on_and_off() -> None:
-    for flag in gpu.FLAGS:
-        assert any(flag in flags for flags in gpu.VARIANTS.values())
-    assert gpu.VARIANTS["off"] == ()
-
-
-@pytest.mark.parametrize(
-    ("free_gib", "group", "expected"),
-    [
-        # 2 × 15.5 GiB per variant; the baseline is in every group
-        (80, None, [["off", "a"], ["off", "b"], ["off", "c"], ["off", "d"]]),
-        (141, None, [["off", "a", "b", "c"], ["off", "d"]]),
-        (180, None, [["off", "a", "b", "c", "d"]]),
-        (24, None, [["off"], ["a"], ["b"], ["c"], ["d"]]),  # never less than one
-        (24, 5, [["off", "a", "b", "c", "d"]]),
-    ],
-)
-def test_variants_are_grouped_to_fit_gpu_memory(free_gib, group, expected) -> None:
-    variants = ["off", "a", "b", "c", "d"]
-    assert gpu.plan_groups(variants, 2 * 15.5, free_gib, group) == expected
-
-
-def test_each_subject_takes_each_place_in_turn() -> None:
-    orders = [gpu.rotated([1, 2, 3], run) for run in range(3)]
-    assert orders == [[1, 2, 3], [2, 3, 1], [3, 1, 2]]
-    assert gpu.rotated([], 1) == []
-
-
-def test_the_options_always_include_the_baseline() -> None:
-    args = gpu.parse_args(["--variants", "TORCH_COMPILE", "--quick"])
-    assert args.variants == ["off", "TORCH_COMPILE"]
-    assert (args.runs, args.bursts) == (3, 1)
+def test_options_default_to_eager_and_compile_and_full_adds_every_flag(monkeypatch) -> None:
+    monkeypatch.setenv("BENCH_GPU_BUDGET_S", "300")
+    args = gpu.parse_args([])
+    assert (args.variants, args.runs, args.bursts, args.budget) == (gpu.DEFAULT_VARIANTS, 3, 0, 300)
+    full = gpu.parse_args(["--full", "--budget", "3600"])
+    assert (full.variants, full.runs, full.bursts, full.budget) == (list(gpu.VARIANTS), 5, 2, 3600)
+    assert gpu.parse_args(["--variants", "FUSE_QKV"]).variants == ["off", "FUSE_QKV"]
     with pytest.raises(SystemExit):
         gpu.parse_args(["--variants", "FAST"])
 
 
-def fake(mode: str, variant: str, seconds: list[float], **fields: object) -> gpu.Subject:
-    subject = (gpu.Bare if mode == "bare" else gpu.Served)(config(), variant)
-    subject.seconds = seconds
-    subject.rates = [1 / s for s in seconds]
-    for name, value in fields.items():
-        setattr(subject, name, value)
-    return subject
+def item(name: str, log: list[str], estimate: float = 0.0, seconds: float = 0.0, **kw) -> Item:
+    def run() -> None:
+        log.append(name)
+        time.sleep(seconds)
+
+    return Item(name, lambda: estimate, run, **kw)
 
 
-def results(subjects: list[gpu.Subject], variants: list[str]) -> dict:
-    cfg = config(variants=variants)
-    return {
-        "gpu": "NVIDIA H100 80GB HBM3",
-        "config": {"variants": variants},
-        "subjects": [
-            {
-                "mode": s.mode,
-                "variant": s.variant,
-                "error": s.error,
-                "failed_requests": s.failed_requests,
-            }
-            for s in subjects
-        ],
-        "rows": gpu.figures(subjects, cfg),
-    }
+def test_the_plan_runs_in_order_and_skips_what_would_overrun_with_its_reason() -> None:
+    log: list[str] = []
+    plan = Plan(deadline=time.monotonic() + 60)
+    plan.add(item("model", log, estimate=10))
+    plan.add(item("too long", log, estimate=3600))
+    plan.add(item("after it", log, estimate=5))
+    plan.add(item("blocked", log, blocked=lambda: "the server did not start"))
+    plan.run()
+    assert log == ["model", "after it"]
+    statuses = {i.name: (i.status, i.note) for i in plan.items}
+    assert statuses["too long"][0] == "skipped"
+    assert "needs ≈ 3600 s" in statuses["too long"][1]
+    assert statuses["blocked"] == ("skipped", "the server did not start")
 
 
-def test_figures_give_median_spread_and_served_over_bare() -> None:
-    subjects = [
-        fake("bare", "off", [3.0, 3.2, 3.1], max_allocated_mib=9000.0, peak_smi_mib=10000.0),
-        fake("served", "off", [3.3, 3.4, 3.5], peak_smi_mib=11000.0),
-        fake("bare", "TORCH_COMPILE", [2.0, 2.2, 2.1]),
-        fake("served", "TORCH_COMPILE", [2.2], error="start: not ready", failed_requests=2),
+def test_a_guess_is_tried_when_its_minimum_fits_and_abandoned_at_the_deadline() -> None:
+    log: list[str] = []
+    missed: list[str] = []
+    plan = Plan(deadline=time.monotonic() + 1.0)
+    plan.add(
+        item("compile", log, estimate=600, seconds=30, minimum=lambda: 0.5, missed=missed.append)
+    )
+    plan.add(item("later", log, estimate=0.1))
+    began = time.monotonic()
+    plan.run()
+    assert time.monotonic() - began < 3  # stopped at the deadline, not after 30 s
+    compile_, later = plan.items
+    assert compile_.status == "abandoned"
+    assert missed == [compile_.note] and "at the deadline" in compile_.note
+    assert later.status == "skipped"
+
+
+def test_a_failing_item_is_reported_and_the_plan_goes_on() -> None:
+    def broken() -> None:
+        raise RuntimeError("no GPU memory left")
+
+    plan = Plan(deadline=time.monotonic() + 60)
+    plan.add(Item("start", lambda: 1, broken))
+    log: list[str] = []
+    plan.add(item("next", log))
+    plan.run()
+    assert plan.items[0].status == "failed"
+    assert plan.items[0].note == "RuntimeError: no GPU memory left"
+    assert log == ["next"]
+
+
+def test_the_default_plan_puts_eager_first_and_tries_the_compile_within_its_budget() -> None:
+    cfg = config(model_dir=Path("/nonexistent"))
+    plan, _ = gpu.build_plan(cfg, deadline=time.monotonic() + 420)
+    listed = [i for i in plan.items if i.listed]
+    names = [i.name for i in listed]
+    assert names[:6] == [
+        "build the full-size model in /nonexistent",
+        "start bare eager",
+        "start served eager",
+        "first request: bare eager, served eager",
+        "1024², 30 steps, 3 each: bare eager, served eager",
+        "4-step preset, 3 each: bare eager, served eager",
     ]
-    res = results(subjects, ["off", "TORCH_COMPILE"])
-    rows = {(r["variant"], r["figure"]): r for r in res["rows"]}
-    per_image = rows[("off", "seconds per image")]
+    assert names[6] == "start served TORCH_COMPILE (compiles)"
+    assert names.index("start bare TORCH_COMPILE (compiles)") > names.index(
+        "first request: served TORCH_COMPILE"
+    )
+    compile_ = listed[6]
+    estimate = gpu.ESTIMATE_S
+    assert compile_.estimate() == estimate["start served"] + estimate["compile"]
+    assert compile_.minimum() == estimate["start served"] + estimate["compile at least"]
+    # Before anything is measured, the eager part costs what the estimates say.
+    eager = sum(i.estimate() for i in listed[:6])
+    image = estimate["image"]
+    first = 2 * (image + estimate["first extra"])
+    timed = 3 * 2 * image * (1 + 4 / 30 / 2)
+    assert eager == pytest.approx(
+        estimate["build"] + estimate["start bare"] + estimate["start served"] + first + timed
+    )
+    assert eager + compile_.minimum() < 420 - gpu.RESERVE_S
+
+
+def subject(mode: str, variant: str, **fields: object) -> gpu.Subject:
+    made = (gpu.Bare if mode == "bare" else gpu.Served)(config(), variant)
+    for name, value in fields.items():
+        setattr(made, name, value)
+    return made
+
+
+def test_the_table_gives_figures_their_spread_or_why_there_are_none() -> None:
+    subjects = [
+        subject("bare", "off", startup_s=20.0, seconds={"image": [3.0, 3.2, 3.1], "preset": []}),
+        subject("served", "off", startup_s=40.0, seconds={"image": [3.3, 3.4], "preset": []}),
+        subject("bare", "TORCH_COMPILE", missing={"image": "needs ≈ 300 s; 90 s left"}),
+        subject("served", "TORCH_COMPILE", seconds={"image": [2.2], "preset": []}),
+    ]
+    subjects[1].missing["preset"] = "abandoned at the deadline, after 12 s"
+    cfg = config(variants=["off", "TORCH_COMPILE"])
+    rows = {r["figure"]: r for r in gpu.figures(subjects, cfg)}
+    per_image = rows["seconds per image (1024², 30 steps), eager"]
     assert per_image["bare"] == {"median": 3.1, "min": 3.0, "max": 3.2, "runs": 3}
-    assert per_image["served_over_bare"] == pytest.approx(3.4 / 3.1)
-    memory = rows[("off", "peak GPU memory, nvidia-smi")]
-    assert memory["served_over_bare"] == pytest.approx(1.1)
-    assert rows[("off", "peak GPU memory, torch max allocated")]["served"] is None
+    assert per_image["served_over_bare"] == pytest.approx(3.35 / 3.1)
+    assert rows["peak GPU memory, eager"]["served"] == "not measured"
+    assert "4-step preset, seconds per image, TORCH_COMPILE" not in rows
 
-    # The baseline measured again in another group: its samples are pooled.
-    subjects.append(fake("bare", "off", [3.6, 3.7], peak_smi_mib=10500.0))
-    pooled = {(r["variant"], r["figure"]): r for r in results(subjects, ["off"])["rows"]}
-    assert pooled[("off", "seconds per image")]["bare"]["runs"] == 5
-    assert pooled[("off", "seconds per image")]["bare"]["median"] == 3.2
-    assert pooled[("off", "peak GPU memory, nvidia-smi")]["bare"]["max"] == 10500.0
-
-    text = gpu.table(res)
+    results = {
+        "config": {"variants": cfg.variants, "budget_s": 420},
+        "seconds": 415,
+        "rows": list(rows.values()),
+        "plan": [
+            {"name": "start bare TORCH_COMPILE (compiles)", "status": "skipped",
+             "estimate_s": 260.0, "seconds": None, "note": "needs ≈ 300 s; 90 s left"},
+        ],
+    }  # fmt: skip
+    text = gpu.table(results)
     assert "3.1 [3–3.2] ×3" in text
-    assert "TORCH_COMPILE: bare 1.48×, served 1.55×" in text
-    assert "served TORCH_COMPILE: start: not ready; 2 failed requests" in text
-    assert "2.5 s on H100" in text and "3.7 s on A100" in text
-    assert "this GPU is an H100: anchor ≈ 3.3 s per image" in text
+    assert "(needs ≈ 300 s; 90 s left)" in text
+    assert "(abandoned at the deadline, after 12 s)" in text
+    assert "TORCH_COMPILE: served 1.52×" in text
+    assert "budget 420 s, used 415 s" in text
+    assert "skipped: needs ≈ 300 s; 90 s left" in text
+    cpu = {r["figure"]: r for r in gpu.figures(subjects, config(device="cpu"))}
+    assert cpu["peak GPU memory, eager"]["bare"] == gpu.NO_CUDA_REASON
