@@ -72,7 +72,9 @@ ESTIMATE_S = {
     "start served": 45.0,  # `bentoml serve`: imports, both Services, then the same load
     "compile": 240.0,  # max-autotune of the UNet and the ControlNet at one size
     "compile at least": 60.0,  # a compile is tried when this much fits; the deadline stops it
-    "image": 3.5,  # 1024², 30 steps: a published 3.3 s on an H100 (docs/performance.md)
+    # 1024², 30 steps: SDXL base alone takes 2.5 s on an H100 (Stability AI's published
+    # baseline, docs/performance.md); the ControlNet, half the UNet's size, adds to it.
+    "image": 3.5,
     "first extra": 3.0,  # a first request picks its kernels
 }
 NO_CUDA_REASON = "no CUDA"
