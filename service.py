@@ -13,7 +13,6 @@ import typing as t
 from pathlib import Path
 
 import bentoml
-import numpy as np
 from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
@@ -39,6 +38,8 @@ from sdxl_controlnet.schemas import (
     EdgeParams,
     GenerationParams,
     Images,
+    OptionalMask,
+    OptionalPicture,
     Params,
 )
 from sdxl_controlnet.settings import settings
@@ -79,17 +80,29 @@ class SDXLControlNetService:
 
     @bentoml.api
     @answers_errors
-    async def generate(self, edges: EdgeMap, params: GenerationParams) -> Images:
-        """Generate images that follow ``edges``, an H×W uint8 Canny edge map."""
-        return await cancel_on_disconnect(self.worker.run(edges, params))
+    async def generate(
+        self,
+        edges: EdgeMap,
+        params: GenerationParams,
+        init_image: OptionalPicture = None,
+        mask: OptionalMask = None,
+    ) -> Images:
+        """Generate images that follow ``edges``, an H×W uint8 Canny edge map: from noise,
+        or from ``init_image`` at ``params.strength``, repainting where ``mask`` is white."""
+        run = self.worker.run(edges, params, init_image=init_image, mask=mask)
+        return await cancel_on_disconnect(run)
 
     @bentoml.api
     async def generate_stream(
-        self, edges: EdgeMap, params: GenerationParams
+        self,
+        edges: EdgeMap,
+        params: GenerationParams,
+        init_image: OptionalPicture = None,
+        mask: OptionalMask = None,
     ) -> t.AsyncGenerator[str, None]:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
         then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
-        async for line in self.worker.stream(edges, params):
+        async for line in self.worker.stream(edges, params, init_image=init_image, mask=mask):
             yield line
 
 
@@ -114,8 +127,16 @@ class ControlNet:
 
     @bentoml.api
     @answers_errors
-    async def generate(self, image: ImageUpload, params: Params) -> Image.Image:
-        """Generate an image that follows the edges of ``image``.
+    async def generate(
+        self,
+        image: ImageUpload,
+        params: Params,
+        init_image: ImageUpload | None = None,
+        mask: ImageUpload | None = None,
+    ) -> Image.Image:
+        """Generate an image that follows the edges of ``image``: from noise, from
+        ``init_image`` (or ``image`` itself, given a ``params.strength``), repainting only
+        where ``mask`` is white. See docs/api.md.
 
         The reply is the image in ``params.output_format`` (sent as a Response, to
         carry headers): ``X-Seed`` holds the seed used, ``X-Params`` every resolved
@@ -123,7 +144,7 @@ class ControlNet:
         """
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
-        generation = await self._generate(image, params)
+        generation = await self._generate(image, params, init_image, mask)
         with generation.timings_ms.stage("encode"):
             body = await asyncio.to_thread(encode_image, generation.images[0], params.output_format)
         return Response(
@@ -131,24 +152,46 @@ class ControlNet:
         )
 
     @bentoml.api
-    async def generate_batch(self, image: ImageUpload, params: Params) -> BatchResult:
+    async def generate_batch(
+        self,
+        image: ImageUpload,
+        params: Params,
+        init_image: ImageUpload | None = None,
+        mask: ImageUpload | None = None,
+    ) -> BatchResult:
         """Generate ``params.num_images`` images; return them base64-encoded with the
         control image, the seed of each image, the resolved settings and the timings."""
-        return await self._batch(image, params)
+        return await self._batch(image, params, init_image, mask)
 
     @bentoml.task
-    async def generate_task(self, image: ImageUpload, params: Params) -> BatchResult:
+    async def generate_task(
+        self,
+        image: ImageUpload,
+        params: Params,
+        init_image: ImageUpload | None = None,
+        mask: ImageUpload | None = None,
+    ) -> BatchResult:
         """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
         ``task_id``; ``/status``, ``/get`` and ``/cancel`` take it. See docs/api.md."""
-        return await self._batch(image, params)
+        return await self._batch(image, params, init_image, mask)
 
     @answers_errors
-    async def _batch(self, image: Image.Image, params: Params) -> BatchResult:
-        return await (await self._generate(image, params)).batch_result()
+    async def _batch(
+        self,
+        image: Image.Image,
+        params: Params,
+        init_image: Image.Image | None,
+        mask: Image.Image | None,
+    ) -> BatchResult:
+        return await (await self._generate(image, params, init_image, mask)).batch_result()
 
     @bentoml.api
     async def generate_stream(
-        self, image: ImageUpload, params: Params
+        self,
+        image: ImageUpload,
+        params: Params,
+        init_image: ImageUpload | None = None,
+        mask: ImageUpload | None = None,
     ) -> t.AsyncGenerator[str, None]:
         """``/generate_batch`` as server-sent events, for long generations.
 
@@ -160,9 +203,11 @@ class ControlNet:
         """
         timings = Timings()
         with timings.stage("preprocess"):
-            edges, resolved = await self._prepare(image, params)
+            inputs, resolved = await asyncio.to_thread(
+                preprocessing.prepare, image, params, init_image, mask
+            )
         gpu_stream = self.controlnet_service.generate_stream(
-            edges=edges, params=resolved.generation_params()
+            **inputs.arguments(), params=resolved.generation_params()
         )
         try:
             with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
@@ -171,7 +216,7 @@ class ControlNet:
                         yield streaming.server_sent_event("progress", data)
                     else:
                         images = data
-            result = await Generation(edges, images, resolved, timings).batch_result()
+            result = await Generation(inputs.edges, images, resolved, timings).batch_result()
             yield streaming.server_sent_event("result", result.model_dump_json())
         except Exception as exc:  # every failure reaches the client as an event
             yield streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
@@ -184,22 +229,24 @@ class ControlNet:
         edges = await asyncio.to_thread(preprocessing.edge_map, image, params or EdgeParams())
         return Response(encode_image(edges, "png"), media_type=MEDIA_TYPES["png"])
 
-    async def _generate(self, image: Image.Image, params: Params) -> Generation:
+    async def _generate(
+        self,
+        image: Image.Image,
+        params: Params,
+        init_image: Image.Image | None,
+        mask: Image.Image | None,
+    ) -> Generation:
         timings = Timings()
         with timings.stage("preprocess"):
-            edges, resolved = await self._prepare(image, params)
+            inputs, resolved = await asyncio.to_thread(
+                preprocessing.prepare, image, params, init_image, mask
+            )
         gpu_params = resolved.generation_params()
         with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
             async with asyncio.timeout(settings.generation_timeout_s):
-                answer = self.controlnet_service.generate(edges=edges, params=gpu_params)
+                answer = self.controlnet_service.generate(**inputs.arguments(), params=gpu_params)
                 images = raise_for_answer(await cancel_on_disconnect(answer))
-        return Generation(edges, images, resolved, timings)
-
-    async def _prepare(self, image: Image.Image, params: Params) -> tuple[np.ndarray, Params]:
-        """The edge map, and ``params`` with the width and height they resolve to."""
-        edges = await asyncio.to_thread(preprocessing.edge_map, image, params)
-        height, width = edges.shape
-        return edges, params.model_copy(update={"width": width, "height": height})
+        return Generation(inputs.edges, images, resolved, timings)
 
 
 # Every error answer is {"error": ...}, whoever builds it; oversized or malformed uploads

@@ -33,23 +33,31 @@ class GPUWorker:
         edges: np.ndarray,
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
+        *,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The images for ``edges``. If the caller is cancelled, the pipeline stops at
+        """The images for ``edges`` (and ``init_image`` and ``mask``, see
+        ``ControlNetPipeline.generate``). If the caller is cancelled, the pipeline stops at
         its next step, and the GPU is released once it has."""
-        check_gpu_request(edges, params)
+        check_gpu_request(edges, params, init_image, mask)
         height, width = edges.shape
         stop = threading.Event()
         work = Work(
             width * height * params.batch, self.pipeline.runs_compiled(height, width, params)
         )
-        async with self.queue.turn(work, params.num_inference_steps) as step_done:
+        async with self.queue.turn(work, params.steps) as step_done:
 
             def report(done: int, total: int) -> None:  # on the pipeline's thread
                 step_done()
                 if on_step is not None:
                     on_step(done, total)
 
-            job = asyncio.wrap_future(self.pipeline.submit(edges, params, report, stop.is_set))
+            job = asyncio.wrap_future(
+                self.pipeline.submit(
+                    edges, params, report, stop.is_set, init_image=init_image, mask=mask
+                )
+            )
             try:
                 images = await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -61,7 +69,14 @@ class GPUWorker:
         metrics.IMAGES_GENERATED.inc(len(images))
         return images
 
-    async def stream(self, edges: np.ndarray, params: GenerationParams) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        edges: np.ndarray,
+        params: GenerationParams,
+        *,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> AsyncIterator[str]:
         """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
         each step, then the images, or the error. Closing it stops the generation."""
         loop = asyncio.get_running_loop()
@@ -70,8 +85,10 @@ class GPUWorker:
         def on_step(done: int, total: int) -> None:
             loop.call_soon_threadsafe(steps.put_nowait, (done, total))
 
-        yield streaming.progress_line(0, params.num_inference_steps)
-        job = asyncio.ensure_future(self.run(edges, params, on_step))
+        yield streaming.progress_line(0, params.steps)
+        job = asyncio.ensure_future(
+            self.run(edges, params, on_step, init_image=init_image, mask=mask)
+        )
         # After any step already reported: call_soon queues behind call_soon_threadsafe.
         job.add_done_callback(lambda _: loop.call_soon(steps.put_nowait, None))
         try:

@@ -20,9 +20,12 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
+from PIL import Image
 
 from . import metrics
 from .compilation import CompiledModels, graph_key, without_compiling
@@ -109,7 +112,12 @@ class ControlNetPipeline:
             dtype=dtype,
             variant=_variant(base),
         ).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        # Image-to-image and inpainting: the same modules in other pipelines, no weight copied.
+        # from_pipe casts every module to its dtype, float32 unless told (diffusers 0.42.1).
+        self.img2img = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(self.pipe, dtype=dtype)
+        self.inpaint = StableDiffusionXLControlNetInpaintPipeline.from_pipe(self.pipe, dtype=dtype)
+        for pipe in (self.pipe, self.img2img, self.inpaint):
+            pipe.set_progress_bar_config(disable=True)
         # Decode a batch one image at a time: four 1024² images at once overflow a 24 GB L4.
         self.pipe.vae.enable_slicing()
         config = self.pipe.scheduler.config
@@ -206,9 +214,14 @@ class ControlNetPipeline:
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        *,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> concurrent.futures.Future[np.ndarray]:
         """Run ``generate`` on the pipeline's own thread."""
-        return self._thread.submit(self.generate, edges, params, on_step, cancelled)
+        return self._thread.submit(
+            self.generate, edges, params, on_step, cancelled, init_image=init_image, mask=mask
+        )
 
     def generate(
         self,
@@ -216,9 +229,13 @@ class ControlNetPipeline:
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        *,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8),
-        returned as an N×H×W×3 uint8 array.
+        returned as an N×H×W×3 uint8 array: from noise, or from ``init_image`` (H×W×3
+        uint8) at ``params.strength``, repainting only where ``mask`` (H×W uint8) is white.
 
         After each denoising step ``on_step(done, total)`` reports progress, and
         ``cancelled()`` can stop the run (raising GenerationCancelled), so an
@@ -226,7 +243,7 @@ class ControlNetPipeline:
         what the warmed graphs do not fit runs the eager models.
         """
         with without_compiling():
-            return self._generate(edges, params, on_step, cancelled)
+            return self._generate(edges, params, on_step, cancelled, init_image, mask)
 
     @torch.inference_mode()
     def _generate(
@@ -235,6 +252,8 @@ class ControlNetPipeline:
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None,
         cancelled: Callable[[], bool],
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> np.ndarray:
         assert params.seed is not None, "the caller resolves the seed"
 
@@ -258,16 +277,27 @@ class ControlNetPipeline:
             torch.Generator(self.device).manual_seed(params.seed + i)
             for i in range(params.num_images)
         ]
-        self.pipe.scheduler = self.schedulers[params.scheduler]
+        if init_image is None:
+            pipe, pictures = self.pipe, {"image": control}
+        else:
+            pictures = {
+                "image": Image.fromarray(init_image),
+                "control_image": control,
+                "strength": params.strength,
+            }
+            pipe = self.img2img
+            if mask is not None:
+                pipe, pictures["mask_image"] = self.inpaint, Image.fromarray(mask)
+        pipe.scheduler = self.schedulers[params.scheduler]
         if compiled:
-            self.pipe.unet, self.pipe.controlnet = self._compiled.modules
+            pipe.unet, pipe.controlnet = self._compiled.modules
         try:
-            images = self.pipe(
+            images = pipe(
                 prompt=params.prompt,
                 prompt_2=params.prompt_2,
                 negative_prompt=params.negative_prompt,
                 negative_prompt_2=params.negative_prompt_2,
-                image=control,
+                **pictures,
                 height=height,
                 width=width,
                 num_inference_steps=params.num_inference_steps,
@@ -289,7 +319,7 @@ class ControlNetPipeline:
                 f"{width}×{height}; try fewer images or a smaller size"
             ) from exc
         finally:
-            self.pipe.unet, self.pipe.controlnet = self._eager
+            pipe.unet, pipe.controlnet = self._eager
         # Quantize on the device: a quarter of the bytes to copy back.
         images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()

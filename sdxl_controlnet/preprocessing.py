@@ -9,6 +9,7 @@ import contextlib
 import math
 import typing as t
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 from .errors import InvalidRequest
-from .schemas import EdgeParams, ResizeMode
+from .schemas import EdgeParams, Params, ResizeMode
 from .settings import settings
 
 SIZE_STEP = 8  # SDXL's VAE downsamples x8: both sides must be multiples of 8.
@@ -73,17 +74,17 @@ ImageUpload = t.Annotated[Image.Image, WrapValidator(_open_upload)]
 
 
 @contextlib.contextmanager
-def _decoding() -> Iterator[None]:
+def _decoding(field: str = "image") -> Iterator[None]:
     """Turn what PIL raises for a broken file into the client error it is."""
     try:
         yield
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidRequest(f"image could not be decoded: {exc}") from exc
+        raise InvalidRequest(f"{field} could not be decoded: {exc}") from exc
 
 
-def upright_size(image: Image.Image) -> tuple[int, int]:
+def upright_size(image: Image.Image, field: str = "image") -> tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5 to 8 turn the picture a quarter."""
-    with _decoding():
+    with _decoding(field):
         turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
     width, height = image.size
     return (height, width) if turned else (width, height)
@@ -149,16 +150,27 @@ def fit_size(
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def sizing(image: Image.Image, params: EdgeParams) -> tuple[tuple[int, int], ResizeMode]:
+    """The output size (width, height) for a control image, and how it meets that size:
+    as asked, or its own size snapped to SDXL's limits."""
+    if params.size:
+        return params.size, params.resize_mode
+    return snapped_size(*upright_size(image)), "resize"
+
+
+def _draft_side(
+    image: Image.Image, size: tuple[int, int], resize_mode: ResizeMode, field: str = "image"
+) -> int:
+    """The smallest side a JPEG may decode at. Square, because draft() sees the picture
+    before EXIF turns it."""
+    return max(fit_size(*upright_size(image, field), size, resize_mode))
+
+
 def edge_map(image: Image.Image, params: EdgeParams) -> np.ndarray:
     """The control image a request asks for: ``image`` decoded, sized and run through
     Canny, or with ``preprocessor="none"`` decoded and sized only."""
-    width, height = upright_size(image)
-    if params.size:
-        size, resize_mode = params.size, params.resize_mode
-    else:
-        size, resize_mode = snapped_size(width, height), "resize"
-    # Square, because draft() sees the picture before EXIF turns it.
-    min_side = max(fit_size(width, height, size, resize_mode))
+    size, resize_mode = sizing(image, params)
+    min_side = _draft_side(image, size, resize_mode)
     if params.preprocessor == "none":
         gray = to_grayscale(image, min_side, background="black")
         return fit(gray, size, resize_mode, lambda pixels: pixels)
@@ -181,15 +193,58 @@ def canny(
     )
 
 
+def upright_rgb(image: Image.Image, min_side: int | None, field: str = "image") -> Image.Image:
+    """Decoded to RGB, upright, with transparency flattened on white; a JPEG at reduced
+    scale where both sides stay at least ``min_side`` (see ``to_grayscale``)."""
+    check_image_size(image)
+    with _decoding(field):
+        image.draft("RGB", (min_side, min_side) if min_side else None)
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        return image.convert("RGB")
+
+
+def start_picture(
+    image: Image.Image, size: tuple[int, int], resize_mode: ResizeMode, field: str = "init_image"
+) -> np.ndarray:
+    """A picture to start from, as H×W×3 uint8 RGB at ``size``, fitted like the control
+    image; padding repeats its border."""
+    rgb = np.asarray(upright_rgb(image, _draft_side(image, size, resize_mode, field), field))
+    return fit(rgb, size, resize_mode, lambda pixels: pixels, border=cv2.BORDER_REPLICATE)
+
+
+def repaint_mask(image: Image.Image, size: tuple[int, int], resize_mode: ResizeMode) -> np.ndarray:
+    """Where to repaint, as H×W uint8 at ``size``, fitted like the picture it belongs to:
+    white (255) repaints, black keeps; an image with transparency gives its alpha."""
+    check_image_size(image)
+    with _decoding("mask"):
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            gray = np.asarray(image.convert("RGBA").getchannel("A"))
+        else:
+            gray = np.asarray(image.convert("L"))
+    mask = fit(gray, size, resize_mode, lambda pixels: pixels)
+    # diffusers repaints where the mask is at least half white.
+    if not (mask >= 128).any():
+        raise InvalidRequest(
+            "mask: it is all black, so nothing would be repainted; paint white where the "
+            "picture should change"
+        )
+    return mask
+
+
 def fit(
     gray: np.ndarray,
     size: tuple[int, int] | None,
     resize_mode: ResizeMode,
     detect: t.Callable[[np.ndarray], np.ndarray],
+    border: int = cv2.BORDER_CONSTANT,
 ) -> np.ndarray:
-    """``gray`` resized for ``size``, run through ``detect``, then cropped or padded
-    with black to exactly ``size``."""
-    in_h, in_w = gray.shape
+    """``gray`` (or an H×W×3 picture) resized for ``size``, run through ``detect``, then
+    cropped or padded (with black, or as ``border`` says) to exactly ``size``."""
+    in_h, in_w = gray.shape[:2]
     fit_w, fit_h = fit_size(in_w, in_h, size, resize_mode)
     edges = detect(_resize(gray, fit_w, fit_h))
     width, height = size or (fit_w, fit_h)
@@ -201,5 +256,48 @@ def fit(
     # Pad the edges, not the picture: a padded border would itself be an edge.
     top, left = (height - fit_h) // 2, (width - fit_w) // 2
     return cv2.copyMakeBorder(
-        edges, top, height - fit_h - top, left, width - fit_w - left, cv2.BORDER_CONSTANT, value=0
+        edges, top, height - fit_h - top, left, width - fit_w - left, border, value=0
     )
+
+
+@dataclass
+class GPUInputs:
+    """The pictures the GPU Service takes beside the parameters, at the output size."""
+
+    edges: np.ndarray  # H×W uint8, the control image
+    init_image: np.ndarray | None = None  # H×W×3 uint8, the picture to start from
+    mask: np.ndarray | None = None  # H×W uint8, white where to repaint
+
+    def arguments(self) -> dict[str, np.ndarray | None]:
+        """As the keyword arguments of the GPU Service's APIs."""
+        return {"edges": self.edges, "init_image": self.init_image, "mask": self.mask}
+
+
+def prepare(
+    image: Image.Image,
+    params: Params,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> tuple[GPUInputs, Params]:
+    """What a request sends the GPU Service, and its parameters resolved: the output size,
+    the mode and its strength. The start picture is ``init_image``, fitted to the output,
+    or for image-to-image and inpainting without one, the uploaded ``image`` itself."""
+    resolved = params.with_mode(init_image is not None, mask is not None)
+    if resolved.mode == "text-to-image":
+        edges = edge_map(image, params)
+        return GPUInputs(edges), _sized(resolved, edges)
+    restyle = init_image is None
+    if restyle:  # the upload is the start picture too: decoded once, in colour, full size
+        image = upright_rgb(image, min_side=None)
+    edges = edge_map(image, params)
+    height, width = edges.shape
+    # The start picture and its mask meet the output as the control image did, or as asked.
+    fitting = sizing(image, params) if restyle else ((width, height), params.resize_mode)
+    picture = start_picture(image if restyle else init_image, *fitting)
+    repaint = None if mask is None else repaint_mask(mask, *fitting)
+    return GPUInputs(edges, picture, repaint), _sized(resolved, edges)
+
+
+def _sized(params: Params, edges: np.ndarray) -> Params:
+    height, width = edges.shape
+    return params.model_copy(update={"width": width, "height": height})

@@ -16,18 +16,46 @@ from .settings import Scheduler, SettingsError, settings
 MAX_SEED = 2**32 - 1
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
+Picture = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W×3 RGB, a picture to start from
+Mask = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, white where to repaint
+# BentoML 1.4.40 finds an array inside typing.Optional, not inside `X | None`
+# (_bentoml_sdk._pydantic.patch_annotation), so optional arrays are declared so.
+OptionalPicture = t.Optional[Picture]  # noqa: UP045
+OptionalMask = t.Optional[Mask]  # noqa: UP045
 __all__ = ["Scheduler"]  # re-exported: declared in settings, where adapter presets name one
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
 Preprocessor = t.Literal["canny", "none"]
+# From noise; from a start picture; repainting where a mask is white.
+Mode = t.Literal["text-to-image", "image-to-image", "inpainting"]
+IMAGE_TO_IMAGE_STRENGTH = 0.8  # diffusers' default, as A1111's and Replicate's are near it
+INPAINTING_STRENGTH = 1.0  # the masked area repainted from noise
 
 
-def check_gpu_request(edges: np.ndarray, params: GenerationParams) -> None:
+def check_gpu_request(
+    edges: np.ndarray,
+    params: GenerationParams,
+    init_image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> None:
     """The GPU Service can be called directly: hold its input to the front's limits,
     and a batch to the GPU memory budget, before anything is generated."""
     if edges.ndim != 2:
         raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
     height, width = edges.shape
+    for name, array, shape in (
+        ("init_image", init_image, (height, width, 3)),
+        ("mask", mask, (height, width)),
+    ):
+        if array is not None and (array.shape != shape or array.dtype != np.uint8):
+            raise InvalidRequest(
+                f"{name} must be a uint8 array of shape {shape}, like edges; "
+                f"got {array.dtype} {array.shape}"
+            )
+    if (init_image is None) != (params.strength is None):
+        raise InvalidRequest("strength and init_image go together: give both or neither")
+    if mask is not None and init_image is None:
+        raise InvalidRequest("mask needs init_image, the picture to repaint")
     if height % 8 or width % 8 or min(height, width) < settings.min_output_side:
         raise InvalidRequest(
             f"edges is {width}×{height}; both sides must be multiples of 8 "
@@ -52,6 +80,13 @@ def _null_means_absent(cls: type[BaseModel], data: t.Any) -> t.Any:
         return data
     optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
     return {key: value for key, value in data.items() if value is not None or key not in optional}
+
+
+def _too_few_steps(params: GenerationParams) -> str:
+    return (
+        f"strength × num_inference_steps must make at least one step; "
+        f"{params.strength} × {params.num_inference_steps} makes none"
+    )
 
 
 def _rule(message: str) -> PydanticCustomError:
@@ -148,6 +183,21 @@ class GenerationParams(BaseModel):
         "Image i of a batch uses seed + i.",
     )
     scheduler: Scheduler = Field(default="euler", description="Sampler.")
+    strength: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="With a start picture (`init_image`, or `image` itself): how far to move "
+        f"from it, 1 repainting it entirely. Defaults to {IMAGE_TO_IMAGE_STRENGTH} for "
+        f"image-to-image and {INPAINTING_STRENGTH} for inpainting; only strength × "
+        "num_inference_steps steps run.",
+        json_schema_extra={
+            "x-default-by-mode": {
+                "image-to-image": IMAGE_TO_IMAGE_STRENGTH,
+                "inpainting": INPAINTING_STRENGTH,
+            }
+        },
+    )
     num_images: int = Field(
         default=1, ge=1, le=settings.max_images, description="Images to generate."
     )
@@ -163,6 +213,13 @@ class GenerationParams(BaseModel):
     )
 
     _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
+
+    @property
+    def steps(self) -> int:
+        """The denoising steps that run: from a start picture, diffusers skips the first
+        (1 - strength) of them."""
+        steps = self.num_inference_steps
+        return steps if self.strength is None else min(int(steps * self.strength), steps)
 
     @property
     def batch(self) -> int:
@@ -191,9 +248,11 @@ class GenerationParams(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _guidance_window_and_seed(self) -> t.Self:
+    def _guidance_window_steps_and_seed(self) -> t.Self:
         if self.control_guidance_start >= self.control_guidance_end:
             raise _rule("control_guidance_start must be less than control_guidance_end")
+        if self.steps < 1:
+            raise _rule(_too_few_steps(self))
         # The seed is resolved once, here, so that every later stage reports the same one.
         if self.seed is None:
             self.seed = secrets.randbelow(MAX_SEED + 1)
@@ -250,6 +309,27 @@ class Params(GenerationParams, EdgeParams):
     """The public request: generation settings, edge detection, size and output."""
 
     output_format: OutputFormat = Field(default="png", description="Image format returned.")
+    mode: Mode | None = Field(
+        default=None,
+        description="Set by the server from what the request sends: `inpainting` with a "
+        "`mask`, `image-to-image` with an `init_image` or a `strength`, else `text-to-image`. "
+        "A request that names it has it checked.",
+    )
+
+    def with_mode(self, init_image: bool, mask: bool) -> Params:
+        """These settings with the mode that the files sent make, and its strength."""
+        if mask:
+            mode, strength = "inpainting", INPAINTING_STRENGTH
+        elif init_image or self.strength is not None:
+            mode, strength = "image-to-image", IMAGE_TO_IMAGE_STRENGTH
+        else:
+            mode, strength = "text-to-image", None
+        if self.mode not in (None, mode):
+            raise InvalidRequest(f"params.mode: the files sent make {mode}, not {self.mode}")
+        resolved = self.model_copy(update={"mode": mode, "strength": self.strength or strength})
+        if resolved.steps < 1:  # a default strength may leave none
+            raise InvalidRequest(_too_few_steps(resolved))
+        return resolved
 
     def generation_params(self) -> GenerationParams:
         """The part the GPU Service takes, with the seed resolved."""

@@ -249,12 +249,12 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
     steps_run: list[int] = []
     generate = gpu.worker.pipeline.generate
 
-    def counting_generate(edges, params, on_step, cancelled):
+    def counting_generate(edges, params, on_step, cancelled, **pictures):
         def count(done: int, total: int) -> None:
             steps_run.append(done)
             on_step(done, total)
 
-        return generate(edges, params, count, cancelled)
+        return generate(edges, params, count, cancelled, **pictures)
 
     monkeypatch.setattr(gpu.worker.pipeline, "generate", counting_generate)
     params = GenerationParams(prompt="x", num_inference_steps=50, seed=1)
