@@ -23,7 +23,12 @@ async function applySchema() {
     if (field.description) input.title = field.description;
   }
   applyAdapterSchema(spec.components.schemas, fields);
-  showThresholds();
+  const strength = fields.strength.anyOf.find((option) => option.type !== "null");
+  $("#strength").max = strength.maximum;
+  $("#strength").min = $("#strength").step; // above its exclusive minimum, 0
+  $("#strength").value = fields.strength["x-default-by-mode"]["image-to-image"];
+  $("#strength").title = fields.strength.description;
+  showSliders();
 }
 
 // LoRA adapters: the names the server declares, each with the preset a few-step adapter
@@ -63,11 +68,89 @@ function params(names) {
   return values;
 }
 
-function request(path, values, signal) {
+function request(path, values, signal, pictures = {}) {
   const body = new FormData();
   body.append("image", image);
+  for (const [name, file] of Object.entries(pictures)) body.append(name, file, file.name ?? `${name}.png`);
   body.append("params", JSON.stringify(values));
   return fetch(`..${path}`, { method: "POST", body, signal });
+}
+
+// Image-to-image and inpainting: a start picture (another one, or the upload itself), its
+// strength, and a mask painted over it in the picture's own pixels: white repaints.
+const mask = $("#mask");
+const pen = mask.getContext("2d", { willReadFrequently: true });
+let startFile = null;
+let lastPoint = null;
+
+function useStart() {
+  const on = $("#use_start").checked;
+  $("#init_image").disabled = $("#strength").disabled = !on;
+  $(".paint").hidden = $(".brush").hidden = !on;
+  if (on) showStartPicture();
+}
+
+function showStartPicture() {
+  const file = startFile ?? image;
+  if (!file) return;
+  const picture = $("#start_picture");
+  picture.onload = () => {
+    const scale = Math.min(1, 1024 / Math.max(picture.naturalWidth, picture.naturalHeight));
+    const [width, height] = [picture.naturalWidth, picture.naturalHeight].map((side) => Math.round(side * scale));
+    if (mask.width !== width || mask.height !== height) [mask.width, mask.height] = [width, height]; // clears it
+  };
+  picture.src = URL.createObjectURL(file);
+}
+
+function canvasPoint(event) {
+  const box = mask.getBoundingClientRect();
+  return [(event.clientX - box.left) * mask.width / box.width, (event.clientY - box.top) * mask.height / box.height];
+}
+
+function paint(event) {
+  if (!lastPoint) return;
+  const point = canvasPoint(event);
+  pen.globalCompositeOperation = $("#erase").checked ? "destination-out" : "source-over";
+  pen.strokeStyle = "#f0f";
+  pen.lineCap = pen.lineJoin = "round";
+  pen.lineWidth = Number($("#brush").value) * mask.width / mask.getBoundingClientRect().width;
+  pen.beginPath();
+  pen.moveTo(...lastPoint);
+  pen.lineTo(...point);
+  pen.stroke();
+  lastPoint = point;
+}
+
+function invertMask() {
+  const pixels = pen.getImageData(0, 0, mask.width, mask.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    pixels.data.set([255, 0, 255, 255 - pixels.data[i + 3]], i);
+  }
+  pen.putImageData(pixels, 0, 0);
+}
+
+// The mask as the API takes it: a PNG, white where painted, black elsewhere; null if unpainted.
+async function maskFile() {
+  const painted = pen.getImageData(0, 0, mask.width, mask.height).data;
+  const pixels = new ImageData(mask.width, mask.height);
+  let any = false;
+  for (let i = 0; i < painted.length; i += 4) {
+    const value = painted[i + 3] >= 128 ? 255 : 0;
+    any ||= value > 0;
+    pixels.data.set([value, value, value, 255], i);
+  }
+  if (!any) return null;
+  const canvas = new OffscreenCanvas(mask.width, mask.height);
+  canvas.getContext("2d").putImageData(pixels, 0, 0);
+  return canvas.convertToBlob({ type: "image/png" });
+}
+
+async function startPictures(values) {
+  if (!$("#use_start").checked) return {};
+  values.strength = Number($("#strength").value);
+  const pictures = startFile ? { init_image: startFile } : {};
+  const painted = await maskFile();
+  return painted ? { ...pictures, mask: painted } : pictures;
 }
 
 // The API answers {"error"} or, for a rule a field broke, {"error", "detail": [{loc, msg}]}.
@@ -103,7 +186,7 @@ function markStale(id, stale) {
   figure.querySelector(".note").textContent = stale ? "(previous, not of the current settings)" : "";
 }
 
-function showThresholds() {
+function showSliders() {
   const edgeDetection = $("#preprocessor").value !== "none";
   $("#low_threshold").disabled = $("#high_threshold").disabled = !edgeDetection;
   for (const output of form.querySelectorAll("output")) {
@@ -115,7 +198,7 @@ function showThresholds() {
 let previewTimer;
 let previewRequest;
 function schedulePreview() {
-  showThresholds();
+  showSliders();
   clearTimeout(previewTimer);
   previewTimer = setTimeout(preview, 250);
 }
@@ -143,6 +226,7 @@ function chooseImage(file) {
   if (!file) return;
   image = file;
   $("#drop span").textContent = file.name;
+  if ($("#use_start").checked && !startFile) showStartPicture();
   preview();
 }
 
@@ -181,7 +265,7 @@ function showResult(result) {
   $("#download").href = url;
   $("#download").download = `sdxl-controlnet-${first.seed}.${result.params.output_format}`;
   $("#download").hidden = false;
-  $("#status").textContent = `Done in ${(result.timings_ms.generate / 1000).toFixed(1)} s`;
+  $("#status").textContent = `Done in ${(result.timings_ms.generate / 1000).toFixed(1)} s · ${result.params.mode}`;
 }
 
 async function generate(event) {
@@ -197,7 +281,9 @@ async function generate(event) {
   $("#progress").value = 0;
   let done = false;
   try {
-    const response = await request("/generate_stream", params(), running.signal);
+    const values = params();
+    const pictures = await startPictures(values);
+    const response = await request("/generate_stream", values, running.signal, pictures);
     if (!response.ok) return showError(await errorMessage(response));
     for await (const { event: kind, data } of serverSentEvents(response)) {
       if (kind === "progress") showProgress(data);
@@ -231,5 +317,20 @@ $("#low_threshold").addEventListener("input", schedulePreview);
 $("#high_threshold").addEventListener("input", schedulePreview);
 $("#preprocessor").addEventListener("change", schedulePreview);
 $("#lora").addEventListener("change", choosePreset);
+$("#use_start").addEventListener("change", useStart);
+$("#init_image").addEventListener("change", (event) => {
+  startFile = event.target.files[0] ?? null;
+  showStartPicture();
+});
+$("#strength").addEventListener("input", showSliders);
+mask.addEventListener("pointerdown", (event) => {
+  mask.setPointerCapture(event.pointerId);
+  lastPoint = canvasPoint(event);
+  paint(event); // a dot
+});
+mask.addEventListener("pointermove", paint);
+mask.addEventListener("pointerup", () => (lastPoint = null));
+$("#clear_mask").addEventListener("click", () => pen.clearRect(0, 0, mask.width, mask.height));
+$("#invert_mask").addEventListener("click", invertMask);
 form.addEventListener("submit", generate);
 applySchema().catch((error) => showError(`Could not read the API schema: ${error.message}`));

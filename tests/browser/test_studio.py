@@ -155,3 +155,44 @@ def test_choosing_a_few_step_adapter_fills_in_its_preset_and_generates(page: Pag
     page.select_option("#lora", "")
     expect(page.locator("[name=num_inference_steps]")).to_have_value("25")
     expect(page.locator("[name=scheduler]")).to_have_value("euler")
+
+
+# Pixels of the mask canvas painted opaquely enough to be sent as white.
+PAINTED = """c => Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)
+    .filter((value, i) => i % 4 === 3 && value >= 128).length"""
+
+
+def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
+    page.check("#use_start")
+    canvas = page.locator("#mask")
+    expect(canvas).to_be_visible()
+    expect(page.locator("#strength")).to_be_enabled()
+    expect(page.locator("output[for=strength]")).to_have_text("0.8")
+    # The mask takes the picture's own size, whatever the size on screen.
+    expect(canvas).to_have_js_property("width", 160)
+    expect(canvas).to_have_js_property("height", 120)
+
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    stroke = canvas.evaluate(PAINTED)
+    assert 0 < stroke < 160 * 120 / 2, "a stroke across the middle"
+    screenshot(page, "7-mask-painted")
+
+    page.fill("[name=prompt]", "a red ball")
+    page.fill("[name=num_inference_steps]", "4")
+    slide(page, "#strength", 0.5)
+    page.click("#generate")
+    # The server says inpainting only when a mask arrived.
+    expect(page.locator("#status")).to_contain_text("inpainting", timeout=120_000)
+    expect(page.locator("#progress")).to_have_js_property("max", 2)  # 0.5 of 4 steps
+    screenshot(page, "8-inpainted")
+
+    # Inverted, the mask repaints everything but the stroke; cleared, nothing is inpainted.
+    page.click("#invert_mask")
+    assert canvas.evaluate(PAINTED) == 160 * 120 - stroke
+    page.click("#clear_mask")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("image-to-image", timeout=120_000)
