@@ -23,6 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
 
 ROOT = Path(__file__).resolve().parent.parent
+# A fault for tests (devtools/slow_gpu/sitecustomize.py): on the PYTHONPATH of every server
+# started here, so `Server.slow_steps` can make each denoising step slow.
+SLOW_GPU = Path(__file__).resolve().parent / "slow_gpu"
 TINY_MODEL = ROOT / "models" / "tiny"
 # Random LoRA adapters for the tiny model, built once for the tests and benchmarks.
 TINY_ADAPTERS = ROOT / "test-artifacts" / "tiny-adapters"
@@ -162,13 +165,20 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.step_file = self.log.with_name(f"slow-step-{self.port}")
+        self.step_file.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
             env={
                 **os.environ,
                 **tiny_model_env(),
+                "FRONT_WORKERS": "1",
                 "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(SLOW_GPU), os.environ.get("PYTHONPATH")])
+                ),
+                "SDXL_SLOW_STEP_FILE": str(self.step_file),
                 **(env or {}),
             },
             stdout=self.log.open("wb"),
@@ -184,6 +194,28 @@ class Server:
 
     def stop(self) -> None:
         stop_process_tree(self.process)
+
+    @contextlib.contextmanager
+    def slow_steps(self, seconds: float) -> Iterator[None]:
+        """Within this block every denoising step of this server takes at least ``seconds``:
+        a generation stays in flight as long as a test needs, at any image size."""
+        self.step_file.write_text(str(seconds))
+        try:
+            yield
+        finally:
+            self.step_file.unlink(missing_ok=True)
+
+    def generations_started(self) -> float:
+        """Generations the GPU Service has started (it times each one's wait in its queue)."""
+        return metric(self, "sdxl_controlnet_queue_wait_seconds_count")
+
+    def wait_generating(self, started_before: float, timeout: float = 60) -> None:
+        """Returns once a generation past ``started_before`` started ones is under way."""
+        deadline = time.monotonic() + timeout
+        while self.generations_started() <= started_before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no generation started within {timeout} s; see {self.log}")
+            time.sleep(0.1)
 
     def process_info(self) -> psutil.Process:
         return psutil.Process(self.process.pid)

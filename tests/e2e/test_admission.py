@@ -15,12 +15,13 @@ from devtools.harness import Server, encode, metric, post_generate, serving, sha
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 20
+STEP_S = 0.5  # a slow GPU's denoising step (Server.slow_steps): generations of known length
 IMAGE = encode(shapes_image(64, 64))
 
 
 @pytest.fixture(scope="module")
 def small_queue() -> Iterator[Server]:
-    env = {"GENERATION_TIMEOUT_S": str(TIMEOUT_S), "MAX_QUEUE": "2", "MAX_STEPS": "5000"}
+    env = {"GENERATION_TIMEOUT_S": str(TIMEOUT_S), "MAX_QUEUE": "2"}
     with serving(env) as server:
         yield server
 
@@ -42,32 +43,37 @@ def in_background(server: Server, steps: int) -> tuple[threading.Thread, list[ht
 
 
 def test_a_full_queue_is_refused_at_once_with_retry_after(small_queue: Server) -> None:
-    # Steps for a generation of about half the timeout on this machine: a step's time
-    # is the difference between two generations, without their fixed costs.
-    generate(small_queue, 1)  # the first generation sets up kernels: not timed
-    step_s = (generation_s(generate(small_queue, 12)) - generation_s(generate(small_queue, 4))) / 8
-    steps = max(int(0.5 * TIMEOUT_S / step_s), 2)
-    refused = metric(small_queue, "sdxl_controlnet_refused_busy_total")
+    with small_queue.slow_steps(STEP_S):
+        # The queue learns the step time from finished generations (the steps after the
+        # first), the lowest of the last few: two, should the first be slow on a busy CPU.
+        for _ in range(2):
+            assert generation_s(generate(small_queue, 3)) >= 2 * STEP_S
+        # A quarter of the timeout: the short requests behind it are admitted even if a busy
+        # CPU makes its steps take up to four times STEP_S.
+        steps = int(0.25 * TIMEOUT_S / STEP_S)
+        refused = metric(small_queue, "sdxl_controlnet_refused_busy_total")
 
-    first, answers = in_background(small_queue, steps)
-    try:
-        threading.Event().wait(2)  # the first has started, and the GPU has timed its steps
-        busy = generate(small_queue, 3 * steps)  # could only finish past the timeout
-        assert busy.status_code == 503, busy.text
-        assert "busy" in busy.json()["error"] and f"{TIMEOUT_S} s timeout" in busy.json()["error"]
-        assert int(busy.headers["retry-after"]) >= 1
-        assert busy.json()["retry_after_s"] == int(busy.headers["retry-after"])
-        assert busy.elapsed.total_seconds() < 5  # at once, not after a wait
-        assert metric(small_queue, "sdxl_controlnet_refused_busy_total") == refused + 1
+        started = small_queue.generations_started()
+        first, answers = in_background(small_queue, steps)
+        try:
+            small_queue.wait_generating(started)
+            busy = generate(small_queue, 8 * steps)  # could only finish past the timeout
+            assert busy.status_code == 503, busy.text
+            error = busy.json()["error"]
+            assert "busy" in error and f"{TIMEOUT_S} s timeout" in error
+            assert int(busy.headers["retry-after"]) >= 1
+            assert busy.json()["retry_after_s"] == int(busy.headers["retry-after"])
+            assert busy.elapsed.total_seconds() < 5  # at once, not after a wait
+            assert metric(small_queue, "sdxl_controlnet_refused_busy_total") == refused + 1
 
-        # A short one is admitted behind the first; a third in flight is past MAX_QUEUE,
-        # which BentoML answers with 429: the front passes it on as a 503 too.
-        short = [in_background(small_queue, 1) for _ in range(2)]
-        for thread, _ in short:
-            thread.join()
-        full = [a for _, [a] in short if a.status_code == 503]
-        assert len(full) == 1, [a.text for _, [a] in short]
-        assert "queue is full" in full[0].json()["error"]
-    finally:
-        first.join()
+            # A short one is admitted behind the first; a third in flight is past MAX_QUEUE,
+            # which BentoML answers with 429: the front passes it on as a 503 too.
+            short = [in_background(small_queue, 1) for _ in range(2)]
+            for thread, _ in short:
+                thread.join()
+            full = [a for _, [a] in short if a.status_code == 503]
+            assert len(full) == 1, [a.text for _, [a] in short]
+            assert "queue is full" in full[0].json()["error"]
+        finally:
+            first.join()
     assert answers[0].status_code != 503, answers[0].text  # admitted

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.e2e
 submit_tasks_from_the_sync_client()
 
 FAST = {"prompt": "a house", "num_inference_steps": 2}
-# Seconds on an idle CPU, a minute or two on a busy one: well within the timeout, so the
-# queue admits it, and long enough to be cancelled mid-generation.
-LONG = {"prompt": "x", "num_inference_steps": 100, "width": 256, "height": 256}
+# On a slow GPU (Server.slow_steps) this job holds it for 50 s: long enough to be cancelled
+# mid-generation, well within the timeout, so the queue admits it.
+STEP_S = 0.5
+LONG = {"prompt": "x", "num_inference_steps": 100}
 
 
 @pytest.fixture
@@ -106,24 +107,28 @@ def test_a_failed_task_reports_its_status_and_message(client, tmp_path: Path) ->
 
 
 def test_cancel_stops_the_generation_and_frees_the_gpu(server: Server, client, photo: Path) -> None:
-    task = client.generate_task.submit(image=photo, params=LONG)
-    time.sleep(1)  # into its denoising steps
-    if task.get_status().value != "in_progress":
-        task.get()  # raises with the reason
-    assert task.get_status().value == "in_progress"
-    stopped_before = gpu_calls_stopped(server)
-    task.cancel()
-    assert task.get_status().value == "canceled"
-    # The GPU Service saw its caller leave, and stopped: it answers that with a 499.
-    deadline = time.monotonic() + 10
-    while gpu_calls_stopped(server) == stopped_before:
-        assert time.monotonic() < deadline, "the GPU Service went on generating"
-        time.sleep(0.2)
+    with server.slow_steps(STEP_S):
+        started = server.generations_started()
+        task = client.generate_task.submit(image=photo, params=LONG)
+        server.wait_generating(started)  # into its denoising steps
+        if task.get_status().value != "in_progress":
+            task.get()  # raises with the reason
+        assert task.get_status().value == "in_progress"
+        stopped_before = gpu_calls_stopped(server)
+        task.cancel()
+        assert task.get_status().value == "canceled"
+        # The GPU Service saw its caller leave, and stopped: it answers that with a 499.
+        deadline = time.monotonic() + 10
+        while gpu_calls_stopped(server) == stopped_before:
+            assert time.monotonic() < deadline, "the GPU Service went on generating"
+            time.sleep(0.2)
 
-    start = time.monotonic()
-    quick = client.generate_task.submit(image=photo, params={**FAST, "num_inference_steps": 1})
-    assert wait_while_in_progress(quick) == "completed"
-    assert time.monotonic() - start < 30, "the canceled generation still held the GPU"
+        start = time.monotonic()
+        quick = client.generate_task.submit(image=photo, params={**FAST, "num_inference_steps": 1})
+        assert wait_while_in_progress(quick) == "completed"
+        waited_s = time.monotonic() - start
+    held_s = LONG["num_inference_steps"] * STEP_S
+    assert waited_s < held_s / 4, f"the canceled generation still held the GPU: {waited_s:.1f} s"
     assert task.get_status().value == "canceled"  # and it stays so
 
 

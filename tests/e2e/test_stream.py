@@ -15,6 +15,8 @@ from devtools.harness import Server, decode, encode, shapes_image
 
 pytestmark = pytest.mark.e2e
 
+STEP_S = 0.5  # a slow GPU's denoising step (Server.slow_steps)
+
 
 def stream(server: Server, params: dict, image: bytes | None = None) -> httpx.Response:
     """The streamed response of /generate_stream, to be used as a context manager."""
@@ -62,19 +64,19 @@ def test_bad_input_is_a_400_before_the_stream_starts(server: Server) -> None:
 
 
 def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
-    # Long enough that finishing it would delay the next request by a minute or more.
-    long_run = {"prompt": "x", "num_inference_steps": 100, "width": 256, "height": 256}
-    with stream(server, long_run) as response:
-        for _, data in events(response):
-            if data["step"] == 2:
-                step_s = data["elapsed_s"] / 2
-                break
-    left_s = (100 - 2) * step_s
+    # On a slow GPU, finishing the abandoned run would delay the next request by half a minute.
+    long_run = {"prompt": "x", "num_inference_steps": 100}
+    with server.slow_steps(STEP_S):
+        with stream(server, long_run) as response:
+            for _, data in events(response):
+                if data["step"] == 2:
+                    break
+        left_s = (100 - 2) * STEP_S
 
-    start = time.monotonic()
-    with stream(server, {"prompt": "x", "num_inference_steps": 1}) as response:
-        assert [name for name, _ in events(response)][-1] == "result"
-    waited_s = time.monotonic() - start
+        start = time.monotonic()
+        with stream(server, {"prompt": "x", "num_inference_steps": 1}) as response:
+            assert [name for name, _ in events(response)][-1] == "result"
+        waited_s = time.monotonic() - start
     assert waited_s < left_s / 4, (
         f"waited {waited_s:.1f} s; the abandoned run had {left_s:.0f} s left"
     )
