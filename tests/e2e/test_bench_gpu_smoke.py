@@ -30,6 +30,8 @@ def test_a_start_up_that_overruns_is_abandoned_and_its_server_stopped(tmp_path, 
         budget_s=gpu.RESERVE_S + 6,
         log_dir=tmp_path,
     )
+    # The suite's shared server may be running already: only what the benchmark starts counts.
+    running = set(psutil.Process().children(recursive=True))
     began = time.monotonic()
     results = gpu.run_benchmark(config)
     assert time.monotonic() - began < config.budget_s + 5
@@ -39,7 +41,7 @@ def test_a_start_up_that_overruns_is_abandoned_and_its_server_stopped(tmp_path, 
     assert plan["start bare eager"]["status"] == "done"
     assert plan["start served eager"]["status"] == "abandoned"
     assert "at the deadline" in plan["start served eager"]["note"]
-    assert not psutil.Process().children(recursive=True)  # nothing left running
+    assert set(psutil.Process().children(recursive=True)) <= running  # nothing left running
     assert list(tmp_path.glob("server-*.log"))  # its log kept for a look
 
     rows = {row["figure"]: row for row in results["rows"]}
