@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +12,9 @@ from devtools.harness import ROOT
 pytestmark = pytest.mark.build
 
 
-@pytest.fixture(scope="module")
-def bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("bentoml-home")
-    subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "."],
-        cwd=ROOT,
-        env={**os.environ, "BENTOML_HOME": str(home)},
-        check=True,
-        capture_output=True,
-    )
-    (bento_yaml,) = home.glob("bentos/sdxl-controlnet/*/bento.yaml")
-    return bento_yaml.parent
+@pytest.fixture
+def bento(local_bento: Path) -> Path:
+    return local_bento
 
 
 def test_bento_serves_the_front_and_carries_both_services(bento: Path) -> None:
