@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -139,6 +140,13 @@ def build(output: Path) -> int:
     return size
 
 
+def python_312() -> str | None:
+    """A Python 3.12 for the stand-in: GPU_KIT_PYTHON, python3.12 on the PATH, or pyenv's."""
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python"))
+    found = os.environ.get("GPU_KIT_PYTHON") or shutil.which("python3.12")
+    return found or next(map(str, pyenv), None)
+
+
 def mirror(venv: Path, python: str) -> Path:
     """A virtual environment with ``python`` (3.12) holding what the GPU machine has, built
     once: it is rebuilt only when ``gpu_machine.txt`` changes."""
@@ -161,12 +169,14 @@ def main() -> None:
     build_command.add_argument("output", type=Path)
     mirror_command = commands.add_parser("mirror", help="build the GPU machine's stand-in")
     mirror_command.add_argument("venv", type=Path)
-    mirror_command.add_argument("--python", default="python3.12", help="a Python 3.12")
+    mirror_command.add_argument("--python", default=python_312(), help="a Python 3.12")
     args = parser.parse_args()
     if args.command == "build":
         size = build(args.output)
         print(f"GPU kit in {args.output}: {size / 2**20:.1f} MiB")
         print(f"on the GPU machine: cd {args.output.name} && scripts/gpu-bench.sh OUTDIR")
+    elif args.python is None:
+        print("no Python 3.12 here, so no GPU machine stand-in: set GPU_KIT_PYTHON")
     else:
         print(f"GPU machine stand-in in {mirror(args.venv, args.python)}")
 

@@ -5,13 +5,13 @@ nothing of BentoML, diffusers or pydantic; devtools/gpu_machine.txt), then
 benchmark's CUDA rows must say so; everything else is measured for real.
 
 The stand-in is built once into .venv-gpu (about 5 GB: PyPI has only CUDA builds of torch for
-Python 3.12) and kept; it is rebuilt when gpu_machine.txt changes."""
+Python 3.12) and kept; it is rebuilt when gpu_machine.txt changes. `make test` builds it before
+pytest starts, so the test times the kit and not the stand-in's download."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,11 +23,7 @@ from devtools.harness import ROOT, ensure_tiny_model
 
 pytestmark = pytest.mark.gpu_kit
 
-PYTHON_312 = (
-    os.environ.get("GPU_KIT_PYTHON")
-    or shutil.which("python3.12")
-    or next((str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python"))), None)
-)
+PYTHON_312 = gpu_kit.python_312()
 BUDGET_S = 120
 
 
