@@ -179,6 +179,34 @@ def batching_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     return [Row("batching", "4 images 256² steps=2, one call vs four", "ms", batched, single)]
 
 
+def mode_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
+    """Image-to-image at strength 0.5 and inpainting against text-to-image, per image: the
+    steps strength skips, against the start picture's encoding by the VAE."""
+    start = photo(256, 256)
+    edges = preprocessing.edge_map(start, Params(prompt="bench"))
+    picture = np.asarray(start.convert("RGB"))
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:, 128:] = 255
+    text = GenerationParams(prompt="bench", num_inference_steps=10, seed=1)
+    half = text.model_copy(update={"strength": 0.5})
+    whole = text.model_copy(update={"strength": 1.0})
+    calls = (
+        lambda: pipeline.generate(edges, text),
+        lambda: pipeline.generate(edges, half, init_image=picture),
+        lambda: pipeline.generate(edges, whole, init_image=picture, mask=mask),
+    )
+    for call in calls:  # first calls set up kernels: not counted
+        call()
+    text_ms, image_ms, inpaint_ms = interleaved(runs, *calls)
+    what = f"256² {text.num_inference_steps} steps, per image"
+    return [
+        Row("modes", f"image-to-image strength 0.5 vs text-to-image, {what}", "ms", image_ms,
+            text_ms, note=f"{half.steps} of {text.num_inference_steps} steps run"),
+        Row("modes", f"inpainting vs text-to-image, {what}", "ms", inpaint_ms, text_ms,
+            note="half the picture masked"),
+    ]  # fmt: skip
+
+
 def adapter_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     """Few-step presets and LoRA adapters on ``pipeline`` (loaded with the tiny adapters):
     seconds per image at the default steps against the 4-step preset; what one active,

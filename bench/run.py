@@ -49,6 +49,8 @@ def measure(quick: bool) -> list[Row]:
         adapters=adapters,
     )
     rows += inprocess.batching_rows(pipeline, runs=2 if quick else 3)
+    section("image-to-image and inpainting")
+    rows += inprocess.mode_rows(pipeline, runs=3 if quick else 5)
     section("few-step preset and LoRA adapters")
     rows += inprocess.adapter_rows(pipeline, runs=3 if quick else 5)
     section("cold start")

@@ -113,6 +113,7 @@ def build(output_dir: Path, seed: int = 0) -> Path:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=256,
+        force_upcast=False,  # as the fp16-fix VAE: no float32 round trip at each encode
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
