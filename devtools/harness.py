@@ -173,7 +173,6 @@ class Server:
             env={
                 **os.environ,
                 **tiny_model_env(),
-                "FRONT_WORKERS": "1",
                 "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(SLOW_GPU), os.environ.get("PYTHONPATH")])

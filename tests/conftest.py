@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from devtools.harness import (
     Server,
@@ -23,6 +24,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # The tiny LoRA adapters too: every server and in-process Service declares them, so
     # the base model's tests also prove that declared but unused adapters change nothing.
     os.environ.update({**tiny_model_env(), **tiny_adapters_env()})
+    # The suite runs on a shared 2-core machine, where pytest, the servers it starts and
+    # whatever else runs there compete for the cores. One front worker (the default is one
+    # a core): a second proves nothing the first does not. One thread for torch in every
+    # process: OpenMP's threads spin while they wait for a core, and make a tiny-model
+    # generation ten to twenty times slower whenever another process holds one.
+    os.environ.update({"FRONT_WORKERS": "1", "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
