@@ -2,6 +2,7 @@
 # The container engine: Docker where its engine runs, else daemonless buildah and podman,
 # which share one local image store.
 #   scripts/container.sh build-image gpu|cpu   build the Bento and its image NAME:VERSION + NAME:latest
+#   scripts/container.sh compose ARGS...       docker compose ARGS, or podman-compose ARGS
 #   scripts/container.sh ARGS...               docker ARGS, or podman ARGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,12 @@ if [[ ${1-} == build-image ]]; then
   # (bentoml/BentoML#5566).
   cd /
   exec "$bentoml" containerize "$tag" "${builder[@]}" -t "$tag" -t "${tag%%:*}:latest"
+fi
+
+if [[ ${1-} == compose ]]; then
+  if [[ ${engine[0]} == docker ]]; then exec docker "$@"; fi
+  # podman-compose (requirements-dev.txt) passes these options on to each podman command.
+  exec "$PWD/.venv/bin/podman-compose" --podman-args "${engine[*]:1}" "${@:2}"
 fi
 
 if [[ ${1-} == run && ${engine[0]} == podman ]]; then
