@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import request_errors
+from . import references, request_errors
 from .errors import UnsupportedMediaType, error_response, validation_body
 
 logger = logging.getLogger("bentoml").getChild(__name__)
@@ -147,6 +147,12 @@ def read_requests_as_field_errors() -> None:
     becomes a validation error naming the field (``request_errors.diagnose``). No longer
     needed when upstream answers a malformed form, or a form field too deep to parse, with a
     4xx; ``tests/e2e/test_reliability.py``'s table of hostile requests shows whether it does.
+
+    Here too, before BentoML reads the request, images given by reference (a URL or a data
+    URI) are resolved under this application's outbound policy (``references.py``): BentoML
+    1.4.40 downloads a form text field in a file's place itself (``MultipartSerde.ensure_file``,
+    ``_bentoml_impl/serde.py``), with no size or time limit, following redirects, refusing
+    only private, loopback and link-local addresses; resolved first, no text reaches it.
     """
     from _bentoml_sdk.io_models import IOMixin
 
@@ -156,6 +162,11 @@ def read_requests_as_field_errors() -> None:
         async def from_http_request(cls: t.Any, request: Request, serde: t.Any) -> t.Any:
             try:
                 await request_errors.read_form(request)
+                fields = cls.multipart_fields
+                if (
+                    data := await references.resolve_request(request, cls.__name__, fields)
+                ) is not None:
+                    return cls.model_validate(data)
                 return await read(cls, request, serde)
             except (ValidationError, BentoMLException):
                 raise

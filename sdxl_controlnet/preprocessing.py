@@ -45,9 +45,10 @@ def _open(value: t.Any, open_image: t.Callable[[t.Any], Image.Image]) -> Image.I
             raise
         value.file.seek(0)
         image = Image.open(value.file)
-    if not isinstance(image, Image.Image):  # a JSON string or number, say
+    if not isinstance(image, Image.Image):  # a JSON number, say (references.py takes text)
         raise PydanticCustomError(
-            "image_not_a_file", "send the image as a file in a multipart/form-data request"
+            "image_not_a_file",
+            "send the image as a file, an https:// URL or a data:image/…;base64, URI",
         )
     return image
 

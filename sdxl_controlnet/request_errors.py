@@ -5,8 +5,8 @@ BentoML reads a request in three steps, and each can raise something other than 
 validation error, which it would answer with a 500: starlette parses the form
 (a malformed body, a field over the part limit), BentoML's serde ``json.loads`` each
 form field that is not a file (JSON nested past the recursion limit, bytes that are not
-UTF-8, an integer too long to convert) and downloads each file field sent as text
-(anything but a reachable URL), then pydantic validates the model. See
+UTF-8, an integer too long to convert), then pydantic validates the model. (A file field
+sent as text never reaches BentoML: ``references.py`` resolves or refuses it first.) See
 ``bentoml_workarounds.read_requests_as_field_errors``.
 """
 
@@ -91,11 +91,6 @@ async def diagnose(
     if form is None:
         return BODY, f"could not be read: {detail or exc}"
     for name, value in form.multi_items():
-        if name in file_fields and isinstance(value, str):
-            return name, (
-                "sent as a text field, which is read as a URL to download, and that failed "
-                f"({type(exc).__name__}: {exc}); send the file as a file part, with a filename"
-            )
         if name not in file_fields:
             if isinstance(value, UploadFile):
                 await value.seek(0)

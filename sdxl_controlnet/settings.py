@@ -9,8 +9,12 @@ one NVIDIA L4 (24 GB) serves comfortably.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import json
 import os
+import re
 import typing as t
 from collections.abc import Mapping
 
@@ -143,6 +147,46 @@ class Settings(BaseModel):
         t.Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w-]{0,63}$")], LoraAdapter
     ] = Field(default_factory=dict)
 
+    # Outbound requests (images by URL, webhooks): https to public addresses only, except
+    # for these hosts or networks (comma-separated), which may also be http and private.
+    url_fetch_allow: str = ""
+    # Connecting, and the whole fetch of an image or one webhook try, in seconds.
+    url_fetch_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # The key that signs webhooks (Standard Webhooks: whsec_ and base64); none refuses them.
+    webhook_secret: str = Field(default="", repr=False)
+    # Tries per webhook delivery; the wait before try n + 1 is WEBHOOK_BACKOFF_S × 2^(n - 1).
+    webhook_tries: int = Field(default=8, ge=1, le=20)
+    webhook_backoff_s: float = Field(default=2.0, ge=0)
+
+    @field_validator("url_fetch_allow")
+    @classmethod
+    def _hosts_or_networks(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"{entry!r} is not a network: {exc}") from None
+            elif not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", entry):
+                raise ValueError(f"{entry!r} is not a host name, an address or a CIDR network")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            key = b""
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError(
+                "must be whsec_ followed by a base64 key of 24 to 64 bytes, e.g. "
+                "whsec_$(openssl rand -base64 32)"
+            )
+        return value
+
     @field_validator("lora_adapters", mode="before")
     @classmethod
     def _json(cls, value: t.Any) -> t.Any:
@@ -192,13 +236,21 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{_variable(error['loc'])}={values.get(str(error['loc'][0]), '')!r}: "
+                f"{_variable(error['loc'])}={_shown(error['loc'], values)}: "
                 f"{_within(error['loc'])}{error['msg']}"
                 if error["loc"]
                 else error["msg"]
                 for error in exc.errors(include_url=False)
             )
             raise SettingsError(f"invalid configuration: {problems}") from None
+
+
+SECRETS = {"webhook_secret"}  # never printed, not even when invalid
+
+
+def _shown(loc: tuple[int | str, ...], values: Mapping[str, str]) -> str:
+    name = str(loc[0])
+    return "<hidden>" if name in SECRETS else repr(values.get(name, ""))
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:

@@ -107,14 +107,30 @@ def test_generate_batch_returns_json_with_every_image(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1/", "http://localhost:3000/", "http://169.254.169.254/latest/"]
+    ("url", "why"),
+    [
+        ("https://127.0.0.1/", "127.0.0.1 is a loopback address"),
+        ("https://localhost:3000/", "localhost (127.0.0.1) is a loopback address"),
+        ("http://169.254.169.254/latest/", "169.254.169.254 is a link-local address"),
+    ],
 )
-def test_image_urls_to_private_addresses_are_refused(server: Server, url: str) -> None:
-    response = httpx.post(
-        f"{server.url}/generate", files={"image": (None, url), "params": (None, '{"prompt": "x"}')}
-    )
+@pytest.mark.parametrize("field", ["image", "init_image", "mask"])
+def test_image_urls_to_private_addresses_are_refused(
+    server: Server, field: str, url: str, why: str
+) -> None:
+    files = {"image": ("in.png", encode(shapes_image(64, 64)), "image/png")}
+    files |= {field: (None, url), "params": (None, '{"prompt": "x"}')}
+    response = httpx.post(f"{server.url}/generate", files=files, timeout=30)
     assert response.status_code == 400
-    assert "blocked" in response.text
+    assert response.json()["error"].startswith(f"{field}: URL not fetched: address refused: {why}")
+
+
+def test_an_image_as_a_data_uri_in_a_json_body(server: Server) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(encode(shapes_image(96, 64))).decode()
+    body = {"image": uri, "params": {"prompt": "x", **FAST}}
+    response = httpx.post(f"{server.url}/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert decode(response.content).size == (96, 64)
 
 
 def test_the_public_entry_point_refuses_pickle(server: Server) -> None:

@@ -159,8 +159,8 @@ HOSTILE_KINDS = {
         "image: sent as a text field",
     ),
     "image sent as a URL that cannot be fetched": (
-        form(image=(None, "http://unreachable.invalid/photo.png")),
-        "image: sent as a text field",
+        form(image=(None, "https://unreachable.invalid/photo.png")),
+        "image: URL not fetched: the host could not be resolved",
     ),
     "JSON nested past the recursion limit": (
         form(params=(None, "[" * 100_000 + "]" * 100_000)),
