@@ -17,7 +17,14 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import bentoml_workarounds, model_refs, preprocessing, readiness, streaming
+from sdxl_controlnet import (
+    bentoml_workarounds,
+    jobs,
+    model_refs,
+    preprocessing,
+    readiness,
+    streaming,
+)
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
 from sdxl_controlnet.errors import (
@@ -29,6 +36,7 @@ from sdxl_controlnet.errors import (
     raise_for_answer,
 )
 from sdxl_controlnet.gpu_worker import GPUWorker
+from sdxl_controlnet.jobs import Progress
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
 from sdxl_controlnet.preprocessing import ImageUpload
 from sdxl_controlnet.results import Generation, Timings
@@ -172,8 +180,9 @@ class ControlNet:
         mask: ImageUpload | None = None,
     ) -> BatchResult:
         """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
-        ``task_id``; ``/status``, ``/get`` and ``/cancel`` take it. See docs/api.md."""
-        return await self._batch(image, params, init_image, mask)
+        ``task_id``; ``/status`` (with the steps done), ``/get`` and ``/cancel`` take it.
+        See docs/api.md."""
+        return await self._batch(image, params, init_image, mask, jobs.progress_recorder())
 
     @answers_errors
     async def _batch(
@@ -182,8 +191,10 @@ class ControlNet:
         params: Params,
         init_image: Image.Image | None,
         mask: Image.Image | None,
+        progress: Progress | None = None,
     ) -> BatchResult:
-        return await (await self._generate(image, params, init_image, mask)).batch_result()
+        generation = await self._generate(image, params, init_image, mask, progress)
+        return await generation.batch_result()
 
     @bentoml.api
     async def generate_stream(
@@ -235,6 +246,7 @@ class ControlNet:
         params: Params,
         init_image: Image.Image | None,
         mask: Image.Image | None,
+        progress: Progress | None = None,
     ) -> Generation:
         timings = Timings()
         with timings.stage("preprocess"):
@@ -243,9 +255,21 @@ class ControlNet:
             )
         gpu_params = resolved.generation_params()
         with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
-            async with asyncio.timeout(settings.generation_timeout_s):
-                answer = self.controlnet_service.generate(**inputs.arguments(), params=gpu_params)
-                images = raise_for_answer(await cancel_on_disconnect(answer))
+            if progress is None:
+                async with asyncio.timeout(settings.generation_timeout_s):
+                    answer = self.controlnet_service.generate(
+                        **inputs.arguments(), params=gpu_params
+                    )
+                    images = raise_for_answer(await cancel_on_disconnect(answer))
+            else:  # the GPU's stream, to hear of each step
+                gpu_stream = self.controlnet_service.generate_stream(
+                    **inputs.arguments(), params=gpu_params
+                )
+                async for kind, data in streaming.relay(gpu_stream, settings.generation_timeout_s):
+                    if kind == "progress":
+                        await progress(data["step"], data["total"])
+                    else:
+                        images = data
         return Generation(inputs.edges, images, resolved, timings)
 
 

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import typing as t
 
@@ -45,8 +46,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import references, request_errors
-from .errors import UnsupportedMediaType, error_response, validation_body
+from . import jobs, references, request_errors
+from .errors import UnsupportedMediaType, error_response, in_shape, validation_body
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 
@@ -74,6 +75,18 @@ PATCHED: dict[tuple[str, str], str] = {
     ),
     ("_bentoml_impl.server.app", "ServiceAppFactory._add_response_headers"): (
         "(self, resp: 'Response', logging_format: 'dict[str, str]') -> 'None'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory.get_result"): (
+        "(self, request: 'Request') -> 'Response'"
+    ),
+    ("_bentoml_impl.server.app", "ServiceAppFactory.get_status"): (
+        "(self, request: 'Request') -> 'Response'"
+    ),
+    ("_bentoml_impl.tasks.result", "Sqlite3Store.set_result"): (
+        "(self, task_id: 'str', result: 'Response', status: 'ResultStatus') -> 'None'"
+    ),
+    ("_bentoml_impl.tasks.result", "Sqlite3Store.set_status"): (
+        "(self, task_id: 'str', status: 'ResultStatus') -> 'None'"
     ),
     ("_bentoml_impl.client.http", "SyncHTTPClient._submit"): (
         "(self, _SyncHTTPClient__endpoint: 'ClientEndpoint', /, *args: 't.Any', "
@@ -272,16 +285,145 @@ def run_tasks_as_asked() -> None:
                         run.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await run
-                        return
-                await run
+                        break
+                else:
+                    await run
             finally:
                 run.cancel()
+                await _ended(self, task_id, request)
 
         return run_until_canceled
 
     _patch(ServiceAppFactory, "submit_task", make_submit)
     _patch(ServiceAppFactory, "cancel_task", make_cancel)
     _patch(ServiceAppFactory, "_run_task", make_run)
+
+
+async def _ended(app: t.Any, task_id: str, request: Request) -> None:
+    """After a task's run: one that ended without a status (``_run_task`` logs what it
+    raised, and leaves it in progress) is failed; its progress is dropped."""
+    from _bentoml_impl.tasks import ResultStatus
+
+    store = app._result_store
+    if (await store.get_status(task_id)).status is ResultStatus.IN_PROGRESS:
+        failure = error_response(500, "the task failed on the server; see its log")
+        await store.set_result(task_id, failure, ResultStatus.FAILED)
+    await jobs.forget(task_id)
+
+
+def keep_tasks_word() -> None:
+    """The local task store (``_bentoml_impl/tasks/result.py``, ``Sqlite3Store``) and its
+    endpoints break what they answered:
+
+    - ``set_result`` overwrites any status, so a task canceled (answered 200) while its
+      result was being stored reads ``completed`` later. Replaced: a result is stored only
+      for a task still in progress.
+    - ``set_status`` to canceled leaves ``completed_at`` empty, so a canceled task is never
+      purged with the finished ones (``set_result`` deletes rows by ``completed_at``) and
+      its ``/get`` says "not completed yet". Replaced: a final status sets it, and stores
+      the answer ``/get`` gives, which ``/retry`` (``retry_task``) needs to read the row.
+    - ``ServiceAppFactory.get_result`` answers a canceled task 400 "not completed yet", and
+      a failed one with its failure's status, a 5xx for a GPU failure. Wrapped: a task
+      without a result is a 409 that says whether it is canceled, failed (and why) or still
+      running (``jobs.no_result``).
+    - ``ServiceAppFactory.get_status`` knows nothing of progress. Wrapped: a running task's
+      status carries ``progress``, ``{"step", "total"}`` (``jobs.progress``).
+
+    No longer needed when upstream guards ``set_result`` by status, dates every final
+    status and answers ``/get`` of a task without result with a 4xx;
+    ``tests/e2e/test_jobs.py`` shows whether it does.
+    """
+    import datetime
+
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from _bentoml_impl.tasks import ResultStatus
+    from _bentoml_impl.tasks.result import Sqlite3Store
+
+    final = {ResultStatus.COMPLETED, ResultStatus.FAILED, ResultStatus.CANCELED}
+    in_progress = ResultStatus.IN_PROGRESS.value
+
+    def make_set_result(_: t.Callable) -> t.Callable:
+        async def set_result(self: t.Any, task_id: str, result: Response, status: t.Any) -> None:
+            now = datetime.datetime.now(tz=datetime.UTC)
+            await self._conn.execute(
+                "UPDATE result SET status = ?, result = ?, completed_at = ? "
+                "WHERE task_id = ? AND status = ?",
+                (
+                    status.value,
+                    await self.serializer.serialize_response(result),
+                    now,
+                    task_id,
+                    in_progress,
+                ),
+            )
+            await self._conn.execute(
+                "DELETE FROM result WHERE completed_at IS NOT NULL AND completed_at < ?",
+                (now - datetime.timedelta(seconds=self.RESULT_RETENTION),),
+            )
+            await self._conn.commit()
+
+        return set_result
+
+    def make_set_status(_: t.Callable) -> t.Callable:
+        async def set_status(self: t.Any, task_id: str, status: t.Any) -> None:
+            now = datetime.datetime.now(tz=datetime.UTC)
+            # A final status gets a date and an answer, so /get and /retry can read the row.
+            answer = jobs.no_result(task_id, status.value, None) if status in final else None
+            await self._conn.execute(
+                "UPDATE result SET status = ?, executed_at = ?, completed_at = ?, result = ? "
+                "WHERE task_id = ? AND status = ?",
+                (
+                    status.value,
+                    now,
+                    now if answer else None,
+                    answer and await self.serializer.serialize_response(answer),
+                    task_id,
+                    in_progress,
+                ),
+            )
+            await self._conn.commit()
+
+        return set_status
+
+    def make_get_result(get_result: t.Callable) -> t.Callable:
+        async def get(self: t.Any, request: Request) -> Response:
+            task_id = request.query_params.get("task_id")
+            try:
+                row = await self._result_store.get_status(task_id) if task_id else None
+            except KeyError:
+                row = None
+            if row is None or row.status is ResultStatus.COMPLETED:
+                return await get_result(self, request)
+            failure = None
+            if row.status is ResultStatus.FAILED:
+                stored = (await self._result_store.get(task_id)).result
+                failure = {
+                    "status": stored.status_code,
+                    **in_shape(stored.status_code, stored.body),
+                }
+            response = jobs.no_result(task_id, row.status.value, failure)
+            self._add_response_headers(response)
+            return response
+
+        return get
+
+    def make_get_status(get_status: t.Callable) -> t.Callable:
+        async def status(self: t.Any, request: Request) -> Response:
+            response = await get_status(self, request)
+            if response.status_code != 200:
+                return response
+            body = json.loads(response.body)
+            if body["status"] == in_progress and (done := await jobs.progress(body["task_id"])):
+                response = JSONResponse({**body, "progress": done})
+                self._add_response_headers(response)
+            return response
+
+        return status
+
+    _patch(Sqlite3Store, "set_result", make_set_result)
+    _patch(Sqlite3Store, "set_status", make_set_status)
+    _patch(ServiceAppFactory, "get_result", make_get_result)
+    _patch(ServiceAppFactory, "get_status", make_get_status)
 
 
 def submit_tasks_from_the_sync_client() -> None:
@@ -354,4 +496,5 @@ def apply(allow_untested: bool = False) -> None:
     close_abandoned_streams()
     read_requests_as_field_errors()
     run_tasks_as_asked()
+    keep_tasks_word()
     submit_tasks_from_the_sync_client()
