@@ -24,6 +24,7 @@ from sdxl_controlnet import (
     preprocessing,
     readiness,
     streaming,
+    webhooks,
 )
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
@@ -49,10 +50,12 @@ from sdxl_controlnet.schemas import (
     OptionalMask,
     OptionalPicture,
     Params,
+    TaskParams,
 )
 from sdxl_controlnet.settings import settings
 
 bentoml_workarounds.apply(allow_untested=settings.allow_untested_bentoml)
+bentoml_workarounds.on_task_end(webhooks.task_ended)  # a job's outcome to its params.webhook
 
 
 @bentoml.service(
@@ -175,13 +178,13 @@ class ControlNet:
     async def generate_task(
         self,
         image: ImageUpload,
-        params: Params,
+        params: TaskParams,
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:
         """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
-        ``task_id``; ``/status`` (with the steps done), ``/get`` and ``/cancel`` take it.
-        See docs/api.md."""
+        ``task_id``; ``/status`` (with the steps done), ``/get`` and ``/cancel`` take it;
+        ``params.webhook`` has the outcome delivered. See docs/api.md."""
         return await self._batch(image, params, init_image, mask, jobs.progress_recorder())
 
     @answers_errors

@@ -194,7 +194,8 @@ def read_requests_as_field_errors() -> None:
 
 async def read_input(app: t.Any, name: str, request: Request) -> Response | None:
     """The answer ``/{name}`` would give to ``request``'s input if it is invalid, else
-    None; ``request`` stays readable. The input is read as ``api_endpoint`` reads it."""
+    None, and the input read in ``request.state.task_input`` (its files closed);
+    ``request`` stays readable. The input is read as ``api_endpoint`` reads it."""
     from _bentoml_impl.serde import ALL_SERDE
 
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -208,7 +209,9 @@ async def read_input(app: t.Any, name: str, request: Request) -> Response | None
     copy = Request(request.scope, replay)
     serde = ALL_SERDE.get(media_type, ALL_SERDE["application/json"])()
     try:
-        await app.service.apis[name].input_spec.from_http_request(copy, serde)
+        request.state.task_input = await app.service.apis[name].input_spec.from_http_request(
+            copy, serde
+        )
     except ValidationError as exc:
         return JSONResponse(validation_body(exc), status_code=400)
     except BentoMLException as exc:
@@ -299,9 +302,22 @@ def run_tasks_as_asked() -> None:
     _patch(ServiceAppFactory, "_run_task", make_run)
 
 
+TaskEnded = t.Callable[[str, Request, t.Any], t.Awaitable[None]]
+_task_ended: list[TaskEnded] = []
+
+
+def on_task_end(listener: TaskEnded) -> None:
+    """Call ``listener(task_id, request, row)`` when a task has its final status, with
+    the task's request and its row in the store (``CompletedResultRow``), once per task,
+    on the worker that ran it. ``request.state.task_input`` holds the input read at submit."""
+    if listener not in _task_ended:
+        _task_ended.append(listener)
+
+
 async def _ended(app: t.Any, task_id: str, request: Request) -> None:
     """After a task's run: one that ended without a status (``_run_task`` logs what it
-    raised, and leaves it in progress) is failed; its progress is dropped."""
+    raised, and leaves it in progress) is failed; its progress is dropped; the listeners
+    hear of it."""
     from _bentoml_impl.tasks import ResultStatus
 
     store = app._result_store
@@ -309,6 +325,12 @@ async def _ended(app: t.Any, task_id: str, request: Request) -> None:
         failure = error_response(500, "the task failed on the server; see its log")
         await store.set_result(task_id, failure, ResultStatus.FAILED)
     await jobs.forget(task_id)
+    row = await store.get(task_id)
+    for listener in _task_ended:
+        try:
+            await listener(task_id, request, row)
+        except Exception:
+            logger.exception("Task %s: a listener to its end failed", task_id)
 
 
 def keep_tasks_word() -> None:

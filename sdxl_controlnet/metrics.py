@@ -2,7 +2,8 @@
 
 BentoML already counts each Service's requests and times them per endpoint. These add
 what only the GPU Service knows: how long a request queued for the GPU, how long the
-pipeline ran, how many images it made, and how many requests it refused as too late.
+pipeline ran, how many images it made, and how many requests it refused as too late;
+and on the front, how its webhooks fared.
 """
 
 from __future__ import annotations
@@ -39,4 +40,16 @@ UNCOMPILED = Counter(
     "With TORCH_COMPILE on, generations that ran uncompiled models, by reason: a shape "
     "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
     ["reason"],
+)
+WEBHOOK_TRIES = Counter(
+    "sdxl_controlnet_webhook_tries",
+    "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx, 429), or why none came "
+    "(timeout, network, address, url).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "sdxl_controlnet_webhook_deliveries",
+    "Webhook messages, by result: delivered, or failed after the last try or an answer "
+    "that retrying cannot change.",
+    ["result"],
 )

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import fetching
 from .errors import InvalidRequest
 from .settings import Scheduler, SettingsError, settings
 
@@ -316,6 +317,14 @@ class Params(GenerationParams, EdgeParams):
         "A request that names it has it checked.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _webhooks_only_for_jobs(cls, data: t.Any) -> t.Any:
+        jobs_only = {"webhook", "webhook_events"} - cls.model_fields.keys()
+        if isinstance(data, dict) and (given := sorted(jobs_only & data.keys())):
+            raise _rule(f"{given[0]}: only jobs deliver webhooks; submit to /generate_task/submit")
+        return data
+
     def with_mode(self, init_image: bool, mask: bool) -> Params:
         """These settings with the mode that the files sent make, and its strength."""
         if mask:
@@ -334,6 +343,40 @@ class Params(GenerationParams, EdgeParams):
     def generation_params(self) -> GenerationParams:
         """The part the GPU Service takes, with the seed resolved."""
         return GenerationParams(**self.model_dump(include=set(GenerationParams.model_fields)))
+
+
+WebhookEvent = t.Literal["completed", "failed", "canceled"]
+
+
+class TaskParams(Params):
+    """A job's request: ``Params``, and where to deliver its outcome."""
+
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="An https URL the server POSTs the job's outcome to, signed per Standard "
+        "Webhooks with the server's WEBHOOK_SECRET; under the same rules as an image's URL.",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["completed", "failed", "canceled"],
+        min_length=1,
+        description="Which of the job's final statuses are delivered.",
+    )
+
+    @model_validator(mode="after")
+    def _deliverable(self) -> t.Self:
+        if self.webhook is None:
+            return self
+        if not settings.webhook_secret:
+            raise _rule(
+                "webhook: this server signs no webhooks (its WEBHOOK_SECRET is not set); "
+                "poll /generate_task/status instead, or ask its operator to set one"
+            )
+        try:
+            fetching.POLICY.check_url(self.webhook)
+        except fetching.Refused as exc:
+            raise _rule(f"webhook: {exc.reason}") from None
+        return self
 
 
 class GeneratedImage(BaseModel):

@@ -4,6 +4,7 @@ own client: submit, poll, get, cancel, and the failures of each."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 
@@ -164,3 +165,25 @@ def test_cancel_answers_for_unknown_and_finished_tasks(server: Server, client, p
     wait_while_in_progress(task)
     finished = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task.id})
     assert finished.status_code == 409 and "completed" in finished.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/generate_task/submit", "params: webhook: this server signs no webhooks"),
+        ("/generate_batch", "params: webhook: only jobs deliver webhooks"),
+        ("/generate", "params: webhook: only jobs deliver webhooks"),
+    ],
+)
+def test_a_webhook_without_a_secret_or_outside_a_job_is_a_400(
+    server: Server, photo: Path, path: str, error: str
+) -> None:
+    params = {**FAST, "webhook": "https://example.com/hook"}
+    answer = httpx.post(
+        f"{server.url}{path}",
+        files={"image": ("in.png", photo.read_bytes(), "image/png")},
+        data={"params": json.dumps(params)},
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith(error)

@@ -1,15 +1,19 @@
 """What the front fetches and delivers, on a real `bentoml serve` allowed to reach a loopback
-receiver (URL_FETCH_ALLOW): images by URL at every endpoint that takes one, and refusals
-of the outbound policy as the client sees them."""
+receiver (URL_FETCH_ALLOW): images by URL at every endpoint that takes one, refusals of the
+outbound policy as the client sees them, and jobs' webhooks, signed (checked with the
+Standard Webhooks reference library) and retried (a short backoff, WEBHOOK_BACKOFF_S)."""
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from standardwebhooks import Webhook
 
 from devtools.harness import Server, decode, encode, metric, serving, shapes_image
 from devtools.receiver import Receiver, receiving
@@ -18,6 +22,9 @@ pytestmark = pytest.mark.e2e
 
 FETCH_TIMEOUT_S = 3
 FAST = {"prompt": "a house", "num_inference_steps": 2}
+SECRET = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
+BACKOFF_S = 0.2
+TRIES = 5
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,13 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def outbound_server() -> Iterator[Server]:
-    env = {"URL_FETCH_ALLOW": "127.0.0.1", "URL_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S)}
+    env = {
+        "URL_FETCH_ALLOW": "127.0.0.1",
+        "URL_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S),
+        "WEBHOOK_SECRET": SECRET,
+        "WEBHOOK_BACKOFF_S": str(BACKOFF_S),
+        "WEBHOOK_TRIES": str(TRIES),
+    }
     with serving(env) as srv:
         yield srv
 
@@ -116,3 +129,121 @@ def test_loopback_other_than_the_allowed_host_is_refused(outbound_server: Server
     assert response.status_code == 400
     assert "image: URL not fetched: address refused: localhost (127.0.0.1)" in response.text
     assert metric(outbound_server, "bentoml_service_request_total", http_response_code="500") == 0
+
+
+def submit(server: Server, receiver: Receiver, **params: object) -> str:
+    files = {"image": ("in.png", receiver.picture, "image/png")}
+    params = {**FAST, "webhook": f"{receiver.url}/hook", **params}
+    answer = httpx.post(
+        f"{server.url}/generate_task/submit",
+        files=files,
+        data={"params": json.dumps(params)},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["task_id"]
+
+
+def wait_finished(server: Server, task_id: str) -> str:
+    deadline = time.monotonic() + 120
+    while (status := task_status(server, task_id)["status"]) == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return status
+
+
+def test_a_completed_job_is_delivered_signed(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        submitted = time.monotonic()
+        task_id = submit(outbound_server, receiver, seed=5)
+        (delivery,) = receiver.wait_for(1)
+    message = Webhook(SECRET).verify(delivery.body, delivery.headers)
+    assert delivery.headers["webhook-signature"].startswith("v1,")
+    assert message["type"] == "generate_task.completed"
+    data = message["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "completed")
+    assert data["created_at"] <= data["completed_at"]
+    result = httpx.get(f"{outbound_server.url}/generate_task/get", params={"task_id": task_id})
+    assert data["result"] == result.json()
+    assert data["result"]["images"][0]["seed"] == 5
+    print(f"submit → delivered: {delivery.at - submitted:.2f} s")
+
+
+def test_a_failing_receiver_is_retried_with_backoff(outbound_server: Server) -> None:
+    tries_before = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        receiver.answers = [503, 500, 429]
+        submitted = time.monotonic()
+        task_id = submit(outbound_server, receiver)
+        deliveries = receiver.wait_for(4)
+        # The job was complete at the first try: no delivery holds it.
+        assert task_status(outbound_server, task_id)["status"] == "completed"
+    assert [d.status for d in deliveries] == [503, 500, 429, 200]
+    assert len({d.headers["webhook-id"] for d in deliveries}) == 1
+    for delivery in deliveries:
+        Webhook(SECRET).verify(delivery.body, delivery.headers)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
+    for n, gap in enumerate(gaps):
+        assert BACKOFF_S * 2**n <= gap < BACKOFF_S * 2**n + 1, gaps
+    tries_after = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
+    assert tries_after - tries_before == 2
+    at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
+    print(f"submit → tries at {at}")
+
+
+def test_a_4xx_ends_the_delivery_and_events_are_chosen(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        receiver.answers = [410]
+        wait_finished(outbound_server, submit(outbound_server, receiver))
+        receiver.wait_for(1)
+        ignored = submit(outbound_server, receiver, webhook_events=["failed", "canceled"])
+        assert wait_finished(outbound_server, ignored) == "completed"
+        time.sleep(BACKOFF_S * 4)
+        assert [d.status for d in receiver.deliveries] == [410]
+    gave_up = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="failed")
+    assert gave_up >= 1
+
+
+def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver, outbound_server.slow_steps(0.5):
+        started = outbound_server.generations_started()
+        task_id = submit(outbound_server, receiver, num_inference_steps=100)
+        outbound_server.wait_generating(started)
+        cancel = httpx.put(
+            f"{outbound_server.url}/generate_task/cancel", params={"task_id": task_id}
+        )
+        assert cancel.status_code == 200
+        (delivery,) = receiver.wait_for(1)
+    data = Webhook(SECRET).verify(delivery.body, delivery.headers)["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "canceled")
+    assert "result" not in data and data["completed_at"]
+
+
+def test_a_failed_job_is_delivered_with_its_error(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(8000, 8))) as receiver:
+        task_id = submit(outbound_server, receiver)
+        (delivery,) = receiver.wait_for(1)
+    data = Webhook(SECRET).verify(delivery.body, delivery.headers)["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "failed")
+    assert data["error"]["status"] == 400
+    assert "aspect ratio 8000:8 is too extreme" in data["error"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("webhook", "error"),
+    [
+        ("https://169.254.169.254/hook", "params: webhook: address refused: 169.254.169.254"),
+        ("http://example.com/hook", "params: webhook: http is refused"),
+    ],
+)
+def test_a_webhook_the_policy_refuses_is_a_400_at_submit(
+    outbound_server: Server, webhook: str, error: str
+) -> None:
+    answer = httpx.post(
+        f"{outbound_server.url}/generate_task/submit",
+        files={"image": ("in.png", encode(shapes_image(96, 64)), "image/png")},
+        data={"params": json.dumps({**FAST, "webhook": webhook})},
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith(error)
