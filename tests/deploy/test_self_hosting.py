@@ -86,6 +86,40 @@ def test_compose_front_depends_on_the_gpu_service_by_name_and_port() -> None:
     assert "gpu" in front["depends_on"]
 
 
+class ComposeOverrideLoader(yaml.SafeLoader):
+    """Reads Compose's merge tags: ``!reset`` empties a value, ``!override`` replaces it."""
+
+
+ComposeOverrideLoader.add_constructor("!reset", lambda loader, node: None)
+ComposeOverrideLoader.add_constructor(
+    "!override",
+    lambda loader, node: (
+        loader.construct_sequence(node)
+        if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node)
+    ),
+)
+
+
+def test_compose_cpu_override_swaps_image_and_model_and_drops_only_the_gpu() -> None:
+    """deploy/docker-compose.cpu.yaml, run for real by `make image-test`."""
+    cpu = yaml.load((DEPLOY / "docker-compose.cpu.yaml").read_text(), ComposeOverrideLoader)
+    gpu, front = cpu["services"]["gpu"], cpu["services"]["front"]
+    assert set(cpu["services"]) == set(COMPOSE["services"])
+    assert gpu["image"] == front["image"] and "sdxl-controlnet-cpu:latest" in gpu["image"]
+    assert gpu["deploy"] is None  # !reset: no GPU to reserve
+    (volume,) = gpu["volumes"]
+    source, mount, mode = volume.split(":")
+    assert (DEPLOY / source).resolve() == ROOT / "models" / "tiny" and mode == "ro"
+    models = {k: v for k, v in gpu["environment"].items() if k.startswith("SDXL_")}
+    assert models == {
+        "SDXL_BASE_MODEL": f"{mount}/base",
+        "SDXL_CONTROLNET_MODEL": f"{mount}/controlnet",
+        "SDXL_VAE_MODEL": f"{mount}/vae",
+    }
+    assert "command" not in gpu and "command" not in front  # the base file's commands
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize(
     "resource", MANIFESTS, ids=lambda r: f"{r['kind']}/{r['metadata']['name']}"
