@@ -279,6 +279,7 @@ def run_tasks_as_asked() -> None:
 
     def make_run(run_task: t.Callable) -> t.Callable:
         async def run_until_canceled(self: t.Any, task_id: str, name: str, request: t.Any) -> None:
+            jobs.attach(self._result_store._conn)
             run = asyncio.ensure_future(run_task(self, task_id, name, request))
             try:
                 while not (await asyncio.wait({run}, timeout=TASK_POLL_S))[0]:
@@ -435,6 +436,7 @@ def keep_tasks_word() -> None:
             if response.status_code != 200:
                 return response
             body = json.loads(response.body)
+            jobs.attach(self._result_store._conn)
             if body["status"] == in_progress and (done := await jobs.progress(body["task_id"])):
                 response = JSONResponse({**body, "progress": done})
                 self._add_response_headers(response)

@@ -1,13 +1,15 @@
 """Jobs (``@bentoml.task``) on the front: a running job's progress, and the answers the task
 endpoints give for a job that has no result.
 
-Progress lives beside BentoML's task store, in the same SQLite file, which every front
-worker of a host shares: the worker that runs a job writes it, whichever worker answers
+Progress lives beside BentoML's task store, in a table of the same SQLite file, which every
+front worker of a host shares: the worker that runs a job writes it, whichever worker answers
 ``/generate_task/status`` reads it. Like the store, it is emptied when the server starts.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 import typing as t
 
@@ -17,20 +19,32 @@ from starlette.responses import JSONResponse
 
 from .errors import error_response
 
+logger = logging.getLogger("bentoml").getChild(__name__)
+
 PROGRESS_EVERY_S = 0.25  # a write a step at most this often, and the last step always
 _SCHEMA = "CREATE TABLE IF NOT EXISTS task_progress (task_id TEXT PRIMARY KEY, step INT, total INT)"
-_connection: aiosqlite.Connection | None = None
 Progress = t.Callable[[int, int], t.Awaitable[None]]  # (step, total) of the denoising
+# The task store's own connection: a second one in the same process would hold read
+# snapshots that make the store's writes fail at once ("database is locked").
+_connection: aiosqlite.Connection | None = None
+_ready = False
+
+
+def attach(connection: aiosqlite.Connection) -> None:
+    """Keep progress through ``connection``, the task store's (``bentoml_workarounds``)."""
+    global _connection, _ready
+    if connection is not _connection:
+        _connection, _ready = connection, False
 
 
 async def _db() -> aiosqlite.Connection:
-    global _connection
+    global _ready
     if _connection is None:
-        from bentoml._internal.configuration.containers import BentoMLContainer
-
-        _connection = await aiosqlite.connect(BentoMLContainer.result_store_file.get(), timeout=30)
+        raise RuntimeError("no task store attached")
+    if not _ready:
         await _connection.execute(_SCHEMA)
         await _connection.commit()
+        _ready = True
     return _connection
 
 
@@ -56,10 +70,13 @@ def progress_recorder() -> Progress | None:
             return
         last = time.monotonic()
         db = await _db()
-        await db.execute(
-            "INSERT OR REPLACE INTO task_progress VALUES (?, ?, ?)", (task_id, step, total)
-        )
-        await db.commit()
+        try:
+            await db.execute(
+                "INSERT OR REPLACE INTO task_progress VALUES (?, ?, ?)", (task_id, step, total)
+            )
+            await db.commit()
+        except sqlite3.OperationalError as exc:  # another process writing: the next step will do
+            logger.debug("task %s: progress not recorded: %s", task_id, exc)
 
     return record
 
