@@ -141,10 +141,19 @@ def build(output: Path) -> int:
 
 
 def python_312() -> str | None:
-    """A Python 3.12 for the stand-in: GPU_KIT_PYTHON, python3.12 on the PATH, or pyenv's."""
+    """A Python 3.12 for the stand-in: GPU_KIT_PYTHON, pyenv's, or python3.12 on the PATH;
+    the first that runs (pyenv's shim is on the PATH but fails where 3.12 is not selected)."""
     pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python"))
-    found = os.environ.get("GPU_KIT_PYTHON") or shutil.which("python3.12")
-    return found or next(map(str, pyenv), None)
+    candidates = [os.environ.get("GPU_KIT_PYTHON"), *map(str, pyenv), shutil.which("python3.12")]
+    check = "import sys; sys.exit(sys.version_info[:2] != (3, 12))"
+    return next(
+        (
+            python
+            for python in candidates
+            if python and subprocess.run([python, "-c", check], capture_output=True).returncode == 0
+        ),
+        None,
+    )
 
 
 def mirror(venv: Path, python: str) -> Path:

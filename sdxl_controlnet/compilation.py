@@ -23,16 +23,20 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
 def _as_graph_inputs(
     module: torch.nn.Module, args: tuple, kwargs: dict
 ) -> tuple[tuple, dict] | None:
-    """Dynamo specialises a graph on the value of a Python float and on each tensor's
-    dtype. So the ControlNet scale goes in as a tensor (it changes with every request, and
-    within one past the guidance window), and the timestep as float32 (DPM-Solver, DDIM,
-    UniPC and LCM step on int64 timesteps, Euler on float32). Both modules make the timestep
-    float32 before using it, so the maths is the same."""
+    """Dynamo specialises a graph on the value of a Python float, on each tensor's dtype and
+    on the keyword arguments given. So the ControlNet scale goes in as a tensor (it changes
+    with every request, and within one past the guidance window), the timestep as float32
+    (DPM-Solver, DDIM, UniPC and LCM step on int64 timesteps, Euler on float32), the latents
+    contiguous (the VAE encodes a start picture's channels last), and arguments given as
+    None are left to their default, None (the text-to-image pipeline passes
+    timestep_cond=None, the image-to-image and inpainting ones do not). Both modules make the
+    timestep float32 before using it, so the maths is the same."""
     sample, timestep, *rest = args
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
     if "conditioning_scale" in kwargs:
         scale = float(kwargs["conditioning_scale"])
         kwargs["conditioning_scale"] = torch.tensor(scale, device=sample.device)
-    return (sample, timestep.to(torch.float32), *rest), kwargs
+    return (sample.contiguous(), timestep.to(torch.float32), *rest), kwargs
 
 
 class CompiledModels:

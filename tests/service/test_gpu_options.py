@@ -120,6 +120,24 @@ def test_no_request_compiles_again_whatever_it_asks(eager, compiled) -> None:
             assert np.abs(images.astype(int) - reference).max() <= 3, params
 
 
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_image_to_image_and_inpainting_run_the_warmed_graphs(eager, compiled, inpaint) -> None:
+    """The same UNet and ControlNet shapes from a start picture: the same graphs, no fallback."""
+    start = np.full((64, 64, 3), 120, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255 if inpaint else 0
+    pictures = {"init_image": start, "mask": mask if inpaint else None}
+    params = PARAMS.model_copy(update={"strength": 1.0})
+    after_warm_up = compiled_graphs()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        images = compiled._thread.submit(
+            compiled._generate, edges(64, 64), params, None, lambda: False, **pictures
+        ).result()
+    assert compiled_graphs() == after_warm_up
+    reference = eager.submit(edges(64, 64), params, **pictures).result()
+    assert np.abs(images.astype(int) - reference).max() <= 3
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -> None:
     """Not only no compilation, but no fallback: dynamo's fail_on_recompile stance raises

@@ -8,13 +8,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import service
 from devtools.harness import as_array, decode, photo, shapes_image
 from sdxl_controlnet import preprocessing
-from sdxl_controlnet.errors import InvalidRequest
-from sdxl_controlnet.schemas import GenerationParams, Params
+from sdxl_controlnet.errors import GenerationCancelled, GPUOutOfMemory, InvalidRequest
+from sdxl_controlnet.schemas import GenerationParams, LoraChoice, Params
 
 pytestmark = pytest.mark.anyio
 
@@ -219,3 +220,57 @@ def test_a_start_picture_is_sized_like_the_control_image() -> None:
     assert inputs.edges.shape == (64, 96)
     assert inputs.init_image.shape == (64, 96, 3) and inputs.mask is None
     assert (resolved.width, resolved.height, resolved.mode) == (96, 64, "image-to-image")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "lcm"])
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_samplers_adapters_and_the_guidance_window_work_from_a_picture(
+    pipeline, scheduler, inpaint
+) -> None:
+    edges, start, mask = pictures()
+    kept = mask if inpaint else None
+    base = GenerationParams(
+        **FAST, strength=0.75, scheduler=scheduler, control_guidance_end=0.5, guess_mode=True
+    )
+    styled = base.model_copy(update={"loras": [LoraChoice(name="style")]})
+    plain, with_style, plain_again = (
+        pipeline.generate(edges, p, init_image=start, mask=kept) for p in (base, styled, base)
+    )
+    assert plain.shape == with_style.shape == (1, HEIGHT, WIDTH, 3)
+    assert not np.array_equal(plain, with_style)  # the adapter took effect
+    assert np.array_equal(plain, plain_again)  # and is off again
+
+
+def test_a_few_step_preset_runs_its_share_of_steps_from_a_picture(pipeline) -> None:
+    edges, start, _ = pictures()
+    params = GenerationParams(prompt="x", seed=1, strength=0.5, loras=[{"name": "fast"}])
+    assert (params.num_inference_steps, params.steps) == (4, 2)
+    progress: list[int] = []
+    pipeline.generate(edges, params, lambda done, _: progress.append(done), init_image=start)
+    assert progress == [1, 2]
+
+
+def test_a_cancelled_inpainting_stops_at_its_next_step(pipeline) -> None:
+    edges, start, mask = pictures()
+    progress: list[int] = []
+    with pytest.raises(GenerationCancelled):
+        pipeline.generate(
+            edges,
+            GenerationParams(**FAST, strength=1.0),
+            lambda done, _: progress.append(done),
+            lambda: bool(progress),
+            init_image=start,
+            mask=mask,
+        )
+    assert progress == [1]
+
+
+def test_out_of_memory_from_a_picture_is_the_507_it_is_elsewhere(pipeline, monkeypatch) -> None:
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(pipeline.img2img), "__call__", out_of_memory)
+    edges, start, _ = pictures()
+    with pytest.raises(GPUOutOfMemory) as error:
+        pipeline.generate(edges, GenerationParams(**FAST, strength=0.5), init_image=start)
+    assert error.value.error_code == 507
