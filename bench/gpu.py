@@ -20,6 +20,7 @@ concurrency 4, for a longer window. Prints one table; writes it as JSON to ``--o
 
 from __future__ import annotations
 
+import abc
 import argparse
 import concurrent.futures
 import contextlib
@@ -132,7 +133,7 @@ def served_env(config: Config, variant: str) -> dict[str, str]:
 # --- the subjects: diffusers called here, or a `bentoml serve` ---
 
 
-class Subject:
+class Subject(abc.ABC):
     mode = ""
 
     def __init__(self, config: Config, variant: str) -> None:
@@ -151,17 +152,18 @@ class Subject:
     def name(self) -> str:
         return f"{self.mode} {label(self.variant)}"
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
+    @abc.abstractmethod
     def generate(self, kind: str, seed: int) -> float:
         """Seconds for one image."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def burst(self, seed: int) -> float:
         """Images per second."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_memory(self) -> None:
         """Peak GPU memory so far, in GiB."""
 
