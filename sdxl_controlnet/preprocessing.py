@@ -107,12 +107,22 @@ def to_grayscale(
     with _decoding():
         image.draft("L", (min_side, min_side) if min_side else None)
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+        image = _flattened(image, background)
         if image.mode != "L":
             image = image.convert("L")
         return np.asarray(image)
+
+
+def _transparent(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _flattened(image: Image.Image, background: str) -> Image.Image:
+    """``image`` with any transparency composited onto ``background``."""
+    if not _transparent(image):
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
 
 
 def snapped_size(width: int, height: int) -> tuple[int, int]:
@@ -201,10 +211,9 @@ def upright_rgb(image: Image.Image, min_side: int | None, field: str = "image") 
     with _decoding(field):
         image.draft("RGB", (min_side, min_side) if min_side else None)
         ImageOps.exif_transpose(image, in_place=True)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        return image.convert("RGB")
+        image = _flattened(image, "white")
+        # Already RGB (a JPEG, or the upload decoded once for two uses): no copy.
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def start_picture(
@@ -222,7 +231,7 @@ def repaint_mask(image: Image.Image, size: tuple[int, int], resize_mode: ResizeM
     check_image_size(image)
     with _decoding("mask"):
         ImageOps.exif_transpose(image, in_place=True)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        if _transparent(image):
             gray = np.asarray(image.convert("RGBA").getchannel("A"))
         else:
             gray = np.asarray(image.convert("L"))
