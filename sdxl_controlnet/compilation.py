@@ -20,9 +20,7 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
     return (height, width, params.batch)
 
 
-def _as_graph_inputs(
-    module: torch.nn.Module, args: tuple, kwargs: dict
-) -> tuple[tuple, dict] | None:
+def _as_graph_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Dynamo specialises a graph on the value of a Python float, on each tensor's dtype and
     on the keyword arguments given. So the ControlNet scale goes in as a tensor (it changes
     with every request, and within one past the guidance window), the timestep as float32
