@@ -33,16 +33,14 @@ tiny-model: $(TINY_MODEL)/base/model_index.json
 serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)
 
-# The GPU kit's test runs in a Python 3.12 stand-in for a rented GPU machine (about 5 GB, two
-# minutes), built here once and rebuilt only when devtools/gpu_machine.txt changes.
-GPU_MACHINE := .venv-gpu/gpu_machine.txt
-$(GPU_MACHINE): devtools/gpu_machine.txt | $(BIN)/bentoml
-	$(BIN)/python -m devtools.gpu_kit mirror .venv-gpu
-
-test: tiny-model $(GPU_MACHINE)
+# Two pytest workers, each taking whole modules (their servers and compiled pipelines are
+# module fixtures). The servers under test leave a core idle half the time, and the GPU kit's
+# test, which goes first, builds its Python 3.12 stand-in (.venv-gpu, about 5 GB, once)
+# while the other worker runs the rest.
+test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 # Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
 bench: tiny-model

@@ -5,8 +5,8 @@ nothing of BentoML, diffusers or pydantic; devtools/gpu_machine.txt), then
 benchmark's CUDA rows must say so; everything else is measured for real.
 
 The stand-in is built once into .venv-gpu (about 5 GB: PyPI has only CUDA builds of torch for
-Python 3.12) and kept; it is rebuilt when gpu_machine.txt changes. `make test` builds it before
-pytest starts, so the test times the kit and not the stand-in's download."""
+Python 3.12) and kept; it is rebuilt when gpu_machine.txt changes. The time limits below count
+the kit's install and run, not the stand-in's download."""
 
 from __future__ import annotations
 
