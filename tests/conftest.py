@@ -33,10 +33,18 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+# The longest modules, run first so that they overlap the rest of the suite on the other
+# worker instead of ending it: the GPU kit's test (it may first build its Python 3.12
+# stand-in), then inductor's compilations (minutes of C++ builds on a cold cache).
+LONGEST_FIRST = ("gpu_kit", "compile")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The GPU kit's test is the longest (it may first build its Python 3.12 stand-in): run
-    # first, it overlaps the rest of the suite on the other worker instead of ending it.
-    items.sort(key=lambda item: item.get_closest_marker("gpu_kit") is None)
+    def rank(item: pytest.Item) -> int:
+        marked = (i for i, name in enumerate(LONGEST_FIRST) if item.get_closest_marker(name))
+        return next(marked, len(LONGEST_FIRST))
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

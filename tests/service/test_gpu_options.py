@@ -18,6 +18,8 @@ from sdxl_controlnet.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError,
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice
 from sdxl_controlnet.settings import settings
 
+pytestmark = pytest.mark.compile
+
 PARAMS = GenerationParams(prompt="a red ball", num_inference_steps=2, seed=5)
 
 
