@@ -17,7 +17,7 @@ export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
 # No GPU is needed for the tiny model; a GPU deployment leaves this unset.
 export ALLOW_CPU ?= 1
 
-.PHONY: serve test bench lint tiny-model clean image image-cpu image-run image-test readable-model
+.PHONY: serve test check bench lint tiny-model clean image image-cpu image-run image-test readable-model
 
 $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,16 +34,19 @@ serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)
 
 # The GPU kit's test runs in a Python 3.12 stand-in for a rented GPU machine (about 5 GB),
-# built once and rebuilt only when devtools/gpu_machine.txt changes. It needs only the
-# standard library, so it installs beside the development environment, one pip on each core.
+# built once and rebuilt only when devtools/gpu_machine.txt changes. Building it needs only
+# the standard library, so it installs beside the development environment, one pip on each
+# core, and goes on while the tests start; the kit's test waits for it.
 GPU_MACHINE := .venv-gpu/gpu_machine.txt
 $(GPU_MACHINE): devtools/gpu_machine.txt
 	$(PYTHON) -m devtools.gpu_kit mirror .venv-gpu
 
+test:
+	$(MAKE) --jobs=2 $(GPU_MACHINE) check
+
 # Two pytest workers, each taking whole modules (their servers and compiled pipelines are
 # module fixtures): the servers under test leave a core idle half the time.
-test:
-	$(MAKE) --jobs=2 tiny-model $(GPU_MACHINE)
+check: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder
@@ -70,7 +73,7 @@ lint: $(BIN)/bentoml
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) models wheels gpu-kit .venv-gpu
+	rm -rf $(VENV) models wheels gpu-kit .venv-gpu .venv-gpu.lock
 
 # The production image: CUDA torch from PyPI and the real model ids. Several GB: built only when asked.
 image: | $(BIN)/bentoml

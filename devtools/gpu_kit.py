@@ -18,6 +18,7 @@ has no other for Python 3.12; it runs on a CPU).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -158,16 +159,19 @@ def python_312() -> str | None:
 
 def mirror(venv: Path, python: str) -> Path:
     """A virtual environment with ``python`` (3.12) holding what the GPU machine has, built
-    once: it is rebuilt only when ``gpu_machine.txt`` changes."""
+    once: it is rebuilt only when ``gpu_machine.txt`` changes. A second caller (`make test`
+    builds it while pytest starts) waits for the first one's build instead of redoing it."""
     venv = Path(venv)
     stamp = venv / "gpu_machine.txt"
-    if stamp.is_file() and stamp.read_text() == MACHINE_PACKAGES.read_text():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "-r", str(MACHINE_PACKAGES)], check=True)
-    shutil.copy(MACHINE_PACKAGES, stamp)
+    with open(venv.with_name(f"{venv.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == MACHINE_PACKAGES.read_text():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "-r", str(MACHINE_PACKAGES)], check=True)
+        shutil.copy(MACHINE_PACKAGES, stamp)
     return venv
 
 
