@@ -17,7 +17,7 @@ export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
 # No GPU is needed for the tiny model; a GPU deployment leaves this unset.
 export ALLOW_CPU ?= 1
 
-.PHONY: serve test check bench lint tiny-model clean image image-cpu image-run image-test readable-model
+.PHONY: serve test test-tooling bench lint tiny-model clean image image-cpu image-run image-test readable-model
 
 $(BIN)/bentoml: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,23 +33,22 @@ tiny-model: $(TINY_MODEL)/base/model_index.json
 serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)
 
-# The GPU kit's test runs in a Python 3.12 stand-in for a rented GPU machine (about 5 GB),
-# built once and rebuilt only when devtools/gpu_machine.txt changes. Building it needs only
-# the standard library, so it installs beside the development environment, one pip on each
-# core, and goes on while the tests start; the kit's test waits for it.
-GPU_MACHINE := .venv-gpu/gpu_machine.txt
-$(GPU_MACHINE): devtools/gpu_machine.txt
-	$(PYTHON) -m devtools.gpu_kit mirror .venv-gpu
-
-test:
-	$(MAKE) --jobs=2 $(GPU_MACHINE) check
-
-# Two pytest workers, each taking whole modules (their servers and compiled pipelines are
-# module fixtures): the servers under test leave a core idle half the time.
-check: tiny-model
+# The product's tests, on two pytest workers, each taking whole modules (their servers and
+# compiled pipelines are module fixtures): the servers under test leave a core idle half the time.
+test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder
+	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder --ignore=tests/tooling
+
+# The tooling's own tests: the GPU kit, run offline in a Python 3.12 stand-in for a rented GPU
+# machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes),
+# the GPU benchmark's machinery and the full-size model builder.
+GPU_MACHINE := .venv-gpu/gpu_machine.txt
+$(GPU_MACHINE): devtools/gpu_machine.txt | $(BIN)/bentoml
+	$(PYTHON) -m devtools.gpu_kit mirror .venv-gpu
+
+test-tooling: tiny-model $(GPU_MACHINE)
+	$(BIN)/pytest -n 2 --dist loadscope tests/tooling
 
 # Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
 bench: tiny-model

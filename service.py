@@ -3,7 +3,8 @@
 A request enters ``ControlNet`` (CPU), which checks the upload, turns it into a
 one-channel edge map at the output size and sends it to ``SDXLControlNetService``
 (GPU). That runs diffusers' SDXL ControlNet pipeline and returns uint8 images, which
-the front encodes once, as the client asked. Only the GPU Service imports torch.
+the front encodes once, as the client asked. Only the GPU Service imports torch
+(``sdxl_controlnet/gpu/``); the front's code is ``sdxl_controlnet/front/``.
 """
 
 from __future__ import annotations
@@ -17,30 +18,17 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import (
-    bentoml_workarounds,
-    jobs,
-    model_refs,
-    preprocessing,
-    readiness,
-    streaming,
-    webhooks,
-)
+from sdxl_controlnet import bentoml_compat
+from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
-from sdxl_controlnet.encoding import MEDIA_TYPES, encode_image
-from sdxl_controlnet.errors import (
-    ONE_IMAGE,
-    InvalidRequest,
-    answers_errors,
-    from_gpu_failure,
-    gpu_call_errors,
-    raise_for_answer,
-)
-from sdxl_controlnet.gpu_worker import GPUWorker
-from sdxl_controlnet.jobs import Progress
+from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
+from sdxl_controlnet.front import gpu_call, jobs, preprocessing, readiness, webhooks
+from sdxl_controlnet.front.encoding import MEDIA_TYPES, encode_image
+from sdxl_controlnet.front.job_endpoints import JobEndpoints
+from sdxl_controlnet.front.preprocessing import ImageUpload
+from sdxl_controlnet.gpu import model_refs
+from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
-from sdxl_controlnet.preprocessing import ImageUpload
-from sdxl_controlnet.results import Generation, Timings
 from sdxl_controlnet.schemas import (
     BatchResult,
     EdgeMap,
@@ -53,9 +41,10 @@ from sdxl_controlnet.schemas import (
     TaskParams,
 )
 from sdxl_controlnet.settings import settings
+from sdxl_controlnet.streaming import Progress
 
-bentoml_workarounds.apply(allow_untested=settings.allow_untested_bentoml)
-bentoml_workarounds.on_task_end(webhooks.task_ended)  # a job's outcome to its params.webhook
+# What the front keeps of its jobs, shared by its workers (front/jobs.py).
+JOBS = jobs.JobStore(jobs.default_path())
 
 
 @bentoml.service(
@@ -64,7 +53,7 @@ bentoml_workarounds.on_task_end(webhooks.task_ended)  # a job's outcome to its p
     workers=settings.gpus,
     # Beyond max_concurrency BentoML answers 429 at once: a bounded queue, not a pile-up.
     traffic={"timeout": settings.generation_timeout_s, "max_concurrency": settings.max_queue},
-    runner_connection=bentoml_workarounds.NEVER_RECYCLE_CONNECTIONS,
+    runner_connection=connections.NEVER_RECYCLE,
 )
 @model_refs.with_adapters(settings.lora_adapters)  # LoRA adapters, declared like the models
 class SDXLControlNetService:
@@ -75,7 +64,7 @@ class SDXLControlNetService:
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
 
     def __init__(self) -> None:
-        from sdxl_controlnet.pipeline import ControlNetPipeline, select_device
+        from sdxl_controlnet.gpu.pipeline import ControlNetPipeline, select_device
 
         pipeline = ControlNetPipeline(
             self.base,
@@ -132,6 +121,14 @@ class ControlNet:
 
     controlnet_service = bentoml.depends(SDXLControlNetService)  # the SDXL GPU Service
 
+    def __init__(self) -> None:
+        bentoml_compat.apply_to_front(allow_untested=settings.allow_untested_bentoml)
+
+    @bentoml.on_deployment
+    def empty_job_store() -> None:
+        """Once per ``bentoml serve``, before the workers start: jobs start afresh."""
+        JOBS.reset()
+
     async def __is_ready__(self) -> bool:
         """``/readyz``: 200 once the GPU Service answers ready, 503 until then, in seconds."""
         return await readiness.dependency_ready(self.controlnet_service)
@@ -155,7 +152,8 @@ class ControlNet:
         """
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
-        generation = await self._generate(image, params, init_image, mask)
+        prepared = await gpu_call.prepare(image, params, init_image, mask)
+        generation = await gpu_call.run(self.controlnet_service, prepared)
         with generation.timings_ms.stage("encode"):
             body = await asyncio.to_thread(encode_image, generation.images[0], params.output_format)
         return Response(
@@ -163,6 +161,7 @@ class ControlNet:
         )
 
     @bentoml.api
+    @answers_errors
     async def generate_batch(
         self,
         image: ImageUpload,
@@ -172,9 +171,11 @@ class ControlNet:
     ) -> BatchResult:
         """Generate ``params.num_images`` images; return them base64-encoded with the
         control image, the seed of each image, the resolved settings and the timings."""
-        return await self._batch(image, params, init_image, mask)
+        prepared = await gpu_call.prepare(image, params, init_image, mask)
+        return await (await gpu_call.run(self.controlnet_service, prepared)).batch_result()
 
     @bentoml.task
+    @answers_errors
     async def generate_task(
         self,
         image: ImageUpload,
@@ -185,19 +186,14 @@ class ControlNet:
         """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
         ``task_id``; ``/status`` (with the steps done), ``/get`` and ``/cancel`` take it;
         ``params.webhook`` has the outcome delivered. See docs/api.md."""
-        return await self._batch(image, params, init_image, mask, jobs.progress_recorder())
 
-    @answers_errors
-    async def _batch(
-        self,
-        image: Image.Image,
-        params: Params,
-        init_image: Image.Image | None,
-        mask: Image.Image | None,
-        progress: Progress | None = None,
-    ) -> BatchResult:
-        generation = await self._generate(image, params, init_image, mask, progress)
-        return await generation.batch_result()
+        async def work(progress: Progress | None) -> BatchResult:
+            prepared = await gpu_call.prepare(image, params, init_image, mask)
+            generation = await gpu_call.run(self.controlnet_service, prepared, progress)
+            return await generation.batch_result()
+
+        on_end = webhooks.on_job_end(params.webhook, params.webhook_events)
+        return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
 
     @bentoml.api
     async def generate_stream(
@@ -215,25 +211,9 @@ class ControlNet:
         body and ``status`` the same failure gets from ``/generate_batch``. A client
         that disconnects stops the generation.
         """
-        timings = Timings()
-        with timings.stage("preprocess"):
-            inputs, resolved = await asyncio.to_thread(
-                preprocessing.prepare, image, params, init_image, mask
-            )
-        gpu_stream = self.controlnet_service.generate_stream(
-            **inputs.arguments(), params=resolved.generation_params()
-        )
-        try:
-            with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
-                async for kind, data in streaming.relay(gpu_stream, settings.generation_timeout_s):
-                    if kind == "progress":
-                        yield streaming.server_sent_event("progress", data)
-                    else:
-                        images = data
-            result = await Generation(inputs.edges, images, resolved, timings).batch_result()
-            yield streaming.server_sent_event("result", result.model_dump_json())
-        except Exception as exc:  # every failure reaches the client as an event
-            yield streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
+        prepared = await gpu_call.prepare(image, params, init_image, mask)
+        async for event in gpu_call.events(self.controlnet_service, prepared):
+            yield event
 
     @bentoml.api
     @answers_errors
@@ -243,41 +223,10 @@ class ControlNet:
         edges = await asyncio.to_thread(preprocessing.edge_map, image, params or EdgeParams())
         return Response(encode_image(edges, "png"), media_type=MEDIA_TYPES["png"])
 
-    async def _generate(
-        self,
-        image: Image.Image,
-        params: Params,
-        init_image: Image.Image | None,
-        mask: Image.Image | None,
-        progress: Progress | None = None,
-    ) -> Generation:
-        timings = Timings()
-        with timings.stage("preprocess"):
-            inputs, resolved = await asyncio.to_thread(
-                preprocessing.prepare, image, params, init_image, mask
-            )
-        gpu_params = resolved.generation_params()
-        with timings.stage("generate"), gpu_call_errors(settings.generation_timeout_s):
-            if progress is None:
-                async with asyncio.timeout(settings.generation_timeout_s):
-                    answer = self.controlnet_service.generate(
-                        **inputs.arguments(), params=gpu_params
-                    )
-                    images = raise_for_answer(await cancel_on_disconnect(answer))
-            else:  # the GPU's stream, to hear of each step
-                gpu_stream = self.controlnet_service.generate_stream(
-                    **inputs.arguments(), params=gpu_params
-                )
-                async for kind, data in streaming.relay(gpu_stream, settings.generation_timeout_s):
-                    if kind == "progress":
-                        await progress(data["step"], data["total"])
-                    else:
-                        images = data
-        return Generation(inputs.edges, images, resolved, timings)
-
 
 # Every error answer is {"error": ...}, whoever builds it; oversized or malformed uploads
-# are refused before they are read, let alone decoded.
+# are refused before they are read, let alone decoded; jobs answer as docs/api.md says.
 ControlNet.add_asgi_middleware(ErrorBodies)
 ControlNet.add_asgi_middleware(BodyGuard, max_bytes=settings.max_upload_bytes)
+ControlNet.add_asgi_middleware(JobEndpoints, service=ControlNet, api="generate_task", store=JOBS)
 SDXLControlNetService.add_asgi_middleware(ErrorBodies)

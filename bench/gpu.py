@@ -186,7 +186,7 @@ class Bare(Subject):
         from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline
         from PIL import Image
 
-        from sdxl_controlnet import preprocessing
+        from sdxl_controlnet.front import preprocessing
         from sdxl_controlnet.schemas import Params
 
         began = time.perf_counter()
@@ -227,7 +227,7 @@ class Bare(Subject):
     def _call(self, request: dict[str, Any]) -> float:
         import torch
 
-        from sdxl_controlnet.pipeline import SCHEDULERS
+        from sdxl_controlnet.gpu.pipeline import SCHEDULERS
         from sdxl_controlnet.schemas import GenerationParams
 
         # The Service's defaults for everything the request leaves out.

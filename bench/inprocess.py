@@ -17,9 +17,9 @@ from starlette.datastructures import Headers, UploadFile
 
 from bench.report import Row, interleaved, timed_ms
 from devtools.harness import photo
-from sdxl_controlnet import preprocessing
-from sdxl_controlnet.encoding import encode_image
-from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.front import preprocessing
+from sdxl_controlnet.front.encoding import encode_image
+from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice, OutputFormat, Params
 from service import ControlNet, SDXLControlNetService
 

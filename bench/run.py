@@ -23,7 +23,7 @@ os.environ.update(tiny_adapters_env())
 
 from bench import inprocess, served
 from bench.report import Row, compare, table
-from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.settings import settings
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"

@@ -11,8 +11,8 @@ import httpx
 from bench.inprocess import file_bytes
 from bench.report import Row, timed_ms
 from devtools.harness import Server, photo
-from sdxl_controlnet import preprocessing
-from sdxl_controlnet.pipeline import ControlNetPipeline
+from sdxl_controlnet.front import preprocessing
+from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, Params
 
 FAST = {"prompt": "bench", "num_inference_steps": 2, "seed": 1}

@@ -19,7 +19,7 @@ async def cancel_on_disconnect(awaitable: t.Awaitable[T]) -> T:
 
     Outside a request (an in-process call) it simply awaits, and so does a task
     (``@bentoml.task``): its client left once it had the task id, and it is stopped
-    through ``/cancel`` (``bentoml_workarounds.run_tasks_as_asked``).
+    through ``/cancel`` (``front/jobs.py``).
     """
     task = asyncio.ensure_future(awaitable)
     try:

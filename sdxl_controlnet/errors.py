@@ -167,6 +167,12 @@ class GPUOutOfMemory(ClientError):
     error_code = HTTPStatus.INSUFFICIENT_STORAGE
 
 
+class JobCanceled(ClientError):
+    """A job canceled through ``/cancel``: it has no result."""
+
+    error_code = HTTPStatus.CONFLICT
+
+
 class GenerationCancelled(Exception):
     """The caller went away, so the pipeline stopped between two steps."""
 

@@ -10,8 +10,8 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from . import fetching
 from .errors import InvalidRequest
+from .front import fetching
 from .settings import Scheduler, SettingsError, settings
 
 MAX_SEED = 2**32 - 1

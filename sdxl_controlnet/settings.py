@@ -128,7 +128,7 @@ class Settings(BaseModel):
     # Without a visible CUDA GPU the GPU Service refuses to start unless this is set:
     # `make serve`, the tests and the CPU image set it; a GPU pod must not.
     allow_cpu: bool = False
-    # Start on a BentoML other than the one bentoml_workarounds.py was checked against.
+    # Start on a BentoML other than the one bentoml_compat/ was checked against.
     allow_untested_bentoml: bool = False
     # Front workers: "cpu_count" counts the host's cores, not a container's share of them.
     front_workers: int | t.Literal["cpu_count"] = "cpu_count"

@@ -15,6 +15,9 @@ import numpy as np
 
 from .errors import ClientError, GPUServiceUnavailable, error_for_status
 
+# Where the front hears of each step: {"step", "total", "elapsed_s"}, as ``relay`` yields it.
+Progress = t.Callable[[dict[str, t.Any]], t.Awaitable[None]]
+
 
 def progress_line(step: int, total: int) -> str:
     return json.dumps({"step": step, "total": total}) + "\n"

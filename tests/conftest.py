@@ -25,10 +25,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # the base model's tests also prove that declared but unused adapters change nothing.
     os.environ.update({**tiny_model_env(), **tiny_adapters_env()})
     # The suite runs on a shared 2-core machine, where pytest, the servers it starts and
-    # whatever else runs there compete for the cores. One front worker (the default is one
-    # a core): a second proves nothing the first does not. One thread for torch in every
-    # process: OpenMP's threads spin while they wait for a core, and make a tiny-model
-    # generation ten to twenty times slower whenever another process holds one.
+    # whatever else runs there compete for the cores. One front worker for the servers a
+    # test starts for a fault or a setting of its own; the shared server runs two (below).
+    # One thread for torch in every process: OpenMP's threads spin while they wait for a
+    # core, and make a tiny-model generation ten to twenty times slower whenever another
+    # process holds one.
     os.environ.update({"FRONT_WORKERS": "1", "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
 
@@ -54,6 +55,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    """Both Services under one `bentoml serve`, on the tiny model."""
-    with serving() as srv:
+    """Both Services under one `bentoml serve`, on the tiny model, with two front workers
+    as users get on a two-core host: a job may run on one worker and be polled or canceled
+    on the other."""
+    with serving({"FRONT_WORKERS": "2"}) as srv:
         yield srv

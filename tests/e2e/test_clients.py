@@ -16,13 +16,13 @@ import pytest
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
+from devtools.bentoml_client import let_the_sync_client_submit_tasks
 from devtools.harness import ROOT, Server, as_array, decode, encode, shapes_image
 from devtools.harness import photo as photo_of
-from sdxl_controlnet.bentoml_workarounds import submit_tasks_from_the_sync_client
 
 pytestmark = pytest.mark.e2e
 
-submit_tasks_from_the_sync_client()
+let_the_sync_client_submit_tasks()
 
 FAST = {"num_inference_steps": 2}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -13,12 +13,12 @@ import httpx
 import pytest
 from bentoml.exceptions import BentoMLException
 
+from devtools.bentoml_client import let_the_sync_client_submit_tasks
 from devtools.harness import Server, decode, encode, shapes_image
-from sdxl_controlnet.bentoml_workarounds import submit_tasks_from_the_sync_client
 
 pytestmark = pytest.mark.e2e
 
-submit_tasks_from_the_sync_client()
+let_the_sync_client_submit_tasks()
 
 FAST = {"prompt": "a house", "num_inference_steps": 2}
 # On a slow GPU (Server.slow_steps) this job holds it for 50 s: long enough to be cancelled

@@ -41,6 +41,7 @@ def outbound_server() -> Iterator[Server]:
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_BACKOFF_S": str(BACKOFF_S),
         "WEBHOOK_TRIES": str(TRIES),
+        "FRONT_WORKERS": "2",  # a job's webhook leaves from whichever worker ran it
     }
     with serving(env) as srv:
         yield srv

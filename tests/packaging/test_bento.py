@@ -32,7 +32,7 @@ def test_bento_serves_the_front_and_carries_both_services(bento: Path) -> None:
 def test_bento_carries_the_runtime_and_nothing_else(bento: Path) -> None:
     src = bento / "src"
     shipped = {path.relative_to(src).as_posix() for path in src.rglob("*") if path.is_file()}
-    runtime = [ROOT / "service.py", *ROOT.glob("sdxl_controlnet/*.py"), *ROOT.glob("studio/*")]
+    runtime = [ROOT / "service.py", *ROOT.glob("sdxl_controlnet/**/*.py"), *ROOT.glob("studio/*")]
     # bentoml build adds the bentofile it read.
     assert shipped == {path.relative_to(ROOT).as_posix() for path in runtime} | {"bentofile.yaml"}
     for dev_only in ("tests", "bench", "devtools", "models", ".venv", "wheels"):

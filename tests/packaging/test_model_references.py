@@ -38,7 +38,7 @@ from devtools.harness import (
 )
 from devtools.hub import Hub
 from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, VAE_REPO, lay_out
-from sdxl_controlnet import model_refs
+from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.schemas import GenerationParams
 
 INCLUDE = {
@@ -155,7 +155,7 @@ def test_the_fp16_base_download_is_what_the_pipeline_loads_and_nothing_else(hub:
 
 
 def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) -> None:
-    from sdxl_controlnet.pipeline import ControlNetPipeline
+    from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
     base, controlnet, vae = (
         reference(hub, repo).resolve() for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)

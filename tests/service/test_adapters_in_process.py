@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import service
 from devtools.harness import TINY_ADAPTERS, as_array, decode, shapes_image
-from sdxl_controlnet.pipeline import AdapterError, ControlNetPipeline
+from sdxl_controlnet.gpu.pipeline import AdapterError, ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, Params
 from sdxl_controlnet.settings import settings
 

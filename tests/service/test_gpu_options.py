@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sdxl_controlnet import pipeline as pipeline_module
 from sdxl_controlnet.errors import GPUOutOfMemory
-from sdxl_controlnet.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
+from sdxl_controlnet.gpu import pipeline as pipeline_module
+from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice
 from sdxl_controlnet.settings import settings
 

@@ -17,8 +17,9 @@ import torch
 import service
 from devtools.harness import ROOT, as_array, decode, shapes_image
 from sdxl_controlnet import streaming
-from sdxl_controlnet.encoding import encode_image
 from sdxl_controlnet.errors import GPUOutOfMemory
+from sdxl_controlnet.front import gpu_call
+from sdxl_controlnet.front.encoding import encode_image
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
 
 pytestmark = pytest.mark.anyio
@@ -209,7 +210,7 @@ async def test_a_slow_gpu_service_gives_a_504(front, gpu, monkeypatch) -> None:
         await asyncio.sleep(10)
 
     monkeypatch.setattr(
-        service, "settings", service.settings.model_copy(update={"generation_timeout_s": 0.2})
+        gpu_call, "settings", gpu_call.settings.model_copy(update={"generation_timeout_s": 0.2})
     )
     monkeypatch.setattr(gpu, "generate", too_slow)
     response = await front.generate(image=shapes_image(64, 64), params=Params(**FAST))
@@ -304,7 +305,7 @@ async def test_a_stream_that_times_out_ends_with_an_error_event(front, gpu, monk
         await asyncio.sleep(10)
 
     monkeypatch.setattr(
-        service, "settings", service.settings.model_copy(update={"generation_timeout_s": 0.5})
+        gpu_call, "settings", gpu_call.settings.model_copy(update={"generation_timeout_s": 0.5})
     )
     monkeypatch.setattr(gpu, "generate_stream", stalls)
     events = await stream_events(front, Params(**FAST))

@@ -13,8 +13,8 @@ from PIL import Image
 
 import service
 from devtools.harness import as_array, decode, photo, shapes_image
-from sdxl_controlnet import preprocessing
 from sdxl_controlnet.errors import GenerationCancelled, GPUOutOfMemory, InvalidRequest
+from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice, Params
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,9 @@ from starlette.requests import Request
 
 from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
-from sdxl_controlnet import bentoml_workarounds, references
-from sdxl_controlnet.fetching import Policy, Refused, fetch
+from sdxl_controlnet.bentoml_compat import request_reading
+from sdxl_controlnet.front import references
+from sdxl_controlnet.front.fetching import Policy, Refused, fetch
 from sdxl_controlnet.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -172,7 +173,7 @@ async def test_bentoml_never_downloads_a_text_in_a_files_place(monkeypatch) -> N
         return await ensure_file(value)
 
     monkeypatch.setattr(MultipartSerde, "ensure_file", staticmethod(recording))
-    bentoml_workarounds.apply()
+    request_reading.apply()
     import service
 
     spec = service.ControlNet.apis["generate"].input_spec

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from sdxl_controlnet.errors import ServiceBusy
-from sdxl_controlnet.gpu_queue import GPUQueue, Work
+from sdxl_controlnet.gpu.queue import GPUQueue, Work
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +135,17 @@ async def test_steps_are_learned_when_the_request_ends_not_from_the_pipeline_thr
         await asyncio.to_thread(steps)
         assert queue.step_s_at_least(MP) == 0
     assert queue.step_s_at_least(MP) == pytest.approx(0.02, rel=0.5)
+
+
+async def test_a_waiting_request_that_leaves_takes_only_its_own_place() -> None:
+    """Two alike requests wait; one leaves. The other runs, ends and leaves the queue
+    without error (alike requests were once taken for one another: list.remove failed)."""
+    queue = GPUQueue(timeout_s=60)
+    first = asyncio.ensure_future(generate(queue, MP, 3, 0.05))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(generate(queue, MP, 3, 0.01))
+    leaving = asyncio.ensure_future(generate(queue, MP, 3, 0.01))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.gather(first, second)
+    assert leaving.cancelled() and queue.idle

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from devtools.harness import decode, encode, shapes_image
-from sdxl_controlnet import preprocessing
 from sdxl_controlnet.errors import InvalidRequest
+from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.schemas import EdgeParams
 from sdxl_controlnet.settings import settings
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sdxl_controlnet import readiness
+from sdxl_controlnet.front import readiness
 
 
 class Dependency:

@@ -8,7 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from sdxl_controlnet import errors, request_errors
+from sdxl_controlnet import errors
+from sdxl_controlnet.front import request_errors
 from sdxl_controlnet.schemas import Params
 
 

@@ -27,10 +27,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from . import metrics
+from .. import metrics
+from ..errors import GenerationCancelled, GPUOutOfMemory
+from ..schemas import GenerationParams, LoraChoice, Scheduler
 from .compilation import CompiledModels, graph_key, without_compiling
-from .errors import GenerationCancelled, GPUOutOfMemory
-from .schemas import GenerationParams, LoraChoice, Scheduler
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 

@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from .settings import Settings, settings
+from ..settings import Settings, settings
 
 MAX_REDIRECTS = 3
 REDIRECTS = {301, 302, 303, 307, 308}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .schemas import GenerationParams
+from ..schemas import GenerationParams
 
 # What the graphs are specialised on: height, width and the models' batch. Everything
 # else a request sets reaches them as tensor values (see below).

@@ -7,7 +7,7 @@ validation error, which it would answer with a 500: starlette parses the form
 form field that is not a file (JSON nested past the recursion limit, bytes that are not
 UTF-8, an integer too long to convert), then pydantic validates the model. (A file field
 sent as text never reaches BentoML: ``references.py`` resolves or refuses it first.) See
-``bentoml_workarounds.read_requests_as_field_errors``.
+``bentoml_compat/request_reading.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from .errors import BODY
+from ..errors import BODY
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 

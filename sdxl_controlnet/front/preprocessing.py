@@ -18,9 +18,9 @@ from pydantic import WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
-from .errors import InvalidRequest
-from .schemas import EdgeParams, Params, ResizeMode
-from .settings import settings
+from ..errors import InvalidRequest
+from ..schemas import EdgeParams, Params, ResizeMode
+from ..settings import settings
 
 SIZE_STEP = 8  # SDXL's VAE downsamples x8: both sides must be multiples of 8.
 

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from . import metrics, streaming
-from .errors import ClientError, GenerationCancelled
-from .gpu_queue import GPUQueue, Work
-from .schemas import GenerationParams, check_gpu_request
+from .. import metrics, streaming
+from ..errors import ClientError, GenerationCancelled
+from ..schemas import GenerationParams, check_gpu_request
+from .queue import GPUQueue, Work
 
 if t.TYPE_CHECKING:
     from .pipeline import ControlNetPipeline

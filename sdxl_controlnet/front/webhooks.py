@@ -3,10 +3,12 @@
 Each delivery is a POST of JSON, signed as the Standard Webhooks specification says
 (https://www.standardwebhooks.com): ``webhook-id`` (the same on every try of one message),
 ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``
-with the key in ``WEBHOOK_SECRET``. It goes through the outbound policy (``fetching.py``),
-on a task of its own, so no generation waits for it. A 5xx, a 429, a timeout or a network
-failure is tried again, after ``WEBHOOK_BACKOFF_S``, doubling, up to ``WEBHOOK_TRIES`` tries;
-any other answer ends it. A delivery that fails never changes the job.
+with the key in ``WEBHOOK_SECRET``. The job's own body starts it (``jobs.run``), so it is
+sent wherever the job runs, BentoCloud's task queue included; it goes through the outbound
+policy (``fetching.py``), on a task of its own, so no generation waits for it. A 5xx, a 429,
+a timeout or a network failure is tried again, after ``WEBHOOK_BACKOFF_S``, doubling, up to
+``WEBHOOK_TRIES`` tries; any other answer ends it. A delivery that fails never changes the
+job.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ import time
 import typing as t
 from datetime import UTC, datetime
 
-from starlette.requests import Request
-
+from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_TRIES
+from ..settings import settings
 from . import fetching
-from .errors import in_shape
-from .metrics import WEBHOOK_DELIVERIES, WEBHOOK_TRIES
-from .settings import settings
+from .jobs import Outcome
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 
@@ -40,44 +40,37 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def _iso(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC; the store reads its own timestamps back without a zone, as UTC."""
-    return moment.replace(tzinfo=moment.tzinfo or UTC).isoformat() if moment else None
-
-
-def payload(row: t.Any) -> dict[str, t.Any]:
-    """The message for a finished task's ``row`` (BentoML's ``CompletedResultRow``): its id,
-    status and times, and the result ``/get`` returns, or the failure."""
-    data: dict[str, t.Any] = {
-        "task_id": row.task_id,
-        "status": row.status.value,
-        "created_at": _iso(row.created_at),
-        "completed_at": _iso(row.completed_at),
-    }
-    answer = row.result
-    if row.status.value == "completed":
-        data["result"] = json.loads(answer.body)
-    elif row.status.value == "failed":
-        data["error"] = {"status": answer.status_code, **in_shape(answer.status_code, answer.body)}
+def payload(outcome: Outcome) -> dict[str, t.Any]:
+    """The message for how a job ended: its id, status and times, and the result ``/get``
+    returns, or the failure."""
+    job = outcome.job
+    status = job.status_body()
+    data = {key: status[key] for key in ("task_id", "status", "created_at", "completed_at")}
+    if outcome.result is not None:
+        data["result"] = outcome.result.model_dump(mode="json")
+    elif outcome.failure is not None:
+        data["error"] = outcome.failure
     return {
-        "type": f"generate_task.{row.status.value}",
+        "type": f"generate_task.{job.status}",
         "timestamp": datetime.now(tz=UTC).isoformat(),
         "data": data,
     }
 
 
-async def task_ended(task_id: str, request: Request, row: t.Any) -> None:
-    """Start delivering ``row``'s outcome, if the task asked for it; returns at once."""
-    task_input = getattr(request.state, "task_input", None)
-    params = getattr(task_input, "params", None)
-    url = getattr(params, "webhook", None)
-    if url is None or row.status.value not in params.webhook_events:
-        return
-    body = json.dumps(payload(row), separators=(",", ":")).encode()
-    message_id = f"msg_{task_id}_{row.status.value}"
-    delivery = asyncio.create_task(deliver(url, message_id, body))
-    _deliveries.add(delivery)
-    delivery.add_done_callback(_deliveries.discard)
+def on_job_end(url: str | None, events: t.Collection[str]) -> t.Callable[[Outcome], None]:
+    """What a job calls when it ends: start delivering its outcome to ``url`` if its
+    state is one of ``events``; returns at once."""
+
+    def ended(outcome: Outcome) -> None:
+        if url is None or outcome.job.status not in events:
+            return
+        body = json.dumps(payload(outcome), separators=(",", ":")).encode()
+        message_id = f"msg_{outcome.job.task_id}_{outcome.job.status}"
+        delivery = asyncio.create_task(deliver(url, message_id, body))
+        _deliveries.add(delivery)
+        delivery.add_done_callback(_deliveries.discard)
+
+    return ended
 
 
 def _retry_after(attempt: int) -> float:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..schemas import BatchResult, GeneratedImage, Params
 from .encoding import encode_base64
-from .schemas import BatchResult, GeneratedImage, Params
 
 
 class Timings(dict[str, float]):

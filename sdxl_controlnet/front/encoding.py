@@ -7,7 +7,7 @@ import base64
 import cv2
 import numpy as np
 
-from .schemas import OutputFormat
+from ..schemas import OutputFormat
 
 MEDIA_TYPES: dict[OutputFormat, str] = {
     "png": "image/png",

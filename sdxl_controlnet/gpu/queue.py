@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from . import metrics
-from .errors import ServiceBusy
+from .. import metrics
+from ..errors import ServiceBusy
 
 # Each kind of work is estimated from its last requests; their median shrugs off an odd one
 # (a cold cache, a GPU shared for a moment) and follows a lasting change within a few.
@@ -45,7 +45,7 @@ class Work:
         return step_s if self.pixels >= timed.pixels else step_s * self.pixels / timed.pixels
 
 
-@dataclass
+@dataclass(eq=False)  # each request is itself: two alike must not be taken for one another
 class _Request:
     work: Work
     steps_left: int

@@ -21,7 +21,7 @@ if t.TYPE_CHECKING:
 
     from bentoml.models import HuggingFaceModel
 
-    from .settings import LoraAdapter
+    from ..settings import LoraAdapter
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"

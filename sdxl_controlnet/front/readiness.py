@@ -3,7 +3,7 @@ seconds, so that ``/readyz`` answers quickly at every moment of the GPU Service'
 
 BentoML's own probe of a dependency (``runner_probe``, which the front turns off) asks
 with a client that lets a timeout or a refused connection escape as a 500, after up to
-the 5 s it hard-codes, and never releases the answer (``bentoml_workarounds.py``)."""
+the 5 s it hard-codes, and never releases the answer (``bentoml_compat/__init__.py``)."""
 
 from __future__ import annotations
 

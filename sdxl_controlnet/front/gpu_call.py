@@ -1,0 +1,96 @@
+"""The one path every generating endpoint takes: preprocess on the CPU, call the GPU
+Service, and take its images back, with the settings and stage times that made them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import typing as t
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .. import streaming
+from ..cancellation import cancel_on_disconnect
+from ..errors import from_gpu_failure, gpu_call_errors, raise_for_answer
+from ..schemas import Params
+from ..settings import settings
+from ..streaming import Progress
+from . import preprocessing
+from .preprocessing import GPUInputs
+from .results import Generation, Timings
+
+
+@dataclass
+class Prepared:
+    """A request ready for the GPU: what it sends, and its parameters resolved."""
+
+    inputs: GPUInputs
+    params: Params
+    timings: Timings
+
+
+async def prepare(
+    image: Image.Image,
+    params: Params,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> Prepared:
+    """Preprocess on a worker thread; bad input raises its 400 here, before any GPU work."""
+    timings = Timings()
+    with timings.stage("preprocess"):
+        inputs, resolved = await asyncio.to_thread(
+            preprocessing.prepare, image, params, init_image, mask
+        )
+    return Prepared(inputs, resolved, timings)
+
+
+async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) -> Generation:
+    """Generate on ``gpu`` (what ``bentoml.depends`` gave): in one call, or through its
+    stream to hear of each step. The caller leaving, or being cancelled, stops the GPU."""
+    arguments = {**prepared.inputs.arguments(), "params": prepared.params.generation_params()}
+    timeout_s = settings.generation_timeout_s
+    with prepared.timings.stage("generate"), gpu_call_errors(timeout_s):
+        if progress is None:
+            async with asyncio.timeout(timeout_s):
+                answer = await cancel_on_disconnect(gpu.generate(**arguments))
+            images = raise_for_answer(answer)
+        else:
+            async for kind, data in streaming.relay(gpu.generate_stream(**arguments), timeout_s):
+                if kind == "progress":
+                    await progress(data)
+                else:
+                    images = data
+    return Generation(prepared.inputs.edges, images, prepared.params, prepared.timings)
+
+
+async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
+    """``run`` as server-sent events: ``progress`` after each step, then ``result`` (what
+    ``/generate_batch`` answers) or ``error``. Closing it stops the generation."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    async def progress(event: dict[str, t.Any]) -> None:
+        await queue.put(streaming.server_sent_event("progress", event))
+
+    async def generate() -> str:
+        result = await (await run(gpu, prepared, progress)).batch_result()
+        return streaming.server_sent_event("result", result.model_dump_json())
+
+    generating = asyncio.ensure_future(generate())
+    try:
+        while not generating.done() or not queue.empty():
+            next_event = asyncio.ensure_future(queue.get())
+            await asyncio.wait({next_event, generating}, return_when=asyncio.FIRST_COMPLETED)
+            if next_event.done():
+                yield next_event.result()
+            else:
+                next_event.cancel()
+        try:
+            yield generating.result()
+        except Exception as exc:  # every failure reaches the client as an event
+            yield streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
+    finally:
+        generating.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await generating
