@@ -18,7 +18,7 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import bentoml_compat
+from sdxl_controlnet import bentoml_compat, schemas
 from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
@@ -29,22 +29,11 @@ from sdxl_controlnet.front.preprocessing import ImageUpload
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
-from sdxl_controlnet.schemas import (
-    BatchResult,
-    EdgeMap,
-    EdgeParams,
-    GenerationParams,
-    Images,
-    OptionalMask,
-    OptionalPicture,
-    Params,
-    TaskParams,
-)
+from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params, TaskParams
 from sdxl_controlnet.settings import settings
 from sdxl_controlnet.streaming import Progress
 
-# What the front keeps of its jobs, shared by its workers (front/jobs.py).
-JOBS = jobs.JobStore(jobs.default_path())
+JOBS = jobs.JobStore(jobs.default_path())  # the front's jobs, shared by its workers
 
 
 @bentoml.service(
@@ -64,17 +53,12 @@ class SDXLControlNetService:
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
 
     def __init__(self) -> None:
-        from sdxl_controlnet.gpu.pipeline import ControlNetPipeline, select_device
+        from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
-        pipeline = ControlNetPipeline(
-            self.base,
-            self.controlnet,
-            self.vae,
-            device=select_device(settings.allow_cpu, bentoml.server_context.worker_index),
-            channels_last=settings.channels_last,
-            fuse_qkv=settings.fuse_qkv,
-            compile_sizes=settings.compile_sizes,
-            adapters=model_refs.adapter_sources(self, settings.lora_adapters),
+        adapters = model_refs.adapter_sources(self, settings.lora_adapters)
+        worker_index = bentoml.server_context.worker_index
+        pipeline = ControlNetPipeline.from_settings(
+            self.base, self.controlnet, self.vae, settings, adapters, worker_index
         )
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
@@ -82,11 +66,11 @@ class SDXLControlNetService:
     @answers_errors
     async def generate(
         self,
-        edges: EdgeMap,
-        params: GenerationParams,
-        init_image: OptionalPicture = None,
-        mask: OptionalMask = None,
-    ) -> Images:
+        edges: schemas.EdgeMap,
+        params: schemas.GenerationParams,
+        init_image: schemas.OptionalPicture = None,
+        mask: schemas.OptionalMask = None,
+    ) -> schemas.Images:
         """Generate images that follow ``edges``, an H×W uint8 Canny edge map: from noise,
         or from ``init_image`` at ``params.strength``, repainting where ``mask`` is white."""
         run = self.worker.run(edges, params, init_image=init_image, mask=mask)
@@ -95,10 +79,10 @@ class SDXLControlNetService:
     @bentoml.api
     async def generate_stream(
         self,
-        edges: EdgeMap,
-        params: GenerationParams,
-        init_image: OptionalPicture = None,
-        mask: OptionalMask = None,
+        edges: schemas.EdgeMap,
+        params: schemas.GenerationParams,
+        init_image: schemas.OptionalPicture = None,
+        mask: schemas.OptionalMask = None,
     ) -> t.AsyncGenerator[str, None]:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
         then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
@@ -119,19 +103,18 @@ class ControlNet:
     """The public CPU front. It runs no ControlNet itself: the name is the original
     example's, kept because clients and BentoCloud configurations refer to it."""
 
-    controlnet_service = bentoml.depends(SDXLControlNetService)  # the SDXL GPU Service
+    gpu = bentoml.depends(SDXLControlNetService)
 
     def __init__(self) -> None:
         bentoml_compat.apply_to_front(allow_untested=settings.allow_untested_bentoml)
 
-    @bentoml.on_deployment
+    @bentoml.on_deployment  # once per `bentoml serve`, before the workers start
     def empty_job_store() -> None:
-        """Once per ``bentoml serve``, before the workers start: jobs start afresh."""
         JOBS.reset()
 
     async def __is_ready__(self) -> bool:
         """``/readyz``: 200 once the GPU Service answers ready, 503 until then, in seconds."""
-        return await readiness.dependency_ready(self.controlnet_service)
+        return await readiness.dependency_ready(self.gpu)
 
     @bentoml.api
     @answers_errors
@@ -142,23 +125,13 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> Image.Image:
-        """Generate an image that follows the edges of ``image``: from noise, from
-        ``init_image`` (or ``image`` itself, given a ``params.strength``), repainting only
-        where ``mask`` is white. See docs/api.md.
-
-        The reply is the image in ``params.output_format`` (sent as a Response, to
-        carry headers): ``X-Seed`` holds the seed used, ``X-Params`` every resolved
-        setting, ``Server-Timing`` the stage times.
-        """
+        """An image that follows the edges of ``image``: from noise, from ``init_image``
+        (or ``image`` itself, given ``params.strength``), repainting where ``mask`` is white;
+        headers ``X-Seed``, ``X-Params`` and ``Server-Timing`` say how. See docs/api.md."""
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
-        prepared = await gpu_call.prepare(image, params, init_image, mask)
-        generation = await gpu_call.run(self.controlnet_service, prepared)
-        with generation.timings_ms.stage("encode"):
-            body = await asyncio.to_thread(encode_image, generation.images[0], params.output_format)
-        return Response(
-            body, media_type=MEDIA_TYPES[params.output_format], headers=generation.headers()
-        )
+        generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
+        return await generation.response()
 
     @bentoml.api
     @answers_errors
@@ -169,10 +142,10 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:
-        """Generate ``params.num_images`` images; return them base64-encoded with the
-        control image, the seed of each image, the resolved settings and the timings."""
-        prepared = await gpu_call.prepare(image, params, init_image, mask)
-        return await (await gpu_call.run(self.controlnet_service, prepared)).batch_result()
+        """``params.num_images`` images, base64-encoded, with the control image, the seed
+        of each image, the resolved settings and the stage timings."""
+        generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
+        return await generation.batch_result()
 
     @bentoml.task
     @answers_errors
@@ -188,9 +161,8 @@ class ControlNet:
         ``params.webhook`` has the outcome delivered. See docs/api.md."""
 
         async def work(progress: Progress | None) -> BatchResult:
-            prepared = await gpu_call.prepare(image, params, init_image, mask)
-            generation = await gpu_call.run(self.controlnet_service, prepared, progress)
-            return await generation.batch_result()
+            generated = gpu_call.generate(self.gpu, image, params, init_image, mask, progress)
+            return await (await generated).batch_result()
 
         on_end = webhooks.on_job_end(params.webhook, params.webhook_events)
         return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
@@ -203,16 +175,11 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> t.AsyncGenerator[str, None]:
-        """``/generate_batch`` as server-sent events, for long generations.
-
-        ``progress`` events carry ``step`` of ``total`` and ``elapsed_s``; then one
-        ``result`` event carries what ``/generate_batch`` returns. Bad input is a 400
-        before the stream starts; any later failure is an ``error`` event with the
-        body and ``status`` the same failure gets from ``/generate_batch``. A client
-        that disconnects stops the generation.
-        """
+        """``/generate_batch`` as server-sent events: ``progress`` (``step`` of ``total``,
+        ``elapsed_s``), then ``result``, or ``error`` with the status ``/generate_batch``
+        would answer. Bad input is a 400 before the stream starts; leaving stops the GPU."""
         prepared = await gpu_call.prepare(image, params, init_image, mask)
-        async for event in gpu_call.events(self.controlnet_service, prepared):
+        async for event in gpu_call.events(self.gpu, prepared):
             yield event
 
     @bentoml.api

@@ -65,6 +65,18 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
     return Generation(prepared.inputs.edges, images, prepared.params, prepared.timings)
 
 
+async def generate(
+    gpu: t.Any,
+    image: Image.Image,
+    params: Params,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    progress: Progress | None = None,
+) -> Generation:
+    """``prepare`` and ``run``: a request's images, from its upload to the GPU and back."""
+    return await run(gpu, await prepare(image, params, init_image, mask), progress)
+
+
 async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
     """``run`` as server-sent events: ``progress`` after each step, then ``result`` (what
     ``/generate_batch`` answers) or ``error``. Closing it stops the generation."""

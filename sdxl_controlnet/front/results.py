@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from starlette.responses import Response
 
 from ..schemas import BatchResult, GeneratedImage, Params
-from .encoding import encode_base64
+from .encoding import MEDIA_TYPES, encode_base64, encode_image
 
 
 class Timings(dict[str, float]):
@@ -47,6 +48,13 @@ class Generation:
             "X-Params": json.dumps(settings_used, separators=(",", ":")),
             "Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in self.timings_ms.items()),
         }
+
+    async def response(self) -> Response:
+        """The one image in the requested format, with the headers that say how it was made."""
+        fmt = self.params.output_format
+        with self.timings_ms.stage("encode"):
+            body = await asyncio.to_thread(encode_image, self.images[0], fmt)
+        return Response(body, media_type=MEDIA_TYPES[fmt], headers=self.headers())
 
     async def batch_result(self) -> BatchResult:
         """Every image base64-encoded in the requested format, with its seed."""

@@ -30,6 +30,7 @@ from PIL import Image
 from .. import metrics
 from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
+from ..settings import Settings
 from .compilation import CompiledModels, graph_key, without_compiling
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
@@ -86,6 +87,28 @@ class ControlNetPipeline:
     All of its work runs on one thread of its own (``submit``), so compiled graphs
     are recorded once and reused, and one generation runs at a time.
     """
+
+    @classmethod
+    def from_settings(
+        cls,
+        base: str,
+        controlnet: str,
+        vae: str,
+        settings: Settings,
+        adapters: Mapping[str, tuple[str, str]],
+        worker_index: int,
+    ) -> ControlNetPipeline:
+        """The pipeline as the operator configured it, on this worker's own GPU."""
+        return cls(
+            base,
+            controlnet,
+            vae,
+            device=select_device(settings.allow_cpu, worker_index),
+            channels_last=settings.channels_last,
+            fuse_qkv=settings.fuse_qkv,
+            compile_sizes=settings.compile_sizes,
+            adapters=adapters,
+        )
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ def front():
 
 @pytest.fixture
 def gpu(front):
-    return front.controlnet_service
+    return front.gpu
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def front():
 
 @pytest.fixture(scope="module")
 def pipeline(front):
-    return front.controlnet_service.worker.pipeline
+    return front.gpu.worker.pipeline
 
 
 def pictures() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
