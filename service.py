@@ -62,6 +62,8 @@ class SDXLControlNetService:
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
     controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
+    # The live previews' decoder (TAESD); none where SDXL_PREVIEW_MODEL is empty.
+    preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline, select_device
@@ -75,6 +77,7 @@ class SDXLControlNetService:
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
             adapters=model_refs.adapter_sources(self, settings.lora_adapters),
+            preview=self.preview,
         )
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
@@ -101,6 +104,7 @@ class SDXLControlNetService:
         mask: OptionalMask = None,
     ) -> t.AsyncGenerator[str, None]:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
+        ``{"step", "total", "image"}`` (a WebP preview) every ``params.preview_every`` steps,
         then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
         async for line in self.worker.stream(edges, params, init_image=init_image, mask=mask):
             yield line
@@ -205,8 +209,10 @@ class ControlNet:
     ) -> t.AsyncGenerator[str, None]:
         """``/generate_batch`` as server-sent events, for long generations.
 
-        ``progress`` events carry ``step`` of ``total`` and ``elapsed_s``; then one
-        ``result`` event carries what ``/generate_batch`` returns. Bad input is a 400
+        ``progress`` events carry ``step`` of ``total`` and ``elapsed_s``; with
+        ``params.preview_every``, ``preview`` events carry the same and ``image``, a small
+        WebP of the picture forming; then one ``result`` event carries what
+        ``/generate_batch`` returns. Bad input is a 400
         before the stream starts; any later failure is an ``error`` event with the
         body and ``status`` the same failure gets from ``/generate_batch``. A client
         that disconnects stops the generation.
