@@ -56,6 +56,27 @@ def test_progress_counts_every_step_then_the_result_arrives(server: Server) -> N
     assert result["images"][0]["seed"] == 5 and result["params"]["width"] == 96
 
 
+def test_previews_arrive_as_events_at_their_steps_and_leave_the_result_unchanged(
+    server: Server,
+) -> None:
+    params = {"prompt": "x", "num_inference_steps": 5, "seed": 9, "output_format": "png"}
+    with stream(server, params) as response:
+        plain = list(events(response))
+    with stream(server, {**params, "preview_every": 2}) as response:
+        watched = list(events(response))
+
+    # Steps 0 (waiting) to 5; a preview after steps 2 and 4, none after the last.
+    assert [name for name, _ in watched] == (
+        ["progress"] * 3 + ["preview"] + ["progress"] * 2 + ["preview", "progress", "result"]
+    )
+    previews = [data for name, data in watched if name == "preview"]
+    assert [(data["step"], data["total"]) for data in previews] == [(2, 5), (4, 5)]
+    for data in previews:
+        image = decode(base64.b64decode(data["image"]))
+        assert image.format == "WEBP" and image.size == (96, 64)
+    assert watched[-1][1]["images"] == plain[-1][1]["images"]  # the same PNG, byte for byte
+
+
 def test_bad_input_is_a_400_before_the_stream_starts(server: Server) -> None:
     with stream(server, {"prompt": "x", "low_threshold": 200, "high_threshold": 100}) as response:
         response.read()
