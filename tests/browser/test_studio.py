@@ -88,6 +88,23 @@ def test_generate_shows_progress_then_the_image_and_its_seed(page: Page) -> None
     screenshot(page, "3-generated")
 
 
+def test_the_picture_forms_in_place_then_the_result_replaces_it(page: Page, server: Server) -> None:
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "6")
+    with server.slow_steps(0.4):
+        page.click("#generate")
+        # The studio asks for previews: the frame shows one before the result arrives.
+        result = page.locator("#result")
+        expect(result).to_have_attribute("src", re.compile("^data:image/webp;base64,"))
+        expect(page.locator("#result-figure")).to_contain_text("forming: step")
+        expect(page.locator("#status")).not_to_contain_text("Done in")
+        screenshot(page, "3a-forming")
+        expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(result).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    expect(page.locator("#result-figure")).not_to_have_class(re.compile("forming|stale"))
+    expect(page.locator("#result-figure")).not_to_contain_text("forming")
+
+
 def test_an_api_validation_error_is_shown(page: Page) -> None:
     slide(page, "#low_threshold", 200)
     slide(page, "#high_threshold", 100)
