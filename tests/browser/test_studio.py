@@ -105,6 +105,23 @@ def test_the_picture_forms_in_place_then_the_result_replaces_it(page: Page, serv
     expect(page.locator("#result-figure")).not_to_contain_text("forming")
 
 
+def test_stop_ends_a_forming_picture_at_once_and_marks_it_unfinished(
+    page: Page, server: Server
+) -> None:
+    page.fill("[name=prompt]", "a red ball")
+    page.fill("[name=num_inference_steps]", "60")
+    with server.slow_steps(0.5):  # 30 s to the result, unless stopped
+        page.click("#generate")
+        expect(page.locator("#result-figure")).to_contain_text("forming: step")
+        page.click("#generate")  # it reads "Stop"
+        expect(page.locator("#error")).to_have_text("Stopped.", timeout=5_000)
+    expect(page.locator("#generate")).to_have_text("Generate")
+    expect(page.locator("#result-figure")).to_have_class(re.compile("stale"))
+    expect(page.locator("#result-figure")).to_contain_text("a preview: stopped before the result")
+    expect(page.locator("#download")).to_be_hidden()
+    screenshot(page, "3b-stopped")
+
+
 def test_an_api_validation_error_is_shown(page: Page) -> None:
     slide(page, "#low_threshold", 200)
     slide(page, "#high_threshold", 100)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from devtools.harness import Server, decode, encode, shapes_image
+from devtools.harness import Server, decode, encode, serving, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -101,3 +101,22 @@ def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
     assert waited_s < left_s / 4, (
         f"waited {waited_s:.1f} s; the abandoned run had {left_s:.0f} s left"
     )
+
+
+def test_without_a_preview_model_previews_are_a_400_and_the_rest_unchanged(server: Server) -> None:
+    params = {"prompt": "x", "num_inference_steps": 2, "seed": 3}
+    with stream(server, params) as response:
+        served_with = list(events(response))[-1][1]["images"]
+    with serving({"SDXL_PREVIEW_MODEL": ""}) as without:
+        schema = httpx.get(f"{without.url}/docs.json").json()
+        field = schema["components"]["schemas"]["Params"]["properties"]["preview_every"]
+        assert field["x-available"] is False
+        with stream(without, {**params, "preview_every": 1}) as response:
+            response.read()
+        assert response.status_code == 400
+        assert "preview_every: this server makes no previews" in response.text
+        assert "SDXL_PREVIEW_MODEL" in response.text
+        with stream(without, params) as response:
+            received = list(events(response))
+    assert [name for name, _ in received] == ["progress"] * 3 + ["result"]
+    assert received[-1][1]["images"] == served_with
