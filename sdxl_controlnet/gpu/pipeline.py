@@ -280,12 +280,11 @@ class ControlNetPipeline:
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             if cancelled():
                 raise GenerationCancelled
-            done, total = step + 1, pipe.num_timesteps
             if on_step is not None:
-                on_step(done, total)
+                on_step(step + 1, pipe.num_timesteps)
             # Read only: the latents go on unchanged, so the images are the same bytes.
-            if every and done % every == 0 and done < total:
-                on_preview(done, total, self.previews.webp(tensors["latents"]))
+            if every and (step + 1) % every == 0 and step + 1 < pipe.num_timesteps:
+                on_preview(step + 1, pipe.num_timesteps, self.previews.webp(tensors["latents"]))
             return tensors
 
         height, width = edges.shape
