@@ -14,6 +14,7 @@ WHEELHOUSE ?= /opt/wheels
 export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
 export SDXL_CONTROLNET_MODEL ?= $(TINY_MODEL)/controlnet
 export SDXL_VAE_MODEL ?= $(TINY_MODEL)/vae
+export SDXL_PREVIEW_MODEL ?= $(TINY_MODEL)/preview
 # No GPU is needed for the tiny model; a GPU deployment leaves this unset.
 export ALLOW_CPU ?= 1
 
@@ -28,7 +29,11 @@ $(BIN)/bentoml: requirements.txt requirements-dev.txt
 $(TINY_MODEL)/base/model_index.json: | $(BIN)/bentoml
 	$(BIN)/python -m devtools.tiny_model $(TINY_MODEL)
 
-tiny-model: $(TINY_MODEL)/base/model_index.json
+# The preview decoder came later: a model built before it gets just that part.
+$(TINY_MODEL)/preview/config.json: | $(TINY_MODEL)/base/model_index.json
+	$(BIN)/python -m devtools.tiny_model --preview-only $(TINY_MODEL)
+
+tiny-model: $(TINY_MODEL)/base/model_index.json $(TINY_MODEL)/preview/config.json
 
 serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)
@@ -96,7 +101,7 @@ readable-model: tiny-model
 image-run: image-cpu readable-model
 	$(CONTAINER) run --rm -p 127.0.0.1:$(PORT):3000 -v $(CURDIR)/$(TINY_MODEL):/models/tiny:ro \
 		-e SDXL_BASE_MODEL=/models/tiny/base -e SDXL_CONTROLNET_MODEL=/models/tiny/controlnet \
-		-e SDXL_VAE_MODEL=/models/tiny/vae $(CPU_IMAGE)
+		-e SDXL_VAE_MODEL=/models/tiny/vae -e SDXL_PREVIEW_MODEL=/models/tiny/preview $(CPU_IMAGE)
 
 image-test: image-cpu readable-model
 	SDXL_TEST_IMAGE=$(CPU_IMAGE) $(BIN)/pytest -m image

@@ -51,6 +51,8 @@ class SDXLControlNetService:
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
     controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
+    # The live previews' decoder (TAESD); none where SDXL_PREVIEW_MODEL is empty.
+    preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
@@ -58,7 +60,7 @@ class SDXLControlNetService:
         adapters = model_refs.adapter_sources(self, settings.lora_adapters)
         worker_index = bentoml.server_context.worker_index
         pipeline = ControlNetPipeline.from_settings(
-            self.base, self.controlnet, self.vae, settings, adapters, worker_index
+            self.base, self.controlnet, self.vae, self.preview, settings, adapters, worker_index
         )
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
@@ -85,6 +87,7 @@ class SDXLControlNetService:
         mask: schemas.OptionalMask = None,
     ) -> t.AsyncGenerator[str, None]:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
+        ``{"step", "total", "image"}`` (a WebP preview) every ``params.preview_every`` steps,
         then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
         async for line in self.worker.stream(edges, params, init_image=init_image, mask=mask):
             yield line
@@ -176,8 +179,9 @@ class ControlNet:
         mask: ImageUpload | None = None,
     ) -> t.AsyncGenerator[str, None]:
         """``/generate_batch`` as server-sent events: ``progress`` (``step`` of ``total``,
-        ``elapsed_s``), then ``result``, or ``error`` with the status ``/generate_batch``
-        would answer. Bad input is a 400 before the stream starts; leaving stops the GPU."""
+        ``elapsed_s``), ``preview`` every ``params.preview_every`` steps, then ``result``,
+        or ``error`` with the status ``/generate_batch`` would answer. Bad input is a 400
+        before the stream starts; leaving stops the GPU."""
         prepared = await gpu_call.prepare(image, params, init_image, mask)
         async for event in gpu_call.events(self.gpu, prepared):
             yield event

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import io
+import statistics
+import tempfile
 import typing as t
 from functools import partial
 
 import cv2
 import numpy as np
+import torch
 from _bentoml_impl.serde import Payload, PickleSerde
 from _bentoml_sdk.io_models import IODescriptor
+from diffusers import AutoencoderTiny
 from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 
@@ -20,6 +24,7 @@ from devtools.harness import photo
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.front.encoding import encode_image
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
+from sdxl_controlnet.gpu.previews import PreviewDecoder
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice, OutputFormat, Params
 from service import ControlNet, SDXLControlNetService
 
@@ -254,6 +259,36 @@ def adapter_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
 
     fuse = [timed_ms(fuse_and_unfuse) for _ in range(runs)]
     rows.append(Row("adapters", "fuse + unfuse one adapter (a switch)", "ms", fuse))
+    return rows
+
+
+def preview_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
+    """Live previews (``pipeline`` loaded with the tiny TAESD): per image, every 5 steps
+    against none, on the tiny model; and one preview of 1024² latents by TAESD at its real
+    size (random weights, built here: no download), the decoder's own cost on this CPU."""
+    edges = preprocessing.edge_map(photo(256, 256), Params(prompt="bench"))
+    none = GenerationParams(prompt="bench", num_inference_steps=20, seed=1)
+    every_5 = none.model_copy(update={"preview_every": 5})
+    sizes: list[int] = []
+
+    def watched() -> None:
+        pipeline.generate(edges, every_5, on_preview=lambda *preview: sizes.append(len(preview[2])))
+
+    watched()  # first calls set up kernels: not counted
+    with_ms, without_ms = interleaved(runs, watched, lambda: pipeline.generate(edges, none))
+    rows = [
+        Row("previews", "256² 20 steps, a preview every 5 vs none, per image (tiny model)", "ms",
+            with_ms, without_ms,
+            note=f"{every_5.steps // 5 - 1} previews of ~{statistics.median(sizes):.0f} B each"),
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as real_size:
+        AutoencoderTiny().save_pretrained(real_size)  # taesdxl's architecture
+        decoder = PreviewDecoder(real_size, "cpu", torch.float32)
+    latents = torch.randn(1, 4, 128, 128)
+    decoder.webp(latents)  # first call sets up kernels: not counted
+    decode_ms = [timed_ms(lambda: decoder.webp(latents)) for _ in range(runs)]
+    rows.append(Row("previews", "one preview of 1024² latents, TAESD at real size, CPU", "ms",
+                    decode_ms, note="decoded at 512², sent at 256²"))  # fmt: skip
     return rows
 
 

@@ -47,12 +47,15 @@ def measure(quick: bool) -> list[Row]:
         model["SDXL_CONTROLNET_MODEL"],
         model["SDXL_VAE_MODEL"],
         adapters=adapters,
+        preview=model["SDXL_PREVIEW_MODEL"] or None,
     )
     rows += inprocess.batching_rows(pipeline, runs=2 if quick else 3)
     section("image-to-image and inpainting")
     rows += inprocess.mode_rows(pipeline, runs=3 if quick else 5)
     section("few-step preset and LoRA adapters")
     rows += inprocess.adapter_rows(pipeline, runs=3 if quick else 5)
+    section("live previews")
+    rows += inprocess.preview_rows(pipeline, runs=3 if quick else 5)
     section("cold start")
     server, cold_start = served.start_server()
     try:

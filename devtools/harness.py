@@ -20,7 +20,14 @@ import psutil
 from PIL import Image, ImageDraw, ImageFilter
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
+from devtools.tiny_model import (
+    BASE_SUBDIR,
+    CONTROLNET_SUBDIR,
+    PREVIEW_SUBDIR,
+    VAE_SUBDIR,
+    build,
+    build_preview,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # A fault for tests (devtools/slow_gpu/sitecustomize.py): on the PYTHONPATH of every server
@@ -32,12 +39,15 @@ TINY_ADAPTERS = ROOT / "test-artifacts" / "tiny-adapters"
 
 
 def model_env(model_dir: Path) -> dict[str, str]:
-    """The three model settings for a directory laid out as the model builders write it."""
+    """The model settings for a directory laid out as the model builders write it; previews
+    off where it has no preview decoder."""
     model_dir = Path(model_dir).resolve()
+    preview = model_dir / PREVIEW_SUBDIR
     return {
         "SDXL_BASE_MODEL": str(model_dir / BASE_SUBDIR),
         "SDXL_CONTROLNET_MODEL": str(model_dir / CONTROLNET_SUBDIR),
         "SDXL_VAE_MODEL": str(model_dir / VAE_SUBDIR),
+        "SDXL_PREVIEW_MODEL": str(preview) if preview.is_dir() else "",
     }
 
 
@@ -48,10 +58,10 @@ def tiny_model_env() -> dict[str, str]:
 
 def ensure_tiny_model() -> Path:
     """The tiny model's directory, built first if it is missing."""
-    if not (TINY_MODEL / "base" / "model_index.json").exists():
-        from devtools.tiny_model import build
-
+    if not (TINY_MODEL / BASE_SUBDIR / "model_index.json").exists():
         build(TINY_MODEL)
+    elif not (TINY_MODEL / PREVIEW_SUBDIR / "config.json").exists():
+        build_preview(TINY_MODEL)
     return TINY_MODEL
 
 

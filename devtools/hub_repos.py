@@ -1,4 +1,4 @@
-"""Lay the tiny model out as the three Hugging Face repositories it stands in for.
+"""Lay the tiny model out as the Hugging Face repositories it stands in for.
 
 The real repositories hold more than a pipeline loads: fp32 weights next to their fp16
 variant, ``.bin`` duplicates, ONNX and Flax exports, single-file checkpoints, sample
@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, VAE_SUBDIR
+from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, PREVIEW_SUBDIR, VAE_SUBDIR
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+PREVIEW_REPO = "madebyollin/taesdxl"
 
 # The weight file of each component, as diffusers and transformers name them.
 BASE_WEIGHTS = {
@@ -101,13 +102,27 @@ def vae_repo(tiny: Path, out: Path) -> Path:
     return out
 
 
+def preview_repo(tiny: Path, out: Path) -> Path:
+    """Like madebyollin/taesdxl: the diffusers files, a .bin duplicate, the original
+    project's encoder and decoder as .pth files, and sample images."""
+    shutil.copytree(tiny / PREVIEW_SUBDIR, out)
+    weights = out / "diffusion_pytorch_model.safetensors"
+    _bin_copy(weights, out / "diffusion_pytorch_model.bin")
+    for part in ("encoder", "decoder"):
+        _bin_copy(weights, out / f"taesdxl_{part}.pth")
+    _sample_image(out / "images" / "preview.png")
+    _text(out / "README.md", "# TAESD for SDXL (tiny stand-in)\n")
+    return out
+
+
 def lay_out(tiny: Path, out: Path) -> dict[str, Path]:
-    """The three repositories under ``out``, by repository id, ready for ``devtools.hub.Hub``."""
+    """The repositories under ``out``, by repository id, ready for ``devtools.hub.Hub``."""
     out.mkdir(parents=True, exist_ok=True)
     return {
         BASE_REPO: base_repo(tiny, out / "base"),
         CONTROLNET_REPO: controlnet_repo(tiny, out / "controlnet"),
         VAE_REPO: vae_repo(tiny, out / "vae"),
+        PREVIEW_REPO: preview_repo(tiny, out / "preview"),
     }
 
 

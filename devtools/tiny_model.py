@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
@@ -35,6 +36,8 @@ from transformers import (
 BASE_SUBDIR = "base"
 CONTROLNET_SUBDIR = "controlnet"
 VAE_SUBDIR = "vae"
+# The preview decoder (TAESD), built apart: a model built before it keeps its other parts.
+PREVIEW_SUBDIR = "preview"
 
 TEXT_HIDDEN_SIZE = 32
 TIME_EMBED_DIM = 8
@@ -135,14 +138,36 @@ def build(output_dir: Path, seed: int = 0) -> Path:
     base.save_pretrained(output_dir / BASE_SUBDIR)
     controlnet.save_pretrained(output_dir / CONTROLNET_SUBDIR)
     vae.save_pretrained(output_dir / VAE_SUBDIR)
+    build_preview(output_dir, seed)
     return output_dir
+
+
+def build_preview(output_dir: Path, seed: int = 0) -> Path:
+    """A tiny random ``AutoencoderTiny`` (TAESD's architecture, x8 upsampling from SDXL's
+    four latent channels) under ``output_dir``, standing in for madebyollin/taesdxl."""
+    torch.manual_seed(seed)
+    preview = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    preview.save_pretrained(Path(output_dir) / PREVIEW_SUBDIR)
+    return Path(output_dir) / PREVIEW_SUBDIR
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", type=Path, help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument(
+        "--preview-only", action="store_true", help="add only the preview decoder to a built model"
+    )
     args = parser.parse_args()
+    if args.preview_only:
+        print(f"tiny preview decoder written to {build_preview(args.output_dir, args.seed)}")
+        return
     print(f"tiny SDXL ControlNet model written to {build(args.output_dir, args.seed)}")
 
 

@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 from .errors import InvalidRequest
 from .front import fetching
 from .settings import Scheduler, SettingsError, settings
+from .streaming import PREVIEW_MAX_SIDE
 
 MAX_SEED = 2**32 - 1
 EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel
@@ -213,6 +214,18 @@ class GenerationParams(BaseModel):
         },
     )
 
+    preview_every: int = Field(
+        default=0,
+        ge=0,
+        le=settings.max_steps,
+        description="Every this many steps, a preview of the first image as it forms: a WebP "
+        f"of at most {PREVIEW_MAX_SIDE} px on its long side, sent as a `preview` event by "
+        "/generate_stream and kept in a job's /status. 0 sends none; none comes after the "
+        "last step, which the result follows.",
+        # Whether this server makes previews (SDXL_PREVIEW_MODEL), for clients such as the studio.
+        json_schema_extra={"x-available": bool(settings.sdxl_preview_model)},
+    )
+
     _null_means_absent = model_validator(mode="before")(classmethod(_null_means_absent))
 
     @property
@@ -246,6 +259,15 @@ class GenerationParams(BaseModel):
                 chosen[field] = (name, value)
         for field, (_, value) in chosen.items():
             setattr(self, field, value)
+        return self
+
+    @model_validator(mode="after")
+    def _previews_available(self) -> t.Self:
+        if self.preview_every and not settings.sdxl_preview_model:
+            raise _rule(
+                "preview_every: this server makes no previews (its SDXL_PREVIEW_MODEL is "
+                "empty); send 0 or leave it out"
+            )
         return self
 
     @model_validator(mode="after")

@@ -100,6 +100,9 @@ class Settings(BaseModel):
         default="madebyollin/sdxl-vae-fp16-fix@207b116dae70ace3637169f1ddd2434b91b3a8cd",
         min_length=1,
     )
+    # TAESD for SDXL, the tiny distilled VAE that decodes the live previews of a generation
+    # (params.preview_every) in milliseconds; empty turns previews off. ~10 MB.
+    sdxl_preview_model: str = "madebyollin/taesdxl@b20258aaef75ef61e659c1e0f14f251cf0ad153e"
 
     # Uploads: the body size is checked from Content-Length before it is read,
     # the pixel count from the image header before any pixel is decoded.

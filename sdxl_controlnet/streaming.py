@@ -15,12 +15,21 @@ import numpy as np
 
 from .errors import ClientError, GPUServiceUnavailable, error_for_status
 
-# Where the front hears of each step: {"step", "total", "elapsed_s"}, as ``relay`` yields it.
-Progress = t.Callable[[dict[str, t.Any]], t.Awaitable[None]]
+# Where the front hears of each step, as ``relay`` yields it: ("progress", {"step", "total",
+# "elapsed_s"}) after each, and ("preview", {... and "image"}) where the request asked for one.
+Progress = t.Callable[[str, dict[str, t.Any]], t.Awaitable[None]]
+# A preview's long side at most, in pixels: enough to watch the picture form, a few KB.
+PREVIEW_MAX_SIDE = 256
 
 
 def progress_line(step: int, total: int) -> str:
     return json.dumps({"step": step, "total": total}) + "\n"
+
+
+def preview_line(step: int, total: int, webp: bytes) -> str:
+    """A preview of the image after ``step``: a small WebP, base64-encoded."""
+    image = base64.b64encode(webp).decode("ascii")
+    return json.dumps({"step": step, "total": total, "image": image}) + "\n"
 
 
 def images_line(images: np.ndarray) -> str:
@@ -66,8 +75,9 @@ def error_event(error: ClientError) -> str:
 async def relay(
     gpu_stream: AsyncIterator[str], timeout_s: float
 ) -> AsyncIterator[tuple[str, t.Any]]:
-    """The GPU Service's stream as ``("progress", event)`` items, each with the seconds
-    elapsed, then one ``("images", array)``; an error line raises its ClientError.
+    """The GPU Service's stream as ``("progress", event)`` and ``("preview", event)`` items,
+    each with the seconds elapsed, then one ``("images", array)``; an error line raises its
+    ClientError.
 
     Leaving early closes the GPU stream at once, and that stops the GPU."""
     start = time.perf_counter()
@@ -79,5 +89,5 @@ async def relay(
                 yield "images", decode_images(event)
                 return
             event["elapsed_s"] = round(time.perf_counter() - start, 2)
-            yield "progress", event
+            yield ("preview" if "image" in event else "progress"), event
     raise GPUServiceUnavailable("the GPU Service stopped before the images were ready")

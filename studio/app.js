@@ -23,12 +23,27 @@ async function applySchema() {
     if (field.description) input.title = field.description;
   }
   applyAdapterSchema(spec.components.schemas, fields);
+  previews = fields.preview_every["x-available"] === true;
   const strength = fields.strength.anyOf.find((option) => option.type !== "null");
   $("#strength").max = strength.maximum;
   $("#strength").min = $("#strength").step; // above its exclusive minimum, 0
   $("#strength").value = fields.strength["x-default-by-mode"]["image-to-image"];
   $("#strength").title = fields.strength.description;
   showSliders();
+}
+
+// Live previews: where the server makes them, the picture forms in the result's frame.
+let previews = false;
+const PREVIEWS_PER_GENERATION = 10;
+
+function previewEvery(steps) {
+  return Math.max(1, Math.round(steps / PREVIEWS_PER_GENERATION));
+}
+
+function showForming({ step, total, image: webp }) {
+  showImage("result", `data:image/webp;base64,${webp}`);
+  $("#result-figure").classList.add("forming");
+  $("#result-figure .note").textContent = `(forming: step ${step} of ${total})`;
 }
 
 // LoRA adapters: the names the server declares, each with the preset a few-step adapter
@@ -182,8 +197,11 @@ function showImage(id, url) {
 function markStale(id, stale) {
   const figure = $(`#${id}`).closest("figure");
   if (figure.classList.contains("empty")) return;
+  const unfinished = figure.classList.contains("forming");
+  figure.classList.remove("forming");
   figure.classList.toggle("stale", stale);
-  figure.querySelector(".note").textContent = stale ? "(previous, not of the current settings)" : "";
+  const why = unfinished ? "(a preview: stopped before the result)" : "(previous, not of the current settings)";
+  figure.querySelector(".note").textContent = stale ? why : "";
 }
 
 function showSliders() {
@@ -282,11 +300,13 @@ async function generate(event) {
   let done = false;
   try {
     const values = params();
+    if (previews) values.preview_every = previewEvery(values.num_inference_steps);
     const pictures = await startPictures(values);
     const response = await request("/generate_stream", values, running.signal, pictures);
     if (!response.ok) return showError(await errorMessage(response));
     for await (const { event: kind, data } of serverSentEvents(response)) {
       if (kind === "progress") showProgress(data);
+      else if (kind === "preview") showForming(data);
       else if (kind === "result") {
         showResult(data);
         done = true;
@@ -296,7 +316,10 @@ async function generate(event) {
   } catch (error) {
     showError(error.name === "AbortError" ? "Stopped." : `Generation failed: ${error.message}`);
   } finally {
-    if (!done) $("#status").textContent = "";
+    if (!done) {
+      $("#status").textContent = "";
+      markStale("result", true); // a preview left unfinished is no result either
+    }
     running = null;
     $("#generate").textContent = "Generate";
   }

@@ -48,7 +48,8 @@ async def prepare(
 
 async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) -> Generation:
     """Generate on ``gpu`` (what ``bentoml.depends`` gave): in one call, or through its
-    stream to hear of each step. The caller leaving, or being cancelled, stops the GPU."""
+    stream to hear of each step and preview. The caller leaving, or being cancelled, stops
+    the GPU."""
     arguments = {**prepared.inputs.arguments(), "params": prepared.params.generation_params()}
     timeout_s = settings.generation_timeout_s
     with prepared.timings.stage("generate"), gpu_call_errors(timeout_s):
@@ -58,10 +59,10 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
             images = raise_for_answer(answer)
         else:
             async for kind, data in streaming.relay(gpu.generate_stream(**arguments), timeout_s):
-                if kind == "progress":
-                    await progress(data)
-                else:
+                if kind == "images":
                     images = data
+                else:
+                    await progress(kind, data)
     return Generation(prepared.inputs.edges, images, prepared.params, prepared.timings)
 
 
@@ -78,12 +79,13 @@ async def generate(
 
 
 async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
-    """``run`` as server-sent events: ``progress`` after each step, then ``result`` (what
-    ``/generate_batch`` answers) or ``error``. Closing it stops the generation."""
+    """``run`` as server-sent events: ``progress`` after each step, ``preview`` where asked,
+    then ``result`` (what ``/generate_batch`` answers) or ``error``. Closing it stops the
+    generation."""
     queue: asyncio.Queue[str] = asyncio.Queue()
 
-    async def progress(event: dict[str, t.Any]) -> None:
-        await queue.put(streaming.server_sent_event("progress", event))
+    async def progress(kind: str, event: dict[str, t.Any]) -> None:
+        await queue.put(streaming.server_sent_event(kind, event))
 
     async def generate() -> str:
         result = await (await run(gpu, prepared, progress)).batch_result()

@@ -58,9 +58,14 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS job (
     created_at REAL NOT NULL,
     executed_at REAL,
     completed_at REAL,
-    outcome TEXT
+    outcome TEXT,
+    preview_step INTEGER,
+    preview TEXT
 )"""
-_COLUMNS = "task_id, status, step, total, created_at, executed_at, completed_at, outcome"
+_COLUMNS = (
+    "task_id, status, step, total, created_at, executed_at, completed_at, outcome, "
+    "preview_step, preview"
+)
 
 
 def _iso(moment: float | None) -> str | None:
@@ -77,9 +82,12 @@ class Job:
     executed_at: float | None
     completed_at: float | None
     outcome: str | None  # JSON: a completed job's result, or a failed one's failure
+    preview_step: int | None = None
+    preview: str | None = None  # the latest preview: a WebP, base64-encoded
 
     def status_body(self) -> dict[str, t.Any]:
-        """What ``/status`` answers: BentoML's fields, and a running job's ``progress``."""
+        """What ``/status`` answers: BentoML's fields, and a running job's ``progress`` and
+        latest ``preview`` (``params.preview_every``)."""
         body: dict[str, t.Any] = {
             "task_id": self.task_id,
             "status": self.status,
@@ -89,6 +97,8 @@ class Job:
         }
         if self.status == IN_PROGRESS and self.total is not None:
             body["progress"] = {"step": self.step or 0, "total": self.total}
+        if self.status == IN_PROGRESS and self.preview is not None:
+            body["preview"] = {"step": self.preview_step, "image": self.preview}
         return body
 
 
@@ -166,12 +176,23 @@ class JobStore:
             IN_PROGRESS,
         )
 
+    async def record_preview(self, task_id: str, step: int, image: str) -> None:
+        """Keep the latest preview only: a job's row never grows with its steps."""
+        await self._write(
+            "UPDATE job SET preview_step = ?, preview = ? WHERE task_id = ? AND status = ?",
+            step,
+            image,
+            task_id,
+            IN_PROGRESS,
+        )
+
     async def end(self, task_id: str, status: str, outcome: t.Any = None) -> bool:
         """Move a job in progress to ``status`` with its ``outcome`` (JSON-able); False if
         it had already ended: canceled."""
         now = time.time()
+        # An ended job's status shows no preview: its row lets go of the last one.
         moved = await self._write(
-            "UPDATE job SET status = ?, completed_at = ?, outcome = ? "
+            "UPDATE job SET status = ?, completed_at = ?, outcome = ?, preview = NULL "
             "WHERE task_id = ? AND status = ?",
             status,
             now,
@@ -221,8 +242,11 @@ async def run(
     job = await store.start(task_id)
     last_write = 0.0
 
-    async def progress(event: dict[str, t.Any]) -> None:
+    async def progress(kind: str, event: dict[str, t.Any]) -> None:
         nonlocal last_write
+        if kind == "preview":  # at most one every preview_every steps: each is kept
+            await store.record_preview(task_id, event["step"], event["image"])
+            return
         if event["step"] < event["total"] and time.monotonic() - last_write < WATCH_S:
             return
         last_write = time.monotonic()

@@ -26,6 +26,7 @@ if t.TYPE_CHECKING:
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+PREVIEW_REPO = "madebyollin/taesdxl"
 
 # The files the pipeline loads, in fp16: half the download of fp32, and what a GPU runs.
 # A CPU upcasts them. Never "*.safetensors": that also matches the single-file
@@ -46,6 +47,8 @@ BASE_INCLUDE = [
 CONTROLNET_INCLUDE = ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
 # The repository has no fp16 file: the fix is in the weights, kept in fp32 (335 MB).
 VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
+# TAESD's diffusers files (10 MB); not its .pth encoder and decoder, which are the same weights.
+PREVIEW_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
@@ -88,6 +91,11 @@ def reference(value: str, include: list[str]) -> HuggingFaceModel | str:
     from bentoml.models import HuggingFaceModel
 
     return HuggingFaceModel(source.model_id, revision=source.revision, include=include)
+
+
+def optional_reference(value: str, include: list[str]) -> HuggingFaceModel | str | None:
+    """``reference`` for a model the Service can do without: None where ``value`` is empty."""
+    return reference(value, include) if value else None
 
 
 # BentoML collects the models of a Service from its class attributes, one Model instance

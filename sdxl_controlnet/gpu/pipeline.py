@@ -32,6 +32,7 @@ from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
 from ..settings import Settings
 from .compilation import CompiledModels, graph_key, without_compiling
+from .previews import PreviewDecoder
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
@@ -94,6 +95,7 @@ class ControlNetPipeline:
         base: str,
         controlnet: str,
         vae: str,
+        preview: str | None,
         settings: Settings,
         adapters: Mapping[str, tuple[str, str]],
         worker_index: int,
@@ -108,6 +110,7 @@ class ControlNetPipeline:
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
             adapters=adapters,
+            preview=preview,
         )
 
     def __init__(
@@ -121,6 +124,7 @@ class ControlNetPipeline:
         fuse_qkv: bool = False,
         compile_sizes: Iterable[tuple[int, int]] = (),
         adapters: Mapping[str, tuple[str, str]] | None = None,
+        preview: str | None = None,
     ) -> None:
         self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
@@ -143,6 +147,8 @@ class ControlNetPipeline:
             pipe.set_progress_bar_config(disable=True)
         # Decode a batch one image at a time: four 1024² images at once overflow a 24 GB L4.
         self.pipe.vae.enable_slicing()
+        # TAESD for live previews (params.preview_every), where the operator declared one.
+        self.previews = PreviewDecoder(preview, device, dtype) if preview else None
         config = self.pipe.scheduler.config
         self.schedulers = {
             name: cls.from_config(config, **kwargs) for name, (cls, kwargs) in SCHEDULERS.items()
@@ -240,10 +246,18 @@ class ControlNetPipeline:
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> concurrent.futures.Future[np.ndarray]:
         """Run ``generate`` on the pipeline's own thread."""
         return self._thread.submit(
-            self.generate, edges, params, on_step, cancelled, init_image=init_image, mask=mask
+            self.generate,
+            edges,
+            params,
+            on_step,
+            cancelled,
+            init_image=init_image,
+            mask=mask,
+            on_preview=on_preview,
         )
 
     def generate(
@@ -255,6 +269,7 @@ class ControlNetPipeline:
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
         """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8),
         returned as an N×H×W×3 uint8 array: from noise, or from ``init_image`` (H×W×3
@@ -262,11 +277,15 @@ class ControlNetPipeline:
 
         After each denoising step ``on_step(done, total)`` reports progress, and
         ``cancelled()`` can stop the run (raising GenerationCancelled), so an
-        abandoned request frees the GPU within one step. Nothing is compiled here:
-        what the warmed graphs do not fit runs the eager models.
+        abandoned request frees the GPU within one step. Every ``params.preview_every``
+        steps before the last, ``on_preview(done, total, webp)`` receives a preview of the
+        first image. Nothing is compiled here: what the warmed graphs do not fit runs the
+        eager models.
         """
         with without_compiling():
-            return self._generate(edges, params, on_step, cancelled, init_image, mask)
+            return self._generate(
+                edges, params, on_step, cancelled, init_image, mask, on_preview=on_preview
+            )
 
     @torch.inference_mode()
     def _generate(
@@ -277,14 +296,20 @@ class ControlNetPipeline:
         cancelled: Callable[[], bool],
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        *,
+        on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
         assert params.seed is not None, "the caller resolves the seed"
+        every = params.preview_every if on_preview and self.previews else 0
 
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             if cancelled():
                 raise GenerationCancelled
             if on_step is not None:
                 on_step(step + 1, pipe.num_timesteps)
+            # Read only: the latents go on unchanged, so the images are the same bytes.
+            if every and (step + 1) % every == 0 and step + 1 < pipe.num_timesteps:
+                on_preview(step + 1, pipe.num_timesteps, self.previews.webp(tensors["latents"]))
             return tensors
 
         height, width = edges.shape

@@ -36,8 +36,9 @@ class GPUWorker:
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
-        """The images for ``edges`` (and ``init_image`` and ``mask``, see
+        """The images for ``edges`` (and ``init_image``, ``mask`` and previews, see
         ``ControlNetPipeline.generate``). If the caller is cancelled, the pipeline stops at
         its next step, and the GPU is released once it has."""
         check_gpu_request(edges, params, init_image, mask)
@@ -55,7 +56,13 @@ class GPUWorker:
 
             job = asyncio.wrap_future(
                 self.pipeline.submit(
-                    edges, params, report, stop.is_set, init_image=init_image, mask=mask
+                    edges,
+                    params,
+                    report,
+                    stop.is_set,
+                    init_image=init_image,
+                    mask=mask,
+                    on_preview=on_preview,
                 )
             )
             try:
@@ -78,22 +85,29 @@ class GPUWorker:
         mask: np.ndarray | None = None,
     ) -> AsyncIterator[str]:
         """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
-        each step, then the images, or the error. Closing it stops the generation."""
+        each step, a preview every ``params.preview_every`` steps, then the images, or the
+        error. Closing it stops the generation."""
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
 
         def on_step(done: int, total: int) -> None:
-            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+            loop.call_soon_threadsafe(lines.put_nowait, streaming.progress_line(done, total))
+
+        def on_preview(done: int, total: int, webp: bytes) -> None:
+            line = streaming.preview_line(done, total, webp)
+            loop.call_soon_threadsafe(lines.put_nowait, line)
 
         yield streaming.progress_line(0, params.steps)
         job = asyncio.ensure_future(
-            self.run(edges, params, on_step, init_image=init_image, mask=mask)
+            self.run(
+                edges, params, on_step, init_image=init_image, mask=mask, on_preview=on_preview
+            )
         )
-        # After any step already reported: call_soon queues behind call_soon_threadsafe.
-        job.add_done_callback(lambda _: loop.call_soon(steps.put_nowait, None))
+        # After any line already sent: call_soon queues behind call_soon_threadsafe.
+        job.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))
         try:
-            while step := await steps.get():
-                yield streaming.progress_line(*step)
+            while line := await lines.get():
+                yield line
             yield streaming.images_line(job.result())
         except ClientError as exc:
             yield streaming.error_line(exc)

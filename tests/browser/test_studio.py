@@ -88,6 +88,40 @@ def test_generate_shows_progress_then_the_image_and_its_seed(page: Page) -> None
     screenshot(page, "3-generated")
 
 
+def test_the_picture_forms_in_place_then_the_result_replaces_it(page: Page, server: Server) -> None:
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "6")
+    with server.slow_steps(0.4):
+        page.click("#generate")
+        # The studio asks for previews: the frame shows one before the result arrives.
+        result = page.locator("#result")
+        expect(result).to_have_attribute("src", re.compile("^data:image/webp;base64,"))
+        expect(page.locator("#result-figure")).to_contain_text("forming: step")
+        expect(page.locator("#status")).not_to_contain_text("Done in")
+        screenshot(page, "3a-forming")
+        expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(result).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    expect(page.locator("#result-figure")).not_to_have_class(re.compile("forming|stale"))
+    expect(page.locator("#result-figure")).not_to_contain_text("forming")
+
+
+def test_stop_ends_a_forming_picture_at_once_and_marks_it_unfinished(
+    page: Page, server: Server
+) -> None:
+    page.fill("[name=prompt]", "a red ball")
+    page.fill("[name=num_inference_steps]", "60")
+    with server.slow_steps(0.5):  # 30 s to the result, unless stopped
+        page.click("#generate")
+        expect(page.locator("#result-figure")).to_contain_text("forming: step")
+        page.click("#generate")  # it reads "Stop"
+        expect(page.locator("#error")).to_have_text("Stopped.", timeout=5_000)
+    expect(page.locator("#generate")).to_have_text("Generate")
+    expect(page.locator("#result-figure")).to_have_class(re.compile("stale"))
+    expect(page.locator("#result-figure")).to_contain_text("a preview: stopped before the result")
+    expect(page.locator("#download")).to_be_hidden()
+    screenshot(page, "3b-stopped")
+
+
 def test_an_api_validation_error_is_shown(page: Page) -> None:
     slide(page, "#low_threshold", 200)
     slide(page, "#high_threshold", 100)

@@ -116,6 +116,7 @@ def test_compose_cpu_override_swaps_image_and_model_and_drops_only_the_gpu() -> 
         "SDXL_BASE_MODEL": f"{mount}/base",
         "SDXL_CONTROLNET_MODEL": f"{mount}/controlnet",
         "SDXL_VAE_MODEL": f"{mount}/vae",
+        "SDXL_PREVIEW_MODEL": f"{mount}/preview",
     }
     assert "command" not in gpu and "command" not in front  # the base file's commands
 

@@ -140,6 +140,22 @@ def test_a_running_job_reports_its_progress(server: Server, client, photo: Path)
     assert early.status_code == 404
 
 
+def test_a_running_job_shows_its_latest_preview(server: Server, client, photo: Path) -> None:
+    params = {"prompt": "x", "num_inference_steps": 8, "preview_every": 2}
+    with server.slow_steps(0.3):
+        task = client.generate_task.submit(image=photo, params=params)
+        previews = {}
+        while (status := status_of(server, task.id))["status"] == "in_progress":
+            if "preview" in status:
+                previews[status["preview"]["step"]] = status["preview"]["image"]
+            time.sleep(0.1)
+    assert status["status"] == "completed" and "preview" not in status
+    assert previews and set(previews) <= {2, 4, 6}, previews
+    for image in previews.values():
+        preview = decode(base64.b64decode(image))
+        assert preview.format == "WEBP" and preview.size == (96, 64)
+
+
 def status_of(server: Server, task_id: str) -> dict:
     answer = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
     assert answer.status_code == 200, answer.text

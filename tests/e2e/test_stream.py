@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from devtools.harness import Server, decode, encode, shapes_image
+from devtools.harness import Server, decode, encode, serving, shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +56,27 @@ def test_progress_counts_every_step_then_the_result_arrives(server: Server) -> N
     assert result["images"][0]["seed"] == 5 and result["params"]["width"] == 96
 
 
+def test_previews_arrive_as_events_at_their_steps_and_leave_the_result_unchanged(
+    server: Server,
+) -> None:
+    params = {"prompt": "x", "num_inference_steps": 5, "seed": 9, "output_format": "png"}
+    with stream(server, params) as response:
+        plain = list(events(response))
+    with stream(server, {**params, "preview_every": 2}) as response:
+        watched = list(events(response))
+
+    # Steps 0 (waiting) to 5; a preview after steps 2 and 4, none after the last.
+    assert [name for name, _ in watched] == (
+        ["progress"] * 3 + ["preview"] + ["progress"] * 2 + ["preview", "progress", "result"]
+    )
+    previews = [data for name, data in watched if name == "preview"]
+    assert [(data["step"], data["total"]) for data in previews] == [(2, 5), (4, 5)]
+    for data in previews:
+        image = decode(base64.b64decode(data["image"]))
+        assert image.format == "WEBP" and image.size == (96, 64)
+    assert watched[-1][1]["images"] == plain[-1][1]["images"]  # the same PNG, byte for byte
+
+
 def test_bad_input_is_a_400_before_the_stream_starts(server: Server) -> None:
     with stream(server, {"prompt": "x", "low_threshold": 200, "high_threshold": 100}) as response:
         response.read()
@@ -80,3 +101,22 @@ def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
     assert waited_s < left_s / 4, (
         f"waited {waited_s:.1f} s; the abandoned run had {left_s:.0f} s left"
     )
+
+
+def test_without_a_preview_model_previews_are_a_400_and_the_rest_unchanged(server: Server) -> None:
+    params = {"prompt": "x", "num_inference_steps": 2, "seed": 3}
+    with stream(server, params) as response:
+        served_with = list(events(response))[-1][1]["images"]
+    with serving({"SDXL_PREVIEW_MODEL": ""}) as without:
+        schema = httpx.get(f"{without.url}/docs.json").json()
+        field = schema["components"]["schemas"]["Params"]["properties"]["preview_every"]
+        assert field["x-available"] is False
+        with stream(without, {**params, "preview_every": 1}) as response:
+            response.read()
+        assert response.status_code == 400
+        assert "preview_every: this server makes no previews" in response.text
+        assert "SDXL_PREVIEW_MODEL" in response.text
+        with stream(without, params) as response:
+            received = list(events(response))
+    assert [name for name, _ in received] == ["progress"] * 3 + ["result"]
+    assert received[-1][1]["images"] == served_with

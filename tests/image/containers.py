@@ -14,7 +14,7 @@ CONTAINER = str(ROOT / "scripts" / "container.sh")
 # Set by `make image-test` to the image it has just built, so a stale image is never tested.
 IMAGE = os.environ.get("SDXL_TEST_IMAGE", "")
 MODEL_MOUNT = "/models/tiny"
-# The tiny model, mounted read-only, and the three variables that point the GPU Service at it.
+# The tiny model, mounted read-only, and the variables that point the GPU Service at it.
 MODEL_ARGS = [
     "--volume",
     f"{TINY_MODEL}:{MODEL_MOUNT}:ro",
@@ -24,6 +24,8 @@ MODEL_ARGS = [
     f"SDXL_CONTROLNET_MODEL={MODEL_MOUNT}/controlnet",
     "--env",
     f"SDXL_VAE_MODEL={MODEL_MOUNT}/vae",
+    "--env",
+    f"SDXL_PREVIEW_MODEL={MODEL_MOUNT}/preview",
 ]
 
 

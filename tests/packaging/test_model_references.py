@@ -1,4 +1,4 @@
-"""The three models as BentoML model references, resolved offline against a stand-in hub.
+"""The models as BentoML model references, resolved offline against a stand-in hub.
 
 BentoML's own ``HuggingFaceModel`` runs unchanged; ``devtools.hub`` answers its requests
 from the tiny model, laid out like the real repositories (``devtools.hub_repos``), and
@@ -37,7 +37,7 @@ from devtools.harness import (
     tiny_model_env,
 )
 from devtools.hub import Hub
-from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, VAE_REPO, lay_out
+from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, PREVIEW_REPO, VAE_REPO, lay_out
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.schemas import GenerationParams
 
@@ -45,9 +45,10 @@ INCLUDE = {
     BASE_REPO: model_refs.BASE_INCLUDE,
     CONTROLNET_REPO: model_refs.CONTROLNET_INCLUDE,
     VAE_REPO: model_refs.VAE_INCLUDE,
+    PREVIEW_REPO: model_refs.PREVIEW_INCLUDE,
 }
 # What no include pattern may ever fetch: other formats, duplicates, checkpoints, pictures.
-NEVER = ["*.bin", "*.onnx", "*.onnx_data", "*.msgpack", "*.png", "*.md", ".gitattributes"]
+NEVER = ["*.bin", "*.pth", "*.onnx", "*.onnx_data", "*.msgpack", "*.png", "*.md", ".gitattributes"]
 NEVER += ["sd_xl_base_1.0.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors", "vae/*"]
 
 
@@ -114,7 +115,7 @@ def requested_paths(hub: Hub, repo_id: str) -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize("repo_id", [BASE_REPO, CONTROLNET_REPO, VAE_REPO])
+@pytest.mark.parametrize("repo_id", list(INCLUDE))
 def test_resolving_downloads_exactly_the_included_files(
     hub: Hub, caches: Path, repo_id: str
 ) -> None:
@@ -130,7 +131,7 @@ def test_resolving_downloads_exactly_the_included_files(
         assert not fnmatch.filter(files, pattern), f"{pattern} must stay on the hub"
     weights = [p for p in files if p.endswith(".safetensors")]
     assert weights
-    if repo_id != VAE_REPO:  # the fp16-fix VAE has only its fp32 file
+    if repo_id not in (VAE_REPO, PREVIEW_REPO):  # these have only their fp32 file
         assert all(p.endswith(".fp16.safetensors") for p in weights)
 
 
@@ -157,14 +158,17 @@ def test_the_fp16_base_download_is_what_the_pipeline_loads_and_nothing_else(hub:
 def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) -> None:
     from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
-    base, controlnet, vae = (
-        reference(hub, repo).resolve() for repo in (BASE_REPO, CONTROLNET_REPO, VAE_REPO)
-    )
-    pipeline = ControlNetPipeline(base, controlnet, vae)  # fp16 files, upcast for the CPU
+    base, controlnet, vae, preview = (reference(hub, repo).resolve() for repo in INCLUDE)
+    # fp16 files, upcast for the CPU
+    pipeline = ControlNetPipeline(base, controlnet, vae, preview=preview)
 
     assert Path(pipeline.pipe.vae.config._name_or_path) == Path(vae)
-    params = GenerationParams(prompt="a house", num_inference_steps=2, seed=1)
-    assert pipeline.generate(np.zeros((64, 64), np.uint8), params).shape == (1, 64, 64, 3)
+    params = GenerationParams(prompt="a house", num_inference_steps=2, seed=1, preview_every=1)
+    previews: list[int] = []
+    images = pipeline.generate(
+        np.zeros((64, 64), np.uint8), params, on_preview=lambda step, *_: previews.append(step)
+    )
+    assert images.shape == (1, 64, 64, 3) and previews == [1]
 
 
 def test_a_second_resolve_downloads_nothing(hub: Hub) -> None:
@@ -329,11 +333,12 @@ def generates(server: Server) -> bool:
 
 @pytest.fixture
 def hub_models(hub: Hub, tmp_path: Path, caches: Path) -> dict[str, str]:
-    """The production settings, pointed at the stand-in hub: three pinned references."""
+    """The production settings, pointed at the stand-in hub: four pinned references."""
     return {
         "SDXL_BASE_MODEL": f"{BASE_REPO}@{commit(hub, BASE_REPO)}",
         "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{commit(hub, CONTROLNET_REPO)}",
         "SDXL_VAE_MODEL": f"{VAE_REPO}@{commit(hub, VAE_REPO)}",
+        "SDXL_PREVIEW_MODEL": f"{PREVIEW_REPO}@{commit(hub, PREVIEW_REPO)}",
         "HF_ENDPOINT": hub.url,
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "BENTOML_HF_CACHE_DIR": str(caches),
@@ -349,7 +354,7 @@ def test_bentoml_build_from_local_directories_needs_no_hub(local_bento: Path) ->
 
 @pytest.mark.build
 @pytest.mark.e2e
-def test_the_bento_records_three_pinned_models_and_serve_downloads_each_included_file_once(
+def test_the_bento_records_four_pinned_models_and_serve_downloads_each_included_file_once(
     hub: Hub, hub_models: dict[str, str], tmp_path: Path
 ) -> None:
     tag = build(hub_models)

@@ -58,10 +58,12 @@ def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch
     assert env["SDXL_BASE_MODEL"] == str(tmp_path.resolve() / "base")
     assert env["SDXL_CONTROLNET_MODEL"] == str(tmp_path.resolve() / "controlnet")
     assert env["SDXL_VAE_MODEL"] == str(tmp_path.resolve() / "vae")
+    assert env["SDXL_PREVIEW_MODEL"] == ""  # the directory has no preview decoder: none
     assert (env["CHANNELS_LAST"], env["FUSE_QKV"], env["TORCH_COMPILE"]) == ("0", "0", "1")
     assert env["TORCH_COMPILE_SIZES"] == "512x512"  # compiled at the size it is timed at
     assert "BENTOML_HOME" not in env
     changed = {"ALLOW_CPU", "SDXL_BASE_MODEL", "SDXL_CONTROLNET_MODEL", "SDXL_VAE_MODEL"}
+    changed |= {"SDXL_PREVIEW_MODEL"}
     changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "BENTOML_HOME"}
     assert {k: v for k, v in env.items() if k not in changed} == {
         k: v for k, v in os.environ.items() if k not in changed
