@@ -35,6 +35,7 @@ class Receiver:
     answers: list[int] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     fetches: list[str] = field(default_factory=list)
+    connections: int = 0  # TCP connections accepted, whatever came over them
     url: str = ""
 
     def wait_for(self, count: int, timeout_s: float = 60) -> list[Delivery]:
@@ -100,11 +101,21 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _CountingServer(ThreadingHTTPServer):
+    receiver: Receiver
+
+    def get_request(self) -> tuple:
+        accepted = super().get_request()
+        self.receiver.connections += 1
+        return accepted
+
+
 @contextlib.contextmanager
 def receiving(picture: bytes = b"") -> Iterator[Receiver]:
     """A Receiver on a free loopback port, stopped afterwards."""
     receiver = Receiver(picture=picture)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(receiver))
+    server = _CountingServer(("127.0.0.1", 0), _handler(receiver))
+    server.receiver = receiver
     server.daemon_threads = True
     receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)

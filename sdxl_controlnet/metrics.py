@@ -41,6 +41,12 @@ UNCOMPILED = Counter(
     "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
     ["reason"],
 )
+OUTBOUND_FAILURES = Counter(
+    "sdxl_controlnet_outbound_failures",
+    "Image fetches (use=fetch) and webhook tries (use=webhook) that failed, by kind: policy, "
+    "url, timeout, network, status, too_large, not_image.",
+    ["use", "kind"],
+)
 WEBHOOK_TRIES = Counter(
     "sdxl_controlnet_webhook_tries",
     "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx, 429), or why none came "

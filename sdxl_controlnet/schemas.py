@@ -373,7 +373,7 @@ class TaskParams(Params):
                 "poll /generate_task/status instead, or ask its operator to set one"
             )
         try:
-            fetching.POLICY.check_url(self.webhook)
+            fetching.WEBHOOK_POLICY.check_url(self.webhook)
         except fetching.Refused as exc:
             raise _rule(f"webhook: {exc.reason}") from None
         return self

@@ -43,7 +43,7 @@ def is_reference(value: str) -> bool:
 
 async def resolve(value: str, policy: Policy | None = None) -> bytes:
     """The image bytes ``value`` refers to; ``Refused`` says why there are none."""
-    policy = policy or fetching.POLICY
+    policy = policy or fetching.FETCH_POLICY
     text = value.strip()
     if match := DATA_URI.match(text):
         payload = text[match.end() :]

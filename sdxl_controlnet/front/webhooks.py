@@ -88,7 +88,7 @@ async def deliver(url: str, message_id: str, body: bytes) -> bool:
             "webhook-signature": signature(settings.webhook_secret, message_id, timestamp, body),
         }
         try:
-            status = await fetching.post(url, body, headers)
+            status = (await fetching.post(url, body, headers)).status
         except fetching.Refused as exc:
             outcome, retry = exc.kind, exc.kind in fetching.RETRYABLE
         else:
