@@ -18,6 +18,7 @@ from starlette.requests import Request
 from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.bentoml_compat import request_reading
+from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import references
 from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
 from sdxl_controlnet.settings import AllowEntry, Settings
@@ -268,7 +269,12 @@ def bentoml_request(**fields: object) -> Request:
 
 
 def form_request(**fields: str) -> Request:
-    built = httpx.Request("POST", "http://front/", files={k: (None, v) for k, v in fields.items()})
+    return raw_request(
+        httpx.Request("POST", "http://front/", files={k: (None, v) for k, v in fields.items()})
+    )
+
+
+def raw_request(built: httpx.Request) -> Request:
     body = built.read()
 
     async def receive() -> dict:
@@ -306,3 +312,90 @@ async def test_bentoml_never_downloads_a_text_in_a_files_place(monkeypatch) -> N
         bentoml_request(image=data_uri, params={"prompt": "x"}), ALL_SERDE["application/json"]()
     )
     assert json_read.image.size == (96, 64)
+
+
+def input_spec(api: str = "generate") -> type:
+    request_reading.apply()
+    import service
+
+    return service.ControlNet.apis[api].input_spec
+
+
+async def test_a_picture_field_sent_twice_is_refused_before_any_fetch(receiver: Receiver) -> None:
+    from pydantic import ValidationError
+
+    fetched = len(receiver.fetches)
+    built = httpx.Request(
+        "POST",
+        "http://front/",
+        files=[("image", (None, f"{receiver.url}/picture"))] * 3
+        + [("params", (None, '{"prompt": "x"}'))],
+    )
+    request = raw_request(built)
+    with pytest.raises(ValidationError) as refused:
+        await references.resolve_request(request, input_spec())
+    error = validation_body(refused.value)["error"]
+    assert "image: sent more than once: one picture per field" in error
+    assert receiver.fetches[fetched:] == []
+
+
+async def test_nothing_is_fetched_for_invalid_params(receiver: Receiver) -> None:
+    from pydantic import ValidationError
+
+    fetched = len(receiver.fetches)
+    for request in (
+        form_request(image=f"{receiver.url}/picture", params='{"prompt": "x", "width": -1}'),
+        bentoml_request(image=f"{receiver.url}/picture", params={"num_inference_steps": 0}),
+        bentoml_request(image=f"{receiver.url}/picture"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            await references.resolve_request(request, input_spec())
+        assert "params" in validation_body(refused.value)["error"]
+    assert receiver.fetches[fetched:] == []
+
+
+async def test_when_one_fetch_fails_its_siblings_are_cancelled(
+    receiver: Receiver, monkeypatch
+) -> None:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    monkeypatch.setattr(references.fetching, "FETCH_POLICY", LOOPBACK)
+    request = bentoml_request(
+        image=f"{receiver.url}/silent",
+        init_image=f"{receiver.url}/silent",
+        mask=f"{receiver.url}/nothing",
+        params={"prompt": "x"},
+    )
+    start = time.monotonic()
+    with pytest.raises(ValidationError) as refused:
+        await references.resolve_request(request, input_spec())
+    error = validation_body(refused.value)["error"]
+    assert "mask: URL not fetched: the server answered 404" in error
+    assert time.monotonic() - start < CAP_S  # the silent ones were not waited for
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() if "_as_upload" in repr(t.get_coro())]
+    assert left == []  # and none of them goes on
+    assert references._fetching == 0
+
+
+async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
+    receiver: Receiver, monkeypatch
+) -> None:
+    from sdxl_controlnet.errors import ServiceBusy
+    from sdxl_controlnet.middleware import RETRY_AFTER
+    from sdxl_controlnet.settings import settings
+
+    monkeypatch.setattr(references, "_fetching", settings.max_concurrent_fetches - 1)
+    fetched = len(receiver.fetches)
+    request = bentoml_request(
+        image=f"{receiver.url}/picture", mask=f"{receiver.url}/picture", params={"prompt": "x"}
+    )
+    with pytest.raises(ServiceBusy) as busy:
+        await references.resolve_request(request, input_spec())
+    assert busy.value.error_code == 503 and busy.value.retry_after_s == 1
+    assert "fetching all the pictures it can at once" in busy.value.message
+    assert request.scope[RETRY_AFTER] == 1  # ErrorBodies sends it as Retry-After
+    assert receiver.fetches[fetched:] == []
+    assert references._fetching == settings.max_concurrent_fetches - 1
