@@ -38,7 +38,6 @@ from sdxl_controlnet.schemas import (
     OptionalMask,
     OptionalPicture,
     Params,
-    TaskParams,
 )
 from sdxl_controlnet.settings import settings
 from sdxl_controlnet.streaming import Progress
@@ -129,6 +128,16 @@ class ControlNet:
         """Once per ``bentoml serve``, before the workers start: jobs start afresh."""
         JOBS.reset()
 
+    @bentoml.on_startup
+    async def resume_webhooks(self) -> None:
+        """Each worker, as it starts: deliveries a graceful stop left in the outbox go on."""
+        await webhooks.resume_pending()
+
+    @bentoml.on_shutdown
+    async def keep_webhooks(self) -> None:
+        """Each worker, at a graceful stop: deliveries still pending go to the outbox."""
+        await webhooks.save_pending()
+
     async def __is_ready__(self) -> bool:
         """``/readyz``: 200 once the GPU Service answers ready, 503 until then, in seconds."""
         return await readiness.dependency_ready(self.controlnet_service)
@@ -179,7 +188,7 @@ class ControlNet:
     async def generate_task(
         self,
         image: ImageUpload,
-        params: TaskParams,
+        params: webhooks.JobParams,
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:
@@ -192,7 +201,7 @@ class ControlNet:
             generation = await gpu_call.run(self.controlnet_service, prepared, progress)
             return await generation.batch_result()
 
-        on_end = webhooks.on_job_end(params.webhook, params.webhook_events)
+        on_end = webhooks.on_job_end(params)
         return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
 
     @bentoml.api

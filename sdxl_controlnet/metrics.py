@@ -53,9 +53,15 @@ WEBHOOK_TRIES = Counter(
     "(timeout, network, address, url).",
     ["outcome"],
 )
+WEBHOOK_PENDING = Gauge(
+    "sdxl_controlnet_webhook_pending",
+    "Webhook deliveries waiting for their next try or under way, all front workers together.",
+    multiprocess_mode="livesum",
+)
 WEBHOOK_DELIVERIES = Counter(
     "sdxl_controlnet_webhook_deliveries",
-    "Webhook messages, by result: delivered, or failed after the last try or an answer "
-    "that retrying cannot change.",
+    "Webhook messages, by result: delivered; failed after the last try or an answer that "
+    "retrying cannot change; gone (a 410); dropped (WEBHOOK_MAX_PENDING reached); error (a "
+    "fault of the server's, in its log).",
     ["result"],
 )

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from devtools.harness import Server, decode, encode, metric, serving, shapes_image
 from devtools.receiver import Receiver, receiving
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 FETCH_TIMEOUT_S = 3
 FAST = {"prompt": "a house", "num_inference_steps": 2}
 SECRET = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
+JOB_SECRET = "whsec_" + base64.b64encode(b"one job's key, not a secret").decode()
 BACKOFF_S = 0.2
 TRIES = 5
 
@@ -171,29 +172,33 @@ def test_a_completed_job_is_delivered_signed(outbound_server: Server) -> None:
     print(f"submit → delivered: {delivery.at - submitted:.2f} s")
 
 
-def test_a_failing_receiver_is_retried_with_backoff(outbound_server: Server) -> None:
+def test_a_failing_receiver_is_retried_with_jitter_and_retry_after(
+    outbound_server: Server,
+) -> None:
     tries_before = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
     with receiving(encode(shapes_image(96, 64))) as receiver:
-        receiver.answers = [503, 500, 429]
+        receiver.answers = [503, (429, {"Retry-After": "1"}), 500]
         submitted = time.monotonic()
         task_id = submit(outbound_server, receiver)
         deliveries = receiver.wait_for(4)
         # The job was complete at the first try: no delivery holds it.
         assert task_status(outbound_server, task_id)["status"] == "completed"
-    assert [d.status for d in deliveries] == [503, 500, 429, 200]
+    assert [d.status for d in deliveries] == [503, 429, 500, 200]
     assert len({d.headers["webhook-id"] for d in deliveries}) == 1
     for delivery in deliveries:
         Webhook(SECRET).verify(delivery.body, delivery.headers)
     gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
-    for n, gap in enumerate(gaps):
-        assert BACKOFF_S * 2**n <= gap < BACKOFF_S * 2**n + 1, gaps
+    assert gaps[0] < BACKOFF_S + 0.5, gaps  # full jitter: anywhere in [0, backoff]
+    assert 1.0 <= gaps[1] < 1.8, gaps  # the receiver's Retry-After
+    assert gaps[2] < 4 * BACKOFF_S + 0.5, gaps
     tries_after = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
     assert tries_after - tries_before == 2
     at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
     print(f"submit → tries at {at}")
 
 
-def test_a_4xx_ends_the_delivery_and_events_are_chosen(outbound_server: Server) -> None:
+def test_a_410_ends_the_delivery_and_events_are_chosen(outbound_server: Server) -> None:
+    gone_before = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="gone")
     with receiving(encode(shapes_image(96, 64))) as receiver:
         receiver.answers = [410]
         wait_finished(outbound_server, submit(outbound_server, receiver))
@@ -202,8 +207,24 @@ def test_a_4xx_ends_the_delivery_and_events_are_chosen(outbound_server: Server) 
         assert wait_finished(outbound_server, ignored) == "completed"
         time.sleep(BACKOFF_S * 4)
         assert [d.status for d in receiver.deliveries] == [410]
-    gave_up = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="failed")
-    assert gave_up >= 1
+    gone = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="gone")
+    assert gone - gone_before == 1
+
+
+def test_a_job_s_own_secret_signs_a_thin_message(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        task_id = submit(
+            outbound_server, receiver, webhook_secret=JOB_SECRET, webhook_payload="thin"
+        )
+        (delivery,) = receiver.wait_for(1)
+    data = Webhook(JOB_SECRET).verify(delivery.body, delivery.headers)["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "completed")
+    assert "result" not in data  # no images: fetched from /get
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(delivery.body, delivery.headers)
+    result = httpx.get(f"{outbound_server.url}/generate_task/get", params={"task_id": task_id})
+    assert result.status_code == 200 and JOB_SECRET not in result.text
+    assert JOB_SECRET not in outbound_server.log.read_text()
 
 
 def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:
@@ -254,3 +275,29 @@ def test_a_webhook_the_policy_refuses_is_a_400_at_submit(
     )
     assert answer.status_code == 400
     assert answer.json()["error"].startswith(error)
+
+
+def test_a_pending_delivery_survives_a_graceful_restart(tmp_path) -> None:
+    env = {
+        "WEBHOOK_ALLOW": "127.0.0.1",
+        "WEBHOOK_SECRET": SECRET,
+        "BENTOML_HOME": str(tmp_path / "home"),  # the same home, hence outbox, for both
+    }
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        receiver.answers = [(503, {"Retry-After": "5"})]
+        with serving(env) as first:
+            submitted = time.monotonic()
+            submit(first, receiver)
+            receiver.wait_for(1)
+            assert metric(first, "sdxl_controlnet_webhook_pending") == 1
+        stopped = time.monotonic()  # a graceful stop: the delivery went to the outbox
+        with serving(env) as second:
+            (_, resumed) = receiver.wait_for(2, timeout_s=30)
+            assert metric(second, "sdxl_controlnet_webhook_pending") == 0
+        deliveries = receiver.deliveries
+    assert resumed.at > stopped
+    assert [d.status for d in deliveries] == [503, 200]
+    assert deliveries[0].headers["webhook-id"] == resumed.headers["webhook-id"]
+    assert Webhook(SECRET).verify(resumed.body, resumed.headers)["data"]["status"] == "completed"
+    at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
+    print(f"submit → tries at {at}; stopped at {stopped - submitted:.2f} s")
