@@ -49,8 +49,8 @@ OUTBOUND_FAILURES = Counter(
 )
 WEBHOOK_TRIES = Counter(
     "sdxl_controlnet_webhook_tries",
-    "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx, 429), or why none came "
-    "(timeout, network, address, url).",
+    "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx) or status (408, 410, "
+    "429), or why none came (timeout, network, policy, url).",
     ["outcome"],
 )
 WEBHOOK_PENDING = Gauge(

@@ -399,3 +399,21 @@ async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
     assert request.scope[RETRY_AFTER] == 1  # ErrorBodies sends it as Retry-After
     assert receiver.fetches[fetched:] == []
     assert references._fetching == settings.max_concurrent_fetches - 1
+
+
+async def test_error_bodies_sends_the_retry_after_of_an_answer_bentoml_built() -> None:
+    from sdxl_controlnet.middleware import RETRY_AFTER, ErrorBodies
+
+    async def bentoml_answer(scope: dict, receive: object, send: object) -> None:
+        scope[RETRY_AFTER] = 1  # as references does, before BentoML answers without it
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "busy"}'})
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await ErrorBodies(bentoml_answer)({"type": "http"}, None, send)
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"] == "busy"
