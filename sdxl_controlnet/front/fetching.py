@@ -161,10 +161,10 @@ class Policy:
         if self.allowed(host, address, port):
             return
         shown = f"{host} ({address}):{port}" if host else f"{address}:{port}"
-        if http:
-            raise self.refused("http", f"http to {shown}, which {self.name} does not list")
         if why := _refused_because(_unmapped(address)):
             raise self.refused("address", f"{shown} is a {why} address")
+        if http:
+            raise self.refused("http", f"http to {shown}, which {self.name} does not list")
 
     def check_url(self, url: str | URL) -> URL:
         """``url`` parsed, if it is one this policy may connect to: its scheme and, for an

@@ -121,17 +121,22 @@ def test_refusals_are_400s_naming_the_field_within_the_time_cap(
     assert response.json()["error"].startswith(error)
 
 
-def test_loopback_other_than_the_allowed_host_is_refused(outbound_server: Server) -> None:
-    # 127.0.0.1 is allowed by name; localhost is not, though it resolves there.
+def test_loopback_other_than_the_allowed_address_is_refused(outbound_server: Server) -> None:
+    # 127.0.0.1 is allowed (and any name that resolves there); 127.0.0.2 is not.
     response = httpx.post(
         f"{outbound_server.url}/canny",
-        files={"image": (None, f"https://localhost:{outbound_server.port}/livez")},
+        files={"image": (None, f"http://127.0.0.2:{outbound_server.port}/livez")},
         timeout=30,
     )
     assert response.status_code == 400
     assert "image: URL not fetched: refused by the outbound policy: address" in response.text
-    assert "127.0.0.1" not in response.text and "localhost" not in response.text
+    assert "127.0.0.2" not in response.text
     assert metric(outbound_server, "bentoml_service_request_total", http_response_code="500") == 0
+    refused = metric(
+        outbound_server, "sdxl_controlnet_outbound_failures_total", use="fetch", kind="policy"
+    )
+    assert refused >= 1
+    assert "fetch of 127.0.0.2 refused (policy): 127.0.0.2:" in outbound_server.log.read_text()
 
 
 def submit(server: Server, receiver: Receiver, **params: object) -> str:
@@ -259,7 +264,7 @@ def test_a_failed_job_is_delivered_with_its_error(outbound_server: Server) -> No
             "https://169.254.169.254/hook",
             "params: webhook: refused by the outbound policy: address",
         ),
-        ("http://example.com/hook", "params: webhook: refused by the outbound policy: http"),
+        ("http://10.0.0.1/hook", "params: webhook: refused by the outbound policy: address"),
         ("https://[::ffff:127.0.0.1%25]/hook", "params: webhook: not a valid host: a zone id"),
         ("https://0x7f.1/hook", "params: webhook: not a valid host: an IPv4 address is written"),
     ],
