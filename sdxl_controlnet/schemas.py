@@ -380,8 +380,8 @@ class TaskParams(Params):
         default=None,
         exclude=True,
         description="The key that signs this job's webhooks (whsec_ and 24 to 64 bytes in "
-        "base64); the server's own WEBHOOK_SECRET if not given. Never echoed, stored with "
-        "the result or logged.",
+        "base64); the server's own WEBHOOK_SECRET if not given. Never echoed, logged or kept "
+        "with the result.",
     )
     webhook_payload: t.Literal["full", "thin"] = Field(
         default="full",

@@ -294,11 +294,12 @@ async def _counted(use: str, url: str) -> AsyncIterator[None]:
         yield
     except Refused as exc:
         OUTBOUND_FAILURES.labels(use=use, kind=exc.kind).inc()
-        logger.warning("%s of %s refused (%s): %s", use, _host(url), exc.kind, exc.detail)
+        logger.warning("%s of %s refused (%s): %s", use, host(url), exc.kind, exc.detail)
         raise
 
 
-def _host(url: str) -> str | None:
+def host(url: str) -> str | None:
+    """``url``'s host as connected to, for the log; None if it has none."""
     try:
         return URL(url).raw_host
     except (ValueError, TypeError, UnicodeError):

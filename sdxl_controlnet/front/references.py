@@ -17,6 +17,7 @@ import binascii
 import contextlib
 import io
 import json
+import logging
 import re
 import typing as t
 
@@ -26,12 +27,14 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.requests import Request
 
 from ..errors import ServiceBusy, sentence
+from ..metrics import OUTBOUND_FAILURES
 from ..middleware import RETRY_AFTER
 from ..settings import settings
 from . import fetching
 from .fetching import Policy, Refused
 from .request_errors import field_error
 
+logger = logging.getLogger("bentoml").getChild(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SCHEMES = ("https://", "http://")
 # Fetched once per request, by field and reference: a task's request is read at submit
@@ -69,6 +72,11 @@ async def resolve(value: str, policy: Policy | None = None) -> bytes:
             raise Refused(exc.kind, f"URL not fetched: {exc.reason}") from None
         where = "URL not fetched"
     if not _looks_like_an_image(data):
+        if where == "URL not fetched":  # a fetch that failed after all: logged and counted
+            OUTBOUND_FAILURES.labels(use="fetch", kind="not_image").inc()
+            logger.warning(
+                "fetch of %s refused (not_image): %d bytes", fetching.host(text), len(data)
+            )
         raise Refused(
             "not_image",
             f"{where}: not an image, whatever its Content-Type; send a JPEG, PNG or WebP",

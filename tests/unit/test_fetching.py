@@ -232,10 +232,18 @@ async def test_a_server_that_never_answers_times_out_within_the_cap(receiver: Re
     assert CAP_S - 0.1 < waited < CAP_S + 1
 
 
-async def test_content_that_is_not_an_image_is_refused(receiver: Receiver) -> None:
-    refused = await refusal(f"{receiver.url}/text")  # declared image/png
+async def test_content_that_is_not_an_image_is_refused_logged_and_counted(
+    receiver: Receiver, caplog
+) -> None:
+    from sdxl_controlnet.metrics import OUTBOUND_FAILURES
+
+    counted = OUTBOUND_FAILURES.labels(use="fetch", kind="not_image")._value.get()
+    with caplog.at_level("WARNING"):
+        refused = await refusal(f"{receiver.url}/text")  # declared image/png
     assert refused.kind == "not_image"
     assert "not an image, whatever its Content-Type" in refused.reason
+    assert "fetch of 127.0.0.1 refused (not_image)" in caplog.text
+    assert OUTBOUND_FAILURES.labels(use="fetch", kind="not_image")._value.get() == counted + 1
 
 
 async def test_an_error_answer_and_an_unknown_host_are_refused(receiver: Receiver) -> None:
