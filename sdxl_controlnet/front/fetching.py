@@ -117,7 +117,9 @@ class Policy:
     max_bytes: int
 
     @classmethod
-    def from_settings(cls, values: Settings = settings, use: str = "fetch") -> Policy:
+    def from_settings(
+        cls, values: Settings = settings, use: t.Literal["fetch", "webhook"] = "fetch"
+    ) -> Policy:
         """The policy for images (``use="fetch"``) or for webhooks (``"webhook"``)."""
         if use == "webhook":
             name, entries, timeout_s = (
