@@ -6,8 +6,10 @@ Standard Webhooks reference library) and retried (a short backoff, WEBHOOK_BACKO
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -230,6 +232,13 @@ def test_a_job_s_own_secret_signs_a_thin_message(outbound_server: Server) -> Non
     result = httpx.get(f"{outbound_server.url}/generate_task/get", params={"task_id": task_id})
     assert result.status_code == 200 and JOB_SECRET not in result.text
     assert JOB_SECRET not in outbound_server.log.read_text()
+    # BentoML's task store keeps the request (its content in base64), not the secret.
+    home = outbound_server.log.parent / f"bentoml-home-{outbound_server.port}"
+    with contextlib.closing(sqlite3.connect(home / "task_result.db")) as db:
+        (stored,) = db.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
+    body = base64.b64decode(json.loads(stored)["content"])
+    assert b'"webhook_payload": "thin"' in body and b"whsec_" in body
+    assert JOB_SECRET.encode() not in body
 
 
 def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:

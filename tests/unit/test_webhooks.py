@@ -5,6 +5,7 @@ deliveries, and the outbox that keeps them across a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -52,6 +53,14 @@ def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
         fetching, "WEBHOOK_POLICY", fetching.Policy.from_settings(values, "webhook")
     )
     return values
+
+
+async def settled(timeout_s: float = 10) -> None:
+    """Returns once every delivery started has ended."""
+    deadline = time.monotonic() + timeout_s
+    while webhooks._pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not webhooks._pending
 
 
 def message(receiver: Receiver, name: str = "a", secret: str = JOB_SECRET) -> Message:
@@ -140,8 +149,6 @@ def test_a_thin_payload_leaves_the_images_out() -> None:
 async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
 ) -> None:
-    import asyncio
-
     configure(monkeypatch, WEBHOOK_MAX_PENDING="2")
     later = time.time() + 3600
     first, second, third = (message(receiver, name) for name in "xyz")
@@ -163,9 +170,7 @@ async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
 
     assert await webhooks.resume_pending(outbox) == 2  # the next start
     assert outbox.take() == []  # taken once: no other worker resumes them
-    deadline = time.monotonic() + 10
-    while webhooks._pending and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await settled()
     assert sorted(verified(d, JOB_SECRET)["data"]["task_id"] for d in receiver.deliveries) == [
         "x",
         "y",
@@ -175,8 +180,6 @@ async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
 async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
     receiver: Receiver, caplog
 ) -> None:
-    import asyncio
-
     broken = message(receiver, secret="whsec_!!!")  # a key that cannot sign
     with caplog.at_level(logging.ERROR):
         assert webhooks.start(broken)
@@ -184,3 +187,21 @@ async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
             await asyncio.sleep(0.01)
     assert "webhook msg_a: delivery failed on the server" in caplog.text
     assert JOB_SECRET not in caplog.text
+
+
+async def test_a_job_s_secret_is_held_apart_from_the_request_bentoml_stores(
+    receiver: Receiver,
+) -> None:
+    params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
+    body = json.dumps({"params": {"webhook_secret": JOB_SECRET, "prompt": "x"}}).encode()
+    stored = webhooks.held_apart(body, params)
+    assert JOB_SECRET.encode() not in stored and len(stored) == len(body)
+    stand_in = json.loads(stored)["params"]["webhook_secret"]
+    # The job's body reads the stored request: the stand-in, which it swaps back.
+    as_run = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=stand_in)
+    job = Job("t2", "completed", None, None, 0.0, 1.0, 2.0, None)
+    webhooks.on_job_end(as_run)(Outcome(job))
+    await settled()
+    (delivery,) = receiver.deliveries
+    assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "t2"
+    assert stand_in not in webhooks._held
