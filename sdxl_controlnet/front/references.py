@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -105,6 +106,11 @@ def _not_a_reference(in_form: bool) -> str:
     return "send the image as a file, an https:// URL or a data:image/…;base64, URI"
 
 
+@functools.cache
+def _adapter(annotation: t.Any) -> TypeAdapter[t.Any]:
+    return TypeAdapter(annotation)
+
+
 def _params_checked(model: type[BaseModel], data: t.Mapping[str, t.Any], in_form: bool) -> None:
     """Validate ``params`` before any picture is fetched for it: a request that will be
     refused costs no fetch."""
@@ -116,7 +122,7 @@ def _params_checked(model: type[BaseModel], data: t.Mapping[str, t.Any], in_form
             raise field_error(model.__name__, "params", "Field required")
         return
     value = data["params"]
-    adapter = TypeAdapter(declared.annotation)
+    adapter = _adapter(declared.annotation)
     try:
         if in_form and isinstance(value, str):
             adapter.validate_json(value)
