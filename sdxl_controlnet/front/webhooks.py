@@ -277,10 +277,15 @@ class Outbox:
             db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
-    def take(self) -> list[Message]:
-        """Every message in the outbox, removed from it at once: one worker resumes each."""
+    def take(self, limit: int = -1) -> list[Message]:
+        """Up to ``limit`` messages (all: -1), removed from the outbox at once: one worker
+        resumes each, and the rest wait for the next worker."""
         with self._connection() as db:
-            rows = db.execute("DELETE FROM outbox RETURNING *").fetchall()
+            rows = db.execute(
+                "DELETE FROM outbox WHERE message_id IN "
+                "(SELECT message_id FROM outbox ORDER BY next_at LIMIT ?) RETURNING *",
+                (limit,),
+            ).fetchall()
         return [Message(*row) for row in rows]
 
 
@@ -301,7 +306,8 @@ async def save_pending(outbox: Outbox = OUTBOX) -> int:
 
 async def resume_pending(outbox: Outbox = OUTBOX) -> int:
     """Start again the deliveries ``outbox`` holds, each at its own next try; how many."""
-    messages = await asyncio.to_thread(outbox.take)
+    room = settings.webhook_max_pending - len(_pending)
+    messages = await asyncio.to_thread(outbox.take, room)
     started = sum(start(message) for message in messages)
     if messages:
         logger.info("webhooks: %d pending deliveries resumed from %s", started, outbox.path)

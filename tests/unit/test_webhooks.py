@@ -168,7 +168,10 @@ async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
         kept.next_at = time.time()  # due now, to keep the test short
         outbox.put([kept])
 
-    assert await webhooks.resume_pending(outbox) == 2  # the next start
+    outbox.put([third])  # a third, from another worker
+    assert await webhooks.resume_pending(outbox) == 2  # the next start, up to the cap
+    (left,) = outbox.take()  # for the next worker to take, not dropped
+    assert left.message_id == "msg_z"
     assert outbox.take() == []  # taken once: no other worker resumes them
     await settled()
     assert sorted(verified(d, JOB_SECRET)["data"]["task_id"] for d in receiver.deliveries) == [
