@@ -1,10 +1,9 @@
 """Distributed SDXL ControlNet on BentoML.
 
-A request enters ``ControlNet`` (CPU), which checks the upload, turns it into a
-one-channel edge map at the output size and sends it to ``SDXLControlNetService``
-(GPU). That runs diffusers' SDXL ControlNet pipeline and returns uint8 images, which
-the front encodes once, as the client asked. Only the GPU Service imports torch
-(``sdxl_controlnet/gpu/``); the front's code is ``sdxl_controlnet/front/``.
+A request enters ``ControlNet`` (CPU, ``sdxl_controlnet/front/``), which checks the upload,
+turns it into an edge map at the output size and sends it to ``SDXLControlNetService`` (GPU,
+``sdxl_controlnet/gpu/``, the only code that imports torch). That runs diffusers' SDXL
+ControlNet pipeline and returns uint8 images, which the front encodes once, as asked.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
 from sdxl_controlnet.front import gpu_call, jobs, preprocessing, readiness, webhooks
-from sdxl_controlnet.front.encoding import MEDIA_TYPES, encode_image
 from sdxl_controlnet.front.job_endpoints import JobEndpoints
 from sdxl_controlnet.front.preprocessing import ImageUpload
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
-from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params, TaskParams
+from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params
 from sdxl_controlnet.settings import settings
 from sdxl_controlnet.streaming import Progress
 
@@ -46,22 +44,19 @@ JOBS = jobs.JobStore(jobs.default_path())  # the front's jobs, shared by its wor
 )
 @model_refs.with_adapters(settings.lora_adapters)  # LoRA adapters, declared like the models
 class SDXLControlNetService:
-    # BentoML model references (`bentoml build` records them, `bentoml serve` downloads the
-    # included files before the workers start) or local directories: each reads as a directory.
+    # Model references (`bentoml build` records them, `bentoml serve` downloads the included
+    # files before the workers start) or local directories; the preview decoder is optional.
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
     controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
-    # The live previews' decoder (TAESD); none where SDXL_PREVIEW_MODEL is empty.
     preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
+        models = (self.base, self.controlnet, self.vae, self.preview)
         adapters = model_refs.adapter_sources(self, settings.lora_adapters)
-        worker_index = bentoml.server_context.worker_index
-        pipeline = ControlNetPipeline.from_settings(
-            self.base, self.controlnet, self.vae, self.preview, settings, adapters, worker_index
-        )
+        pipeline = ControlNetPipeline.from_settings(*models, settings, adapters)
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
     @bentoml.api
@@ -86,9 +81,9 @@ class SDXLControlNetService:
         init_image: schemas.OptionalPicture = None,
         mask: schemas.OptionalMask = None,
     ) -> t.AsyncGenerator[str, None]:
-        """Like ``generate``, as JSON lines: ``{"step", "total"}`` at once and after each step,
-        ``{"step", "total", "image"}`` (a WebP preview) every ``params.preview_every`` steps,
-        then ``{"shape", "images"}`` (raw uint8) or ``{"status", "error"}``; closing it stops."""
+        """Like ``generate``, as JSON lines: ``{"step", "total"}`` after each step (``"image"``,
+        a WebP preview, every ``params.preview_every``), then ``{"shape", "images"}`` (raw
+        uint8) or ``{"status", "error"}``; closing it stops the generation."""
         async for line in self.worker.stream(edges, params, init_image=init_image, mask=mask):
             yield line
 
@@ -103,8 +98,7 @@ class SDXLControlNetService:
     runner_probe=readiness.NO_RUNNER_PROBE,  # __is_ready__ asks the GPU Service instead
 )
 class ControlNet:
-    """The public CPU front. It runs no ControlNet itself: the name is the original
-    example's, kept because clients and BentoCloud configurations refer to it."""
+    """The public CPU front; the name is the original example's, which clients use."""
 
     gpu = bentoml.depends(SDXLControlNetService)
 
@@ -115,8 +109,15 @@ class ControlNet:
     def empty_job_store() -> None:
         JOBS.reset()
 
-    async def __is_ready__(self) -> bool:
-        """``/readyz``: 200 once the GPU Service answers ready, 503 until then, in seconds."""
+    @bentoml.on_startup  # each worker: what a graceful stop left in the outbox is delivered
+    async def resume_webhooks(self) -> None:
+        await webhooks.resume_pending()
+
+    @bentoml.on_shutdown  # each worker, at a graceful stop: pending deliveries to the outbox
+    async def keep_webhooks(self) -> None:
+        await webhooks.save_pending()
+
+    async def __is_ready__(self) -> bool:  # /readyz: whether the GPU Service answers ready
         return await readiness.dependency_ready(self.gpu)
 
     @bentoml.api
@@ -128,9 +129,8 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> Image.Image:
-        """An image that follows the edges of ``image``: from noise, from ``init_image``
-        (or ``image`` itself, given ``params.strength``), repainting where ``mask`` is white;
-        headers ``X-Seed``, ``X-Params`` and ``Server-Timing`` say how. See docs/api.md."""
+        """An image following the edges of ``image``, from noise, ``init_image`` or ``image``
+        (``params.strength``), repainting where ``mask`` is white; X- headers say how."""
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
         generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
@@ -145,8 +145,7 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:
-        """``params.num_images`` images, base64-encoded, with the control image, the seed
-        of each image, the resolved settings and the stage timings."""
+        """``params.num_images`` images, base64, with their seeds, settings and timings."""
         generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
         return await generation.batch_result()
 
@@ -155,19 +154,18 @@ class ControlNet:
     async def generate_task(
         self,
         image: ImageUpload,
-        params: TaskParams,
+        params: webhooks.JobParams,
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:
-        """``/generate_batch`` as a job: ``/generate_task/submit`` answers at once with a
-        ``task_id``; ``/status`` (with the steps done), ``/get`` and ``/cancel`` take it;
-        ``params.webhook`` has the outcome delivered. See docs/api.md."""
+        """``/generate_batch`` as a job: ``/submit`` answers a ``task_id`` for ``/status``,
+        ``/get`` and ``/cancel``; ``params.webhook`` is told how it ended. See docs/api.md."""
 
         async def work(progress: Progress | None) -> BatchResult:
             generated = gpu_call.generate(self.gpu, image, params, init_image, mask, progress)
             return await (await generated).batch_result()
 
-        on_end = webhooks.on_job_end(params.webhook, params.webhook_events)
+        on_end = webhooks.on_job_end(params)
         return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
 
     @bentoml.api
@@ -178,10 +176,9 @@ class ControlNet:
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> t.AsyncGenerator[str, None]:
-        """``/generate_batch`` as server-sent events: ``progress`` (``step`` of ``total``,
-        ``elapsed_s``), ``preview`` every ``params.preview_every`` steps, then ``result``,
-        or ``error`` with the status ``/generate_batch`` would answer. Bad input is a 400
-        before the stream starts; leaving stops the GPU."""
+        """``/generate_batch`` as server-sent events: ``progress`` after each step,
+        ``preview`` every ``params.preview_every``, then ``result`` or ``error`` (with the
+        status ``/generate_batch`` would answer). Bad input is a 400; leaving stops the GPU."""
         prepared = await gpu_call.prepare(image, params, init_image, mask)
         async for event in gpu_call.events(self.gpu, prepared):
             yield event
@@ -189,10 +186,10 @@ class ControlNet:
     @bentoml.api
     @answers_errors
     async def canny(self, image: ImageUpload, params: EdgeParams | None = None) -> Image.Image:
-        """The control image ``/generate`` would send the GPU, as a PNG, computed here on
-        the CPU: tune thresholds, or check a ready-made one, without spending GPU time."""
-        edges = await asyncio.to_thread(preprocessing.edge_map, image, params or EdgeParams())
-        return Response(encode_image(edges, "png"), media_type=MEDIA_TYPES["png"])
+        """The control image ``/generate`` would send the GPU, as a PNG, made here on the
+        CPU: tune thresholds, or check a ready-made one, without spending GPU time."""
+        png = await asyncio.to_thread(preprocessing.edge_map_png, image, params or EdgeParams())
+        return Response(png, media_type="image/png")
 
 
 # Every error answer is {"error": ...}, whoever builds it; oversized or malformed uploads

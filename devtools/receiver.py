@@ -29,12 +29,14 @@ class Receiver:
     """``url`` serves: ``/picture`` (``picture``, sent as text/html to prove that the
     content decides), ``/text``, ``/redirect?to=URL``, ``/huge`` (a 300 MB Content-Length),
     ``/huge-chunked`` (300 MB without one), ``/silent`` (never answers); a POST anywhere
-    is a webhook, answered with the next of ``answers`` (then 200)."""
+    is a webhook, answered with the next of ``answers`` (a status, or a status and headers;
+    then 200)."""
 
     picture: bytes = b""
-    answers: list[int] = field(default_factory=list)
+    answers: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     fetches: list[str] = field(default_factory=list)
+    connections: int = 0  # TCP connections accepted, whatever came over them
     url: str = ""
 
     def wait_for(self, count: int, timeout_s: float = 60) -> list[Delivery]:
@@ -92,19 +94,30 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            status = receiver.answers.pop(0) if receiver.answers else 200
+            answer = receiver.answers.pop(0) if receiver.answers else 200
+            status, extra = answer if isinstance(answer, tuple) else (answer, {})
             headers = {name.lower(): value for name, value in self.headers.items()}
             receiver.deliveries.append(Delivery(self.path, headers, body, status, time.monotonic()))
-            self._answer(status)
+            self._answer(status, **{name.replace("-", "_"): v for name, v in extra.items()})
 
     return Handler
+
+
+class _CountingServer(ThreadingHTTPServer):
+    receiver: Receiver
+
+    def get_request(self) -> tuple:
+        accepted = super().get_request()
+        self.receiver.connections += 1
+        return accepted
 
 
 @contextlib.contextmanager
 def receiving(picture: bytes = b"") -> Iterator[Receiver]:
     """A Receiver on a free loopback port, stopped afterwards."""
     receiver = Receiver(picture=picture)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(receiver))
+    server = _CountingServer(("127.0.0.1", 0), _handler(receiver))
+    server.receiver = receiver
     server.daemon_threads = True
     receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -111,10 +111,19 @@ def validation_body(detail: ValidationError | list[dict[str, t.Any]]) -> dict[st
 
 
 class ClientError(BentoMLException):
-    """A failure reported to the client as its status, a message, and when to retry."""
+    """A failure reported to the client as its status, a message, and when to retry.
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
+    Each subclass with an ``error_code`` is also what BentoML's own client raises for that
+    status in this process (``BentoMLException.error_mapping``), passing ``error_code``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        error_code: HTTPStatus | None = None,
+    ) -> None:
+        super().__init__(message, error_code=error_code)
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, t.Any]:

@@ -41,15 +41,27 @@ UNCOMPILED = Counter(
     "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
     ["reason"],
 )
+OUTBOUND_FAILURES = Counter(
+    "sdxl_controlnet_outbound_failures",
+    "Image fetches (use=fetch) and webhook tries (use=webhook) that failed, by kind: policy, "
+    "url, timeout, network, status, too_large, not_image.",
+    ["use", "kind"],
+)
 WEBHOOK_TRIES = Counter(
     "sdxl_controlnet_webhook_tries",
-    "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx, 429), or why none came "
-    "(timeout, network, address, url).",
+    "Webhook tries, by outcome: the answer's class (2xx, 4xx, 5xx) or status (408, 410, "
+    "429), or why none came (timeout, network, policy, url).",
     ["outcome"],
+)
+WEBHOOK_PENDING = Gauge(
+    "sdxl_controlnet_webhook_pending",
+    "Webhook deliveries waiting for their next try or under way, all front workers together.",
+    multiprocess_mode="livesum",
 )
 WEBHOOK_DELIVERIES = Counter(
     "sdxl_controlnet_webhook_deliveries",
-    "Webhook messages, by result: delivered, or failed after the last try or an answer "
-    "that retrying cannot change.",
+    "Webhook messages, by result: delivered; failed after the last try or an answer that "
+    "retrying cannot change; gone (a 410); dropped (WEBHOOK_MAX_PENDING reached); error (a "
+    "fault of the server's, in its log).",
     ["result"],
 )

@@ -87,6 +87,11 @@ class BodyGuard:
         return None
 
 
+# A request's scope key for the Retry-After of an error raised where BentoML builds the
+# answer itself (while it reads the request), without the header.
+RETRY_AFTER = "sdxl_controlnet.retry_after_s"
+
+
 class ErrorBodies:
     """Every error answer in the one shape, ``{"error": ...}`` (``errors.in_shape``),
     including those BentoML builds itself: a list from its 4xx branch, plain text from
@@ -121,6 +126,8 @@ class ErrorBodies:
                 for name, value in start.get("headers", [])
                 if name.lower() not in (b"content-length", b"content-type")
             ]
+            if RETRY_AFTER in scope and not any(n.lower() == b"retry-after" for n, _ in headers):
+                headers.append((b"retry-after", str(scope[RETRY_AFTER]).encode()))
             headers += [
                 (b"content-length", str(len(body)).encode()),
                 (b"content-type", b"application/json"),

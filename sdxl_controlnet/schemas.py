@@ -7,12 +7,19 @@ import secrets
 import typing as t
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidRequest
-from .front import fetching
-from .settings import Scheduler, SettingsError, settings
+from .settings import Scheduler, SettingsError, check_webhook_secret, settings
 from .streaming import PREVIEW_MAX_SIDE
 
 MAX_SEED = 2**32 - 1
@@ -342,7 +349,7 @@ class Params(GenerationParams, EdgeParams):
     @model_validator(mode="before")
     @classmethod
     def _webhooks_only_for_jobs(cls, data: t.Any) -> t.Any:
-        jobs_only = {"webhook", "webhook_events"} - cls.model_fields.keys()
+        jobs_only = set(TaskParams.model_fields) - cls.model_fields.keys()
         if isinstance(data, dict) and (given := sorted(jobs_only & data.keys())):
             raise _rule(f"{given[0]}: only jobs deliver webhooks; submit to /generate_task/submit")
         return data
@@ -370,34 +377,51 @@ class Params(GenerationParams, EdgeParams):
 WebhookEvent = t.Literal["completed", "failed", "canceled"]
 
 
+def _whsec(value: SecretStr | None) -> SecretStr | None:
+    if value is not None:
+        check_webhook_secret(value.get_secret_value())
+    return value
+
+
 class TaskParams(Params):
-    """A job's request: ``Params``, and where to deliver its outcome."""
+    """A job's request: ``Params``, and where and how to deliver its outcome. The front
+    holds ``webhook`` to its outbound policy (``front/webhooks.JobParams``)."""
 
     webhook: str | None = Field(
         default=None,
         max_length=2048,
         description="An https URL the server POSTs the job's outcome to, signed per Standard "
-        "Webhooks with the server's WEBHOOK_SECRET; under the same rules as an image's URL.",
+        "Webhooks; under the server's WEBHOOK_ALLOW rules.",
     )
     webhook_events: list[WebhookEvent] = Field(
         default_factory=lambda: ["completed", "failed", "canceled"],
         min_length=1,
         description="Which of the job's final statuses are delivered.",
     )
+    webhook_secret: t.Annotated[SecretStr | None, AfterValidator(_whsec)] = Field(
+        default=None,
+        exclude=True,
+        description="The key that signs this job's webhooks (whsec_ and 24 to 64 bytes in "
+        "base64); the server's own WEBHOOK_SECRET if not given. Never echoed, logged or kept "
+        "with the result.",
+    )
+    webhook_payload: t.Literal["full", "thin"] = Field(
+        default="full",
+        description="`thin` delivers the outcome without the images, for receivers that cap "
+        "their bodies: fetch them from /generate_task/get.",
+    )
 
     @model_validator(mode="after")
     def _deliverable(self) -> t.Self:
         if self.webhook is None:
+            if self.webhook_secret is not None:
+                raise _rule("webhook_secret: only with a webhook")
             return self
-        if not settings.webhook_secret:
+        if self.webhook_secret is None and not settings.webhook_secret:
             raise _rule(
-                "webhook: this server signs no webhooks (its WEBHOOK_SECRET is not set); "
-                "poll /generate_task/status instead, or ask its operator to set one"
+                "webhook: this server has no WEBHOOK_SECRET to sign it with; send "
+                "params.webhook_secret, or poll /generate_task/status instead"
             )
-        try:
-            fetching.POLICY.check_url(self.webhook)
-        except fetching.Refused as exc:
-            raise _rule(f"webhook: {exc.reason}") from None
         return self
 
 

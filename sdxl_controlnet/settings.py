@@ -49,6 +49,61 @@ Scheduler = t.Literal[
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+class AllowEntry(t.NamedTuple):
+    """One entry of an outbound allow-list: a host (a name or an address) or a network,
+    and the one port it is allowed on, or any."""
+
+    host: str | None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    port: int | None
+
+
+def parse_allow_list(value: str) -> list[AllowEntry]:
+    """``host``, ``host:port``, ``[v6]:port``, ``10.0.0.0/8``, ``10.0.0.0/8:8080`` or
+    ``[fd00::/8]:443``, comma-separated; ValueError names the entry that is none of them."""
+    entries = []
+    for entry in filter(None, (part.strip() for part in value.split(","))):
+        if entry.startswith("["):
+            inside, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":") if rest.startswith(":") else None
+            if rest and port is None:
+                raise ValueError(f"{entry!r}: only :port may follow ]")
+        elif entry.count(":") > 1:  # a bare IPv6 address or network, no port
+            inside, port = entry, None
+        else:
+            inside, _, port = entry.partition(":")
+            port = port if ":" in entry else None
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+        number = None if port is None else int(port)
+        if "/" in inside:
+            try:
+                network = ipaddress.ip_network(inside, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not a network: {exc}") from None
+            entries.append(AllowEntry(None, network, number))
+        elif re.fullmatch(r"[A-Za-z0-9.:_-]+", inside):
+            entries.append(AllowEntry(inside.lower().rstrip("."), None, number))
+        else:
+            raise ValueError(f"{entry!r} is not a host name, an address or a CIDR network")
+    return entries
+
+
+def check_webhook_secret(value: str) -> str:
+    """``value`` if it is a Standard Webhooks secret: ``whsec_`` and a base64 key of 24 to
+    64 bytes; ValueError otherwise, without the value."""
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        key = b""
+    if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+        raise ValueError(
+            "must be whsec_ followed by a base64 key of 24 to 64 bytes, e.g. "
+            "whsec_$(openssl rand -base64 32)"
+        )
+    return value
+
+
 class SettingsError(Exception):
     """An environment variable holds a value the application cannot start with."""
 
@@ -150,45 +205,40 @@ class Settings(BaseModel):
         t.Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w-]{0,63}$")], LoraAdapter
     ] = Field(default_factory=dict)
 
-    # Outbound requests (images by URL, webhooks): https to public addresses only, except
-    # for these hosts or networks (comma-separated), which may also be http and private.
+    # Outbound requests, each under its own allow-list: https to public addresses only, except
+    # for the hosts or networks listed (comma-separated, each optionally with :port), which
+    # may also be http and private. URL_FETCH_ALLOW: images by URL; WEBHOOK_ALLOW: receivers.
     url_fetch_allow: str = ""
-    # Connecting, and the whole fetch of an image or one webhook try, in seconds.
+    webhook_allow: str = ""
+    # Connecting, and the whole fetch of an image, in seconds.
     url_fetch_timeout_s: float = Field(default=10.0, gt=0, le=300)
-    # The key that signs webhooks (Standard Webhooks: whsec_ and base64); none refuses them.
+    # Image fetches one front worker runs at once; past that a request is a 503 at once.
+    max_concurrent_fetches: int = Field(default=32, ge=1)
+    # The key that signs webhooks of jobs that bring none (params.webhook_secret); none
+    # refuses those jobs. Standard Webhooks: whsec_ and base64.
     webhook_secret: str = Field(default="", repr=False)
-    # Tries per webhook delivery; the wait before try n + 1 is WEBHOOK_BACKOFF_S × 2^(n - 1).
-    webhook_tries: int = Field(default=8, ge=1, le=20)
+    # Tries per webhook delivery; the wait before try n + 1 is drawn uniformly from
+    # [0, min(WEBHOOK_MAX_BACKOFF_S, WEBHOOK_BACKOFF_S × 2^(n - 1))] (full jitter), or is the
+    # receiver's Retry-After, up to WEBHOOK_MAX_BACKOFF_S.
+    webhook_tries: int = Field(default=8, ge=1, le=50)
     webhook_backoff_s: float = Field(default=2.0, ge=0)
+    webhook_max_backoff_s: float = Field(default=3600.0, ge=0, le=24 * 3600)
+    # One webhook try, connecting included, in seconds.
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    # Deliveries one front worker holds at once; a job that ends past that is delivered
+    # nothing (logged and counted).
+    webhook_max_pending: int = Field(default=1000, ge=1)
 
-    @field_validator("url_fetch_allow")
+    @field_validator("url_fetch_allow", "webhook_allow")
     @classmethod
     def _hosts_or_networks(cls, value: str) -> str:
-        for entry in filter(None, (part.strip() for part in value.split(","))):
-            if "/" in entry:
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError as exc:
-                    raise ValueError(f"{entry!r} is not a network: {exc}") from None
-            elif not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", entry):
-                raise ValueError(f"{entry!r} is not a host name, an address or a CIDR network")
+        parse_allow_list(value)
         return value
 
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, value: str) -> str:
-        if not value:
-            return value
-        try:
-            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
-        except binascii.Error:
-            key = b""
-        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
-            raise ValueError(
-                "must be whsec_ followed by a base64 key of 24 to 64 bytes, e.g. "
-                "whsec_$(openssl rand -base64 32)"
-            )
-        return value
+        return check_webhook_secret(value) if value else value
 
     @field_validator("lora_adapters", mode="before")
     @classmethod

@@ -44,10 +44,7 @@ def apply() -> None:
     async def from_http_request(cls: t.Any, request: Request, serde: t.Any) -> t.Any:
         try:
             await request_errors.read_form(request)
-            fields = cls.multipart_fields
-            if (
-                data := await references.resolve_request(request, cls.__name__, fields)
-            ) is not None:
+            if (data := await references.resolve_request(request, cls)) is not None:
                 return cls.model_validate(data)
             return await read(cls, request, serde)
         except (ValidationError, BentoMLException):

@@ -1,16 +1,24 @@
 """The outbound policy: every request the front makes to a URL a client gave (an image to
 fetch, a webhook to deliver) goes through this module, and nowhere else.
 
-- ``https`` only, to public addresses only, unless ``URL_FETCH_ALLOW`` lists the host (by
-  name or address) or a network holding its address: those may also be ``http`` and private.
-- Every address a name resolves to is checked before connecting, and the connection goes to
-  the address checked: the resolver below is the connection's only resolver, so nothing
-  looks the name up a second time (a DNS rebinding finds nothing to rebind).
+- Two policies, each with its allow-list: ``URL_FETCH_ALLOW`` for images, ``WEBHOOK_ALLOW``
+  for webhook receivers. ``https`` to public addresses only, unless the allow-list lists the
+  host (by name or address) or a network holding its address, on any port or the one given:
+  those may also be ``http`` and private.
+- The host must be a DNS name or an address written the one standard way: a zone id, a
+  percent sign, or an IPv4 address in decimal, octal, hex or short form is refused here,
+  not left to the HTTP client's or the resolver's reading of it.
+- The decision is taken on exactly what is connected to: every address a name resolves to
+  is checked by the connection's only resolver, and the socket factory checks the address
+  and port of every socket before it connects (an address in the URL never meets the
+  resolver). A DNS rebinding finds nothing to rebind.
 - Redirects, at most ``MAX_REDIRECTS``, are followed here, each checked like the first URL.
 - A body is read as it streams and cut at ``max_bytes``; connecting and the whole exchange,
   redirects included, are held to ``timeout_s``.
 
-Every refusal is a ``Refused`` whose ``reason`` is a sentence a client can act on.
+Every failure is a ``Refused``: ``reason`` is what the client reads (the rule, never a name,
+an address or whether a name exists); ``detail`` and the host go to the log, and each
+failure is counted by kind (``sdxl_controlnet_outbound_failures``).
 """
 
 from __future__ import annotations
@@ -18,35 +26,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
+import re
 import socket
 import typing as t
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from ..settings import Settings, settings
+from ..metrics import OUTBOUND_FAILURES
+from ..settings import AllowEntry, Settings, parse_allow_list, settings
+
+logger = logging.getLogger("bentoml").getChild(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECTS = {301, 302, 303, 307, 308}
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "sdxl-controlnet"
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Why a fetch can fail: the client's URL is at fault, or the network may do better later.
-Kind = t.Literal["address", "url", "too_large", "timeout", "network", "status", "not_image"]
+# Why a fetch can fail: the policy refused it, the URL is not one, or what came back.
+Kind = t.Literal["policy", "url", "too_large", "timeout", "network", "status", "not_image"]
 RETRYABLE: frozenset[Kind] = frozenset({"timeout", "network"})
+# A host's last label: all digits, or 0x and hex, makes the whole host an IPv4 address to
+# the C library (inet_aton), whatever the rest is.
+NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
+DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 class Refused(Exception):
-    """The policy refused a URL, or fetching it failed; ``reason`` says which and why."""
+    """The policy refused a URL, or fetching it failed: ``reason`` for the client,
+    ``detail`` (names, addresses, the library's error) for the log only."""
 
-    def __init__(self, kind: Kind, reason: str) -> None:
+    def __init__(self, kind: Kind, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        self.detail = detail
 
 
 def _unmapped(address: Address) -> Address:
@@ -63,80 +81,169 @@ def _refused_because(address: Address) -> str | None:
     return None if address.is_global else "non-public"
 
 
+def _literal(host: str) -> Address | None:
+    """``host`` as an address if it is one written the standard way; None for a DNS name;
+    ``Refused`` for anything else (a zone id, a numeric IPv4 spelling, an invalid name)."""
+    if "%" in host:
+        raise Refused("url", "not a valid host: a zone id or a percent sign", host)
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            raise Refused("url", "not a valid host: not an IPv6 address", host) from None
+    labels = host.lower().removesuffix(".").split(".")
+    if NUMERIC_LABEL.fullmatch(labels[-1]):
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            address = None
+        if address is None or str(address) != host:
+            raise Refused(
+                "url",
+                "not a valid host: an IPv4 address is written as four decimal numbers",
+                host,
+            )
+        return address
+    if len(host) > 253 or not all(DNS_LABEL.fullmatch(label) for label in labels):
+        raise Refused("url", "not a valid host name", host)
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
-    allow_hosts: frozenset[str]
-    allow_networks: tuple[Network, ...]
+    name: str  # the setting that holds its allow-list, named in refusals
+    allow: tuple[AllowEntry, ...]
     timeout_s: float
     max_bytes: int
 
     @classmethod
-    def from_settings(cls, values: Settings = settings) -> Policy:
-        entries = [e.strip() for e in values.url_fetch_allow.split(",") if e.strip()]
-        networks = tuple(ipaddress.ip_network(e, strict=False) for e in entries if "/" in e)
-        hosts = frozenset(e.lower().strip("[]") for e in entries if "/" not in e)
-        return cls(hosts, networks, values.url_fetch_timeout_s, values.max_upload_bytes)
-
-    def host_allowed(self, host: str) -> bool:
-        return host.lower().strip("[]") in self.allow_hosts
-
-    def check_address(self, host: str, address: Address) -> None:
-        """Refuse ``address``, which ``host`` resolved to, unless it is public or allowed."""
-        address = _unmapped(address)
-        if self.host_allowed(host) or any(address in net for net in self.allow_networks):
-            return
-        if why := _refused_because(address):
-            shown = host if host == str(address) else f"{host} ({address})"
-            raise Refused(
-                "address",
-                f"address refused: {shown} is a {why} address; only public addresses are "
-                "fetched, unless the server's URL_FETCH_ALLOW lists the host",
+    def from_settings(
+        cls, values: Settings = settings, use: t.Literal["fetch", "webhook"] = "fetch"
+    ) -> Policy:
+        """The policy for images (``use="fetch"``) or for webhooks (``"webhook"``)."""
+        if use == "webhook":
+            name, entries, timeout_s = (
+                "WEBHOOK_ALLOW",
+                values.webhook_allow,
+                values.webhook_timeout_s,
             )
+        else:
+            name, entries, timeout_s = (
+                "URL_FETCH_ALLOW",
+                values.url_fetch_allow,
+                values.url_fetch_timeout_s,
+            )
+        allow = tuple(_as_network(entry) for entry in parse_allow_list(entries))
+        return cls(name, allow, timeout_s, values.max_upload_bytes)
+
+    def allowed(self, host: str | None, address: Address | None, port: int) -> bool:
+        """Whether the allow-list lets a connection to ``host`` (a name), ``address``, on
+        ``port``: what is then allowed even if private, and over http."""
+        address = None if address is None else _unmapped(address)
+        for entry in self.allow:
+            if entry.port is not None and entry.port != port:
+                continue
+            if entry.host is not None and host is not None and entry.host == host.lower():
+                return True
+            if entry.network is not None and address is not None and address in entry.network:
+                return True
+        return False
+
+    def refused(self, why: str, detail: str) -> Refused:
+        return Refused(
+            "policy",
+            f"refused by the outbound policy: {why} (only https to public addresses, "
+            f"unless the server's {self.name} allows the destination)",
+            detail,
+        )
+
+    def check_connection(self, host: str | None, address: Address, port: int, http: bool) -> None:
+        """Refuse a connection to ``address``:``port`` (which ``host`` resolved to) unless
+        it is public, or allowed; over ``http``, unless allowed."""
+        if self.allowed(host, address, port):
+            return
+        shown = f"{host} ({address}):{port}" if host else f"{address}:{port}"
+        if why := _refused_because(_unmapped(address)):
+            raise self.refused("address", f"{shown} is a {why} address")
+        if http:
+            raise self.refused("http", f"http to {shown}, which {self.name} does not list")
 
     def check_url(self, url: str | URL) -> URL:
-        """``url`` parsed, if its scheme and, for an address, its address are allowed."""
+        """``url`` parsed, if it is one this policy may connect to: its scheme and, for an
+        address, its address; a name's addresses are checked as it is resolved."""
         try:
             parsed = URL(url) if isinstance(url, str) else url
-        except (ValueError, TypeError) as exc:
-            raise Refused("url", f"not a valid URL: {exc}") from None
-        host = parsed.host
-        if parsed.scheme not in ("http", "https") or not host:
-            raise Refused("url", "not an http(s) URL with a host")
-        with contextlib.suppress(ValueError):
-            # An address in the URL is never resolved, so it is checked here.
-            self.check_address(host, ipaddress.ip_address(host.strip("[]")))
-        if parsed.scheme == "http" and not (self.host_allowed(host) or _in(host, self)):
-            raise Refused(
-                "url", "http is refused: use https (http only to hosts URL_FETCH_ALLOW lists)"
-            )
+            host = parsed.raw_host
+            port = parsed.port
+        except (ValueError, TypeError, UnicodeError) as exc:
+            raise Refused("url", "not a valid URL", str(exc)) from None
+        if parsed.scheme not in ("http", "https") or not host or port is None:
+            raise Refused("url", "not an http(s) URL with a host", str(url)[:200])
         if parsed.user or parsed.password:
-            raise Refused("url", "a URL with a user name or password is refused")
+            raise Refused("url", "a URL with a user name or password is refused", host)
+        http = parsed.scheme == "http"
+        if (address := _literal(host)) is not None:
+            self.check_connection(None, address, port, http)
+        elif http and not (self.allowed(host, None, port) or self._networks_on(port)):
+            # Nothing it resolves to could be allowed: refused without asking DNS.
+            raise self.refused("http", f"http to {host}:{port}, which {self.name} does not list")
         return parsed
 
+    def _networks_on(self, port: int) -> bool:
+        return any(e.network is not None and e.port in (None, port) for e in self.allow)
 
-def _in(host: str, policy: Policy) -> bool:
-    """Whether ``host`` is an address inside one of the allowed networks."""
+
+def _as_network(entry: AllowEntry) -> AllowEntry:
+    """A host entry that is an address, as the one-address network it is."""
     try:
-        address = _unmapped(ipaddress.ip_address(host.strip("[]")))
+        address = ipaddress.ip_address(entry.host or "")
     except ValueError:
-        return False
-    return any(address in net for net in policy.allow_networks)
+        return entry
+    return AllowEntry(None, ipaddress.ip_network(_unmapped(address)), entry.port)
+
+
+@dataclass
+class _Guard:
+    """One session's checks: the scheme of the request under way, the addresses its
+    resolver cleared, and the refusal that stopped a socket, to report it as such."""
+
+    policy: Policy
+    http: bool = False
+    cleared: set[tuple[Address, int]] = field(default_factory=set)
+    refusal: Refused | None = None
+
+    def socket(self, addr_info: t.Any) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        host, port = sockaddr[0], sockaddr[1]
+        try:
+            address = ipaddress.ip_address(host)
+            if len(sockaddr) > 3 and sockaddr[3]:
+                raise Refused("url", "not a valid host: a zone id", f"{host} scope {sockaddr[3]}")
+            if (address, port) not in self.cleared:
+                self.policy.check_connection(None, address, port, self.http)
+        except (Refused, ValueError) as exc:
+            self.refusal = exc if isinstance(exc, Refused) else Refused("url", "not valid", host)
+            raise OSError(f"refused by the outbound policy: {host}") from None
+        return socket.socket(family=family, type=type_, proto=proto)
 
 
 class _CheckedResolver(AbstractResolver):
     """The connection's resolver: every address of a name is checked, and only checked
     addresses are handed to the connector, which connects to them and to nothing else."""
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
+    def __init__(self, guard: _Guard) -> None:
+        self.guard = guard
         self.resolver = aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        _literal(host)
         results = await self.resolver.resolve(host, port, family)
         for result in results:
-            self.policy.check_address(host, ipaddress.ip_address(result["host"]))
+            address = ipaddress.ip_address(result["host"])
+            self.guard.policy.check_connection(host, address, port, self.guard.http)
+            self.guard.cleared.add((address, port))
         return results
 
     async def close(self) -> None:
@@ -144,9 +251,11 @@ class _CheckedResolver(AbstractResolver):
 
 
 @contextlib.asynccontextmanager
-async def _session(policy: Policy) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(resolver=_CheckedResolver(policy), use_dns_cache=False)
-    timeout = aiohttp.ClientTimeout(total=policy.timeout_s, connect=policy.timeout_s)
+async def _session(guard: _Guard) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(
+        resolver=_CheckedResolver(guard), use_dns_cache=False, socket_factory=guard.socket
+    )
+    timeout = aiohttp.ClientTimeout(total=guard.policy.timeout_s, connect=guard.policy.timeout_s)
     async with aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
@@ -158,28 +267,56 @@ async def _session(policy: Policy) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @contextlib.asynccontextmanager
-async def _failures_refused(policy: Policy) -> AsyncIterator[None]:
-    """What goes wrong on the network, as a Refused; the whole exchange within the time cap."""
+async def _failures_refused(guard: _Guard) -> AsyncIterator[None]:
+    """Whatever goes wrong, as a Refused; the whole exchange within the time cap."""
+    timeout_s = guard.policy.timeout_s
     try:
-        async with asyncio.timeout(policy.timeout_s):
+        async with asyncio.timeout(timeout_s):
             yield
     except Refused:
         raise
     except TimeoutError:
-        raise Refused("timeout", f"timed out after {policy.timeout_s:g} s") from None
-    except aiohttp.InvalidURL as exc:
-        raise Refused("url", f"not a valid URL: {exc}") from None
-    except aiohttp.ClientConnectorDNSError as exc:
-        raise Refused("network", f"the host could not be resolved ({exc.os_error})") from None
+        raise Refused("timeout", f"timed out after {timeout_s:g} s") from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise Refused("network", f"could not be fetched ({type(exc).__name__}: {exc})") from None
+        if guard.refusal is not None:
+            raise guard.refusal from None
+        cause = getattr(exc, "os_error", exc)
+        detail = f"{type(exc).__name__}: {exc} ({cause})"
+        if isinstance(exc, aiohttp.InvalidURL):
+            raise Refused("url", "not a valid URL", detail) from None
+        raise Refused("network", "could not be reached", detail) from None
+    except (ValueError, UnicodeError) as exc:  # what yarl and the IDNA codec raise
+        raise Refused("url", "not a valid URL", f"{type(exc).__name__}: {exc}") from None
 
 
-def _redirect(policy: Policy, target: URL) -> URL:
+@contextlib.asynccontextmanager
+async def _counted(use: str, url: str) -> AsyncIterator[None]:
+    """Every failure logged, with what the client is not told, and counted by kind."""
     try:
-        return policy.check_url(target)
+        yield
     except Refused as exc:
-        raise Refused(exc.kind, f"redirected to {target}: {exc.reason}") from None
+        OUTBOUND_FAILURES.labels(use=use, kind=exc.kind).inc()
+        logger.warning("%s of %s refused (%s): %s", use, host(url), exc.kind, exc.detail)
+        raise
+
+
+def host(url: str) -> str | None:
+    """``url``'s host as connected to, for the log; None if it has none."""
+    try:
+        return URL(url).raw_host
+    except (ValueError, TypeError, UnicodeError):
+        return None
+
+
+def _redirect(guard: _Guard, target: URL, location: str) -> URL:
+    try:
+        return guard.policy.check_url(target.join(URL(location)))
+    except (ValueError, UnicodeError) as exc:
+        raise Refused("url", "redirected to an invalid URL", f"{location}: {exc}") from None
+    except Refused as exc:
+        raise Refused(
+            exc.kind, f"redirected: {exc.reason}", f"to {location}: {exc.detail}"
+        ) from None
 
 
 def _too_large(policy: Policy) -> Refused:
@@ -189,41 +326,52 @@ def _too_large(policy: Policy) -> Refused:
 async def fetch(url: str, policy: Policy | None = None) -> bytes:
     """The body of ``url``, fetched under ``policy``, following up to MAX_REDIRECTS
     redirects; anything else than a 200 is refused."""
-    policy = policy or POLICY
-    target = policy.check_url(url)
-    async with _session(policy) as session, _failures_refused(policy):
-        for _ in range(MAX_REDIRECTS + 1):
-            async with session.get(target, allow_redirects=False) as response:
-                if response.status in REDIRECTS and "Location" in response.headers:
-                    target = _redirect(policy, target.join(URL(response.headers["Location"])))
-                    continue
-                if response.status != 200:
-                    raise Refused("status", f"the server answered {response.status}, not 200")
-                if (response.content_length or 0) > policy.max_bytes:
-                    raise _too_large(policy)
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > policy.max_bytes:
-                        raise _too_large(policy)
-                return bytes(body)
-    raise Refused("url", f"more than {MAX_REDIRECTS} redirects")
+    guard = _Guard(policy or FETCH_POLICY)
+    async with _counted("fetch", url):
+        target = guard.policy.check_url(url)
+        async with _session(guard) as session, _failures_refused(guard):
+            for _ in range(MAX_REDIRECTS + 1):
+                guard.http = target.scheme == "http"
+                async with session.get(target, allow_redirects=False) as response:
+                    if response.status in REDIRECTS and "Location" in response.headers:
+                        target = _redirect(guard, target, response.headers["Location"])
+                        continue
+                    if response.status != 200:
+                        raise Refused("status", f"the server answered {response.status}, not 200")
+                    if (response.content_length or 0) > guard.policy.max_bytes:
+                        raise _too_large(guard.policy)
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                        body += chunk
+                        if len(body) > guard.policy.max_bytes:
+                            raise _too_large(guard.policy)
+                    return bytes(body)
+        raise Refused("url", f"more than {MAX_REDIRECTS} redirects")
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: t.Mapping[str, str]
 
 
 async def post(
     url: str, body: bytes, headers: t.Mapping[str, str], policy: Policy | None = None
-) -> int:
-    """POST ``body`` to ``url`` under ``policy``; the answer's status. Redirects are not
-    followed: a webhook receiver answers at its own address."""
-    policy = policy or POLICY
-    target = policy.check_url(url)
-    async with (
-        _session(policy) as session,
-        _failures_refused(policy),
-        session.post(target, data=body, headers=headers, allow_redirects=False) as answer,
-    ):
-        await answer.content.read(CHUNK_BYTES)  # not needed: only its status
-        return answer.status
+) -> Answer:
+    """POST ``body`` to ``url`` under ``policy``; the answer's status and headers.
+    Redirects are not followed: a webhook receiver answers at its own address."""
+    guard = _Guard(policy or WEBHOOK_POLICY)
+    async with _counted("webhook", url):
+        target = guard.policy.check_url(url)
+        guard.http = target.scheme == "http"
+        async with (
+            _session(guard) as session,
+            _failures_refused(guard),
+            session.post(target, data=body, headers=headers, allow_redirects=False) as answer,
+        ):
+            await answer.content.read(CHUNK_BYTES)  # not needed: only its status
+            return Answer(answer.status, dict(answer.headers))
 
 
-POLICY = Policy.from_settings()
+FETCH_POLICY = Policy.from_settings(use="fetch")
+WEBHOOK_POLICY = Policy.from_settings(use="webhook")

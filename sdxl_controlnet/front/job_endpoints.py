@@ -4,7 +4,8 @@ accepts each job and runs its body.
 
 - ``submit`` reads the input first, and refuses bad input with the 400 ``/generate_batch``
   would give (BentoML's task server would store it unread, to fail later); an accepted job
-  is in the job store before its ``task_id`` reaches the client.
+  is in the job store before its ``task_id`` reaches the client, and its own webhook secret
+  is not in what BentoML stores (``webhooks.held_apart``).
 - ``status`` says what the job store says: BentoML's fields, and a running job's
   ``progress``.
 - ``get`` answers a completed job's result; a job without one is a 409 that says why.
@@ -33,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from ..bentoml_compat import request_reading
 from ..errors import UnsupportedMediaType, error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
+from . import webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, Job, JobStore
 
 PICKLE = "application/vnd.bentoml+pickle"  # never unpickled on the public front
@@ -71,12 +73,15 @@ class JobEndpoints:
             return await refusal(scope, receive, send)
         body = await request.body()
         try:
-            await request_reading.read_input(self.service, self.api, Request(scope, _replay(body)))
+            read = await request_reading.read_input(
+                self.service, self.api, Request(scope, _replay(body))
+            )
         except ValidationError as exc:
             refusal = JSONResponse(validation_body(exc), status_code=400)
         except BentoMLException as exc:
             refusal = error_response(exc.error_code, exc.message)
         else:
+            body = webhooks.held_apart(body, read.params)
             return await self.app(scope, _replay(body, then=receive), self._recording(send))
         await refusal(scope, receive, send)
 

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from ..errors import InvalidRequest
 from ..schemas import EdgeParams, Params, ResizeMode
 from ..settings import settings
+from .encoding import encode_image
 
 SIZE_STEP = 8  # SDXL's VAE downsamples x8: both sides must be multiples of 8.
 
@@ -187,6 +188,11 @@ def edge_map(image: Image.Image, params: EdgeParams) -> np.ndarray:
         return fit(gray, size, resize_mode, lambda pixels: pixels)
     gray = to_grayscale(image, min_side)
     return canny(gray, params.low_threshold, params.high_threshold, size, resize_mode)
+
+
+def edge_map_png(image: Image.Image, params: EdgeParams) -> bytes:
+    """``edge_map`` as a PNG: what ``/canny`` answers."""
+    return encode_image(edge_map(image, params), "png")
 
 
 def canny(

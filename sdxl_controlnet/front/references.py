@@ -14,19 +14,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import functools
 import io
 import json
+import logging
 import re
 import typing as t
 
 from PIL import Image
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.requests import Request
 
+from ..errors import ServiceBusy, sentence
+from ..metrics import OUTBOUND_FAILURES
+from ..middleware import RETRY_AFTER
+from ..settings import settings
 from . import fetching
 from .fetching import Policy, Refused
 from .request_errors import field_error
 
+logger = logging.getLogger("bentoml").getChild(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SCHEMES = ("https://", "http://")
 # Fetched once per request, by field and reference: a task's request is read at submit
@@ -34,6 +43,9 @@ URL_SCHEMES = ("https://", "http://")
 RESOLVED = "sdxl_controlnet.resolved_images"
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 PICKLE = "application/vnd.bentoml+pickle"
+# When this worker fetches all it may (MAX_CONCURRENT_FETCHES), how soon to try again.
+BUSY_RETRY_AFTER_S = 1
+_fetching = 0  # URL fetches under way in this worker (one event loop: no lock needed)
 
 
 def is_reference(value: str) -> bool:
@@ -43,7 +55,7 @@ def is_reference(value: str) -> bool:
 
 async def resolve(value: str, policy: Policy | None = None) -> bytes:
     """The image bytes ``value`` refers to; ``Refused`` says why there are none."""
-    policy = policy or fetching.POLICY
+    policy = policy or fetching.FETCH_POLICY
     text = value.strip()
     if match := DATA_URI.match(text):
         payload = text[match.end() :]
@@ -61,6 +73,11 @@ async def resolve(value: str, policy: Policy | None = None) -> bytes:
             raise Refused(exc.kind, f"URL not fetched: {exc.reason}") from None
         where = "URL not fetched"
     if not _looks_like_an_image(data):
+        if where == "URL not fetched":  # a fetch that failed after all: logged and counted
+            OUTBOUND_FAILURES.labels(use="fetch", kind="not_image").inc()
+            logger.warning(
+                "fetch of %s refused (not_image): %d bytes", fetching.host(text), len(data)
+            )
         raise Refused(
             "not_image",
             f"{where}: not an image, whatever its Content-Type; send a JPEG, PNG or WebP",
@@ -89,6 +106,65 @@ def _not_a_reference(in_form: bool) -> str:
     return "send the image as a file, an https:// URL or a data:image/…;base64, URI"
 
 
+@functools.cache
+def _adapter(annotation: t.Any) -> TypeAdapter[t.Any]:
+    return TypeAdapter(annotation)
+
+
+def _params_checked(model: type[BaseModel], data: t.Mapping[str, t.Any], in_form: bool) -> None:
+    """Validate ``params`` before any picture is fetched for it: a request that will be
+    refused costs no fetch."""
+    declared = model.model_fields.get("params")
+    if declared is None:
+        return
+    if "params" not in data:
+        if declared.is_required():
+            raise field_error(model.__name__, "params", "Field required")
+        return
+    value = data["params"]
+    adapter = _adapter(declared.annotation)
+    try:
+        if in_form and isinstance(value, str):
+            adapter.validate_json(value)
+        elif not in_form:
+            adapter.validate_python(value)
+    except ValidationError as exc:
+        detail = exc.errors(include_url=False, include_input=False)
+        raise field_error(model.__name__, "params", "; ".join(map(sentence, detail))) from None
+
+
+@contextlib.contextmanager
+def _fetch_slots(request: Request, count: int) -> t.Iterator[None]:
+    """Hold ``count`` of this worker's fetch slots, or refuse the request at once."""
+    global _fetching
+    if _fetching + count > settings.max_concurrent_fetches:
+        request.scope[RETRY_AFTER] = BUSY_RETRY_AFTER_S
+        raise ServiceBusy(
+            "image URLs: this server is fetching all the pictures it can at once; "
+            f"retry in {BUSY_RETRY_AFTER_S} s",
+            retry_after_s=BUSY_RETRY_AFTER_S,
+        )
+    _fetching += count
+    try:
+        yield
+    finally:
+        _fetching -= count
+
+
+async def _all(work: list[t.Coroutine[t.Any, t.Any, t.Any]]) -> list[t.Any]:
+    """Run ``work`` at once; the first failure stops the rest, and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(item) for item in work]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _urls(values: t.Iterable[t.Any]) -> int:
+    return sum(isinstance(v, str) and not DATA_URI.match(v.strip()) for v in values)
+
+
 async def _as_upload(
     request: Request, title: str, field: str, value: str, in_form: bool
 ) -> UploadFile:
@@ -105,28 +181,34 @@ async def _as_upload(
     return UploadFile(io.BytesIO(data), size=len(data), filename=field, headers=Headers())
 
 
-async def resolve_request(
-    request: Request, title: str, file_fields: t.Collection[str]
-) -> dict[str, t.Any] | None:
-    """Resolve the references ``request`` holds in ``file_fields``. A form is rewritten in
-    place, where BentoML reads it (None is returned); a JSON body with a reference is
-    returned parsed, the images in place, for the caller to validate."""
+async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str, t.Any] | None:
+    """Resolve the references ``request`` holds in ``model``'s file fields. A form is
+    rewritten in place, where BentoML reads it (None is returned); a JSON body with a
+    reference is returned parsed, the images in place, for the caller to validate. A
+    picture field sent twice is refused, and nothing is fetched before ``params`` is valid."""
+    title, file_fields = model.__name__, model.multipart_fields  # type: ignore[attr-defined]
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not file_fields or media_type == PICKLE:
         return None
     if media_type in FORMS:
         form = await request.form()
         items = form.multi_items()
-        if not any(isinstance(v, str) for k, v in items if k in file_fields):
+        names = [k for k, _ in items if k in file_fields]
+        if repeated := sorted({k for k in names if names.count(k) > 1}):
+            raise field_error(title, repeated[0], "sent more than once: one picture per field")
+        texts = [v for k, v in items if k in file_fields and isinstance(v, str)]
+        if not texts:
             return None
-        values = await asyncio.gather(
-            *(
-                _as_upload(request, title, k, v, in_form=True)
-                if k in file_fields and isinstance(v, str)
-                else _same(v)
-                for k, v in items
+        _params_checked(model, form, in_form=True)
+        with _fetch_slots(request, _urls(texts)):
+            values = await _all(
+                [
+                    _as_upload(request, title, k, v, in_form=True)
+                    if k in file_fields and isinstance(v, str)
+                    else _same(v)
+                    for k, v in items
+                ]
             )
-        )
         request._form = FormData([(k, v) for (k, _), v in zip(items, values, strict=True)])
         return None
     try:
@@ -138,9 +220,11 @@ async def resolve_request(
     texts = {k: v for k, v in data.items() if k in file_fields and isinstance(v, str)}
     if not texts:
         return None
-    files = await asyncio.gather(
-        *(_as_upload(request, title, k, v, in_form=False) for k, v in texts.items())
-    )
+    _params_checked(model, data, in_form=False)
+    with _fetch_slots(request, _urls(texts.values())):
+        files = await _all(
+            [_as_upload(request, title, k, v, in_form=False) for k, v in texts.items()]
+        )
     return {**data, **dict(zip(texts, files, strict=True))}
 
 

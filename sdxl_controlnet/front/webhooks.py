@@ -1,52 +1,108 @@
-"""A job's outcome, delivered to the ``params.webhook`` it was submitted with.
+"""A job's outcome, delivered to the ``params.webhook`` it was submitted with, as the
+Standard Webhooks specification recommends (https://www.standardwebhooks.com).
 
-Each delivery is a POST of JSON, signed as the Standard Webhooks specification says
-(https://www.standardwebhooks.com): ``webhook-id`` (the same on every try of one message),
-``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``
-with the key in ``WEBHOOK_SECRET``. The job's own body starts it (``jobs.run``), so it is
-sent wherever the job runs, BentoCloud's task queue included; it goes through the outbound
-policy (``fetching.py``), on a task of its own, so no generation waits for it. A 5xx, a 429,
-a timeout or a network failure is tried again, after ``WEBHOOK_BACKOFF_S``, doubling, up to
-``WEBHOOK_TRIES`` tries; any other answer ends it. A delivery that fails never changes the
-job.
+- Each message is a POST of JSON signed with the specification's own library
+  (``standardwebhooks``): ``webhook-id`` (the same on every try), ``webhook-timestamp`` and
+  ``webhook-signature``, with the job's ``params.webhook_secret``, or the server's
+  ``WEBHOOK_SECRET``. The secret is held in memory with the message and never logged.
+- The job's own body starts it (``jobs.run`` calls ``on_job_end``'s callback), so it is sent
+  wherever the job runs; it goes through the webhook policy (``fetching.WEBHOOK_POLICY``),
+  on a task of its own, so no generation waits for it.
+- A network failure, a timeout, a 408, a 429 or a 5xx is tried again, up to
+  ``WEBHOOK_TRIES`` tries, after the receiver's ``Retry-After`` or a random wait up to
+  ``WEBHOOK_BACKOFF_S`` × 2^(n − 1) (full jitter), both capped at ``WEBHOOK_MAX_BACKOFF_S``.
+  A 410 stops for good; any other answer ends it. A delivery never changes the job.
+- At most ``WEBHOOK_MAX_PENDING`` deliveries wait in a worker, each holding its body once;
+  at a graceful stop they go to the outbox (``Outbox``), and the next start resumes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
+import contextlib
+import email.utils
 import json
 import logging
+import random
+import secrets
+import sqlite3
 import time
 import typing as t
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
-from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_TRIES
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
+from standardwebhooks import Webhook
+
+from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
+from ..schemas import TaskParams
 from ..settings import settings
 from . import fetching
-from .jobs import Outcome
+from .jobs import Outcome, default_path
 
 logger = logging.getLogger("bentoml").getChild(__name__)
 
-_deliveries: set[asyncio.Task[None]] = set()  # held, so that none is collected mid-flight
+GONE = 410  # the receiver says the endpoint is gone: never try it again
+RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 
 
-def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
-    """``webhook-signature`` of ``body``, for ``secret`` as ``whsec_<base64 key>``."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+class JobParams(TaskParams):
+    """``TaskParams`` as the front takes them: the webhook under the outbound policy."""
+
+    @model_validator(mode="after")
+    def _receiver_allowed(self) -> t.Self:
+        if self.webhook is not None:
+            try:
+                fetching.WEBHOOK_POLICY.check_url(self.webhook)
+            except fetching.Refused as exc:
+                raise PydanticCustomError("rule", f"webhook: {exc.reason}") from None
+        return self
 
 
-def payload(outcome: Outcome) -> dict[str, t.Any]:
+@dataclass
+class Message:
+    """One delivery: its body, built once for every try, and how far it has got."""
+
+    message_id: str
+    url: str
+    body: bytes
+    secret: str
+    tries: int = 0  # tries made
+    next_at: float = 0.0  # when the next try is due (time.time())
+
+
+_pending: dict[str, tuple[Message, asyncio.Task[None]]] = {}
+# Jobs' own secrets, by the stand-in their stored request holds (``held_apart``).
+_held: dict[str, str] = {}
+
+
+def held_apart(body: bytes, params: TaskParams) -> bytes:
+    """``body``, a job's request, with its ``webhook_secret`` swapped for a stand-in of the
+    same length that this worker, which runs the job, swaps back: BentoML's task store keeps
+    the request as it came, and the secret must not rest there. A secret the body spells
+    otherwise (JSON escapes) is left as sent."""
+    if params.webhook_secret is None:
+        return body
+    secret = params.webhook_secret.get_secret_value()
+    if secret.encode() not in body:
+        return body
+    key_bytes = len(base64.b64decode(secret.removeprefix("whsec_")))
+    stand_in = "whsec_" + base64.b64encode(secrets.token_bytes(key_bytes)).decode()
+    _held[stand_in] = secret
+    return body.replace(secret.encode(), stand_in.encode())
+
+
+def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
     """The message for how a job ended: its id, status and times, and the result ``/get``
-    returns, or the failure."""
+    returns (not in a ``thin`` one), or the failure."""
     job = outcome.job
     status = job.status_body()
     data = {key: status[key] for key in ("task_id", "status", "created_at", "completed_at")}
-    if outcome.result is not None:
+    if outcome.result is not None and not thin:
         data["result"] = outcome.result.model_dump(mode="json")
     elif outcome.failure is not None:
         data["error"] = outcome.failure
@@ -57,61 +113,202 @@ def payload(outcome: Outcome) -> dict[str, t.Any]:
     }
 
 
-def on_job_end(url: str | None, events: t.Collection[str]) -> t.Callable[[Outcome], None]:
-    """What a job calls when it ends: start delivering its outcome to ``url`` if its
-    state is one of ``events``; returns at once."""
+def on_job_end(params: TaskParams) -> t.Callable[[Outcome], None]:
+    """What a job calls when it ends: start delivering its outcome to ``params.webhook``
+    if its state is one of ``params.webhook_events``; returns at once."""
+    url, events = params.webhook, params.webhook_events
+    given = params.webhook_secret.get_secret_value() if params.webhook_secret else None
+    secret = _held.pop(given, given) if given else None
 
     def ended(outcome: Outcome) -> None:
         if url is None or outcome.job.status not in events:
             return
-        body = json.dumps(payload(outcome), separators=(",", ":")).encode()
+        body = payload(outcome, thin=params.webhook_payload == "thin")
         message_id = f"msg_{outcome.job.task_id}_{outcome.job.status}"
-        delivery = asyncio.create_task(deliver(url, message_id, body))
-        _deliveries.add(delivery)
-        delivery.add_done_callback(_deliveries.discard)
+        encoded = json.dumps(body, separators=(",", ":")).encode()
+        start(Message(message_id, url, encoded, secret or settings.webhook_secret))
 
     return ended
 
 
-def _retry_after(attempt: int) -> float:
-    return settings.webhook_backoff_s * 2 ** (attempt - 1)
+def start(message: Message) -> bool:
+    """Deliver ``message`` on a task of its own, from its ``next_at``; False if this worker
+    already holds ``WEBHOOK_MAX_PENDING`` deliveries (logged and counted as dropped)."""
+    if len(_pending) >= settings.webhook_max_pending:
+        WEBHOOK_DELIVERIES.labels(result="dropped").inc()
+        logger.error(
+            "webhook %s dropped: %d deliveries already pending (WEBHOOK_MAX_PENDING)",
+            message.message_id,
+            len(_pending),
+        )
+        return False
+    task = asyncio.create_task(_delivering(message))
+    _pending[message.message_id] = (message, task)
+    WEBHOOK_PENDING.inc()
+
+    def done(_: asyncio.Task[None]) -> None:
+        _pending.pop(message.message_id, None)
+        WEBHOOK_PENDING.dec()
+
+    task.add_done_callback(done)
+    return True
 
 
-async def deliver(url: str, message_id: str, body: bytes) -> bool:
-    """POST ``body`` to ``url`` until it is taken or retrying cannot help; whether it was."""
-    for attempt in range(1, settings.webhook_tries + 1):
-        timestamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": message_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature(settings.webhook_secret, message_id, timestamp, body),
-        }
+async def _delivering(message: Message) -> None:
+    """``deliver``, whatever goes wrong logged and counted: no delivery dies silently."""
+    try:
+        await asyncio.sleep(max(0.0, message.next_at - time.time()))
+        await deliver(message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        WEBHOOK_DELIVERIES.labels(result="error").inc()
+        logger.exception("webhook %s: delivery failed on the server", message.message_id)
+
+
+def wait_s(tries: int, retry_after: str | None = None) -> float:
+    """How long to wait after try ``tries``: the receiver's ``Retry-After`` (seconds or an
+    HTTP date) or full jitter over the exponential backoff, capped either way."""
+    cap = settings.webhook_max_backoff_s
+    if (asked := _seconds(retry_after)) is not None:
+        return min(asked, cap)
+    return random.uniform(0, min(cap, settings.webhook_backoff_s * 2 ** (tries - 1)))
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    if retry_after is None:
+        return None
+    text = retry_after.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _headers(message: Message) -> dict[str, str]:
+    moment = datetime.fromtimestamp(int(time.time()), tz=UTC)
+    signature = Webhook(message.secret).sign(message.message_id, moment, message.body.decode())
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": message.message_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": signature,
+    }
+
+
+async def deliver(message: Message) -> bool:
+    """POST ``message`` until it is taken or retrying cannot help; whether it was."""
+    result, outcome = "failed", "none"
+    while message.tries < settings.webhook_tries:
+        message.tries += 1
+        retry_after = None
         try:
-            status = await fetching.post(url, body, headers)
+            answer = await fetching.post(message.url, message.body, _headers(message))
         except fetching.Refused as exc:
             outcome, retry = exc.kind, exc.kind in fetching.RETRYABLE
         else:
-            outcome = "429" if status == 429 else f"{status // 100}xx"
-            retry = status == 429 or status >= 500
+            status = answer.status
+            outcome = str(status) if status in (*RETRY_STATUSES, GONE) else f"{status // 100}xx"
+            retry = status in RETRY_STATUSES or status >= 500
+            retry_after = answer.headers.get("Retry-After")
             if 200 <= status < 300:
                 WEBHOOK_TRIES.labels(outcome=outcome).inc()
                 WEBHOOK_DELIVERIES.labels(result="delivered").inc()
-                logger.info("webhook %s: try %d delivered (%d)", message_id, attempt, status)
+                logger.info(
+                    "webhook %s: try %d delivered (%d)", message.message_id, message.tries, status
+                )
                 return True
+            if status == GONE:
+                result = "gone"
         WEBHOOK_TRIES.labels(outcome=outcome).inc()
-        if not retry or attempt == settings.webhook_tries:
+        if not retry or message.tries == settings.webhook_tries:
             break
-        wait_s = _retry_after(attempt)
+        wait = wait_s(message.tries, retry_after)
+        message.next_at = time.time() + wait
         logger.warning(
-            "webhook %s: try %d of %d failed (%s); next in %g s",
-            message_id,
-            attempt,
+            "webhook %s: try %d of %d failed (%s); next in %.3f s%s",
+            message.message_id,
+            message.tries,
             settings.webhook_tries,
             outcome,
-            wait_s,
+            wait,
+            f" (Retry-After: {retry_after})" if retry_after else "",
         )
-        await asyncio.sleep(wait_s)
-    WEBHOOK_DELIVERIES.labels(result="failed").inc()
-    logger.error("webhook %s: not delivered after %d tries (%s)", message_id, attempt, outcome)
+        await asyncio.sleep(wait)
+    WEBHOOK_DELIVERIES.labels(result=result).inc()
+    logger.error(
+        "webhook %s: not delivered after %d tries (%s)%s",
+        message.message_id,
+        message.tries,
+        outcome,
+        "; the receiver is gone, never tried again" if result == "gone" else "",
+    )
     return False
+
+
+class Outbox:
+    """Deliveries still pending at a graceful stop, kept in an SQLite file beside the job
+    store (readable by the server's user only: it holds the signing secrets) until the
+    next start takes them back. Unlike the job store, it survives a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch(mode=0o600, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS outbox (message_id TEXT PRIMARY KEY, url TEXT, "
+                "body BLOB, secret TEXT, tries INTEGER, next_at REAL)"
+            )
+            yield db
+        finally:
+            db.close()
+
+    def put(self, messages: t.Iterable[Message]) -> int:
+        rows = [tuple(asdict(m).values()) for m in messages]
+        with self._connection() as db:
+            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def take(self, limit: int = -1) -> list[Message]:
+        """Up to ``limit`` messages (all: -1), removed from the outbox at once: one worker
+        resumes each, and the rest wait for the next worker."""
+        with self._connection() as db:
+            rows = db.execute(
+                "DELETE FROM outbox WHERE message_id IN "
+                "(SELECT message_id FROM outbox ORDER BY next_at LIMIT ?) RETURNING *",
+                (limit,),
+            ).fetchall()
+        return [Message(*row) for row in rows]
+
+
+OUTBOX = Outbox(default_path().with_name("sdxl_controlnet_webhook_outbox.db"))
+
+
+async def save_pending(outbox: Outbox = OUTBOX) -> int:
+    """Stop this worker's deliveries and keep them in ``outbox``; how many."""
+    held = list(_pending.values())
+    for _, task in held:
+        task.cancel()
+    await asyncio.gather(*(task for _, task in held), return_exceptions=True)
+    saved = await asyncio.to_thread(outbox.put, [message for message, _ in held])
+    if saved:
+        logger.info("webhooks: %d pending deliveries saved to %s", saved, outbox.path)
+    return saved
+
+
+async def resume_pending(outbox: Outbox = OUTBOX) -> int:
+    """Start again the deliveries ``outbox`` holds, each at its own next try; how many."""
+    room = settings.webhook_max_pending - len(_pending)
+    messages = await asyncio.to_thread(outbox.take, room)
+    started = sum(start(message) for message in messages)
+    if messages:
+        logger.info("webhooks: %d pending deliveries resumed from %s", started, outbox.path)
+    return started

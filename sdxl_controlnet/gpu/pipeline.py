@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import torch
 from diffusers import (
@@ -98,14 +99,13 @@ class ControlNetPipeline:
         preview: str | None,
         settings: Settings,
         adapters: Mapping[str, tuple[str, str]],
-        worker_index: int,
     ) -> ControlNetPipeline:
         """The pipeline as the operator configured it, on this worker's own GPU."""
         return cls(
             base,
             controlnet,
             vae,
-            device=select_device(settings.allow_cpu, worker_index),
+            device=select_device(settings.allow_cpu, bentoml.server_context.worker_index),
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,

@@ -186,7 +186,7 @@ def test_cancel_answers_for_unknown_and_finished_tasks(server: Server, client, p
 @pytest.mark.parametrize(
     ("path", "error"),
     [
-        ("/generate_task/submit", "params: webhook: this server signs no webhooks"),
+        ("/generate_task/submit", "params: webhook: this server has no WEBHOOK_SECRET"),
         ("/generate_batch", "params: webhook: only jobs deliver webhooks"),
         ("/generate", "params: webhook: only jobs deliver webhooks"),
     ],

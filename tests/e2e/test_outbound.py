@@ -6,14 +6,16 @@ Standard Webhooks reference library) and retried (a short backoff, WEBHOOK_BACKO
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from devtools.harness import Server, decode, encode, metric, serving, shapes_image
 from devtools.receiver import Receiver, receiving
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.e2e
 FETCH_TIMEOUT_S = 3
 FAST = {"prompt": "a house", "num_inference_steps": 2}
 SECRET = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
+JOB_SECRET = "whsec_" + base64.b64encode(b"one job's key, not a secret").decode()
 BACKOFF_S = 0.2
 TRIES = 5
 
@@ -37,6 +40,7 @@ def receiver() -> Iterator[Receiver]:
 def outbound_server() -> Iterator[Server]:
     env = {
         "URL_FETCH_ALLOW": "127.0.0.1",
+        "WEBHOOK_ALLOW": "127.0.0.1",
         "URL_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S),
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_BACKOFF_S": str(BACKOFF_S),
@@ -98,8 +102,7 @@ def task_status(server: Server, task_id: str) -> dict:
     [
         (
             "/redirect?to=http://169.254.169.254/latest/meta-data/",
-            "image: URL not fetched: redirected to http://169.254.169.254/latest/meta-data/: "
-            "address refused: 169.254.169.254 is a link-local address",
+            "image: URL not fetched: redirected: refused by the outbound policy: address",
         ),
         ("/huge", "image: URL not fetched: too large: over 33554432 bytes"),
         ("/silent", f"image: URL not fetched: timed out after {FETCH_TIMEOUT_S} s"),
@@ -120,16 +123,22 @@ def test_refusals_are_400s_naming_the_field_within_the_time_cap(
     assert response.json()["error"].startswith(error)
 
 
-def test_loopback_other_than_the_allowed_host_is_refused(outbound_server: Server) -> None:
-    # 127.0.0.1 is allowed by name; localhost is not, though it resolves there.
+def test_loopback_other_than_the_allowed_address_is_refused(outbound_server: Server) -> None:
+    # 127.0.0.1 is allowed (and any name that resolves there); 127.0.0.2 is not.
     response = httpx.post(
         f"{outbound_server.url}/canny",
-        files={"image": (None, f"https://localhost:{outbound_server.port}/livez")},
+        files={"image": (None, f"http://127.0.0.2:{outbound_server.port}/livez")},
         timeout=30,
     )
     assert response.status_code == 400
-    assert "image: URL not fetched: address refused: localhost (127.0.0.1)" in response.text
+    assert "image: URL not fetched: refused by the outbound policy: address" in response.text
+    assert "127.0.0.2" not in response.text
     assert metric(outbound_server, "bentoml_service_request_total", http_response_code="500") == 0
+    refused = metric(
+        outbound_server, "sdxl_controlnet_outbound_failures_total", use="fetch", kind="policy"
+    )
+    assert refused >= 1
+    assert "fetch of 127.0.0.2 refused (policy): 127.0.0.2:" in outbound_server.log.read_text()
 
 
 def submit(server: Server, receiver: Receiver, **params: object) -> str:
@@ -170,29 +179,33 @@ def test_a_completed_job_is_delivered_signed(outbound_server: Server) -> None:
     print(f"submit → delivered: {delivery.at - submitted:.2f} s")
 
 
-def test_a_failing_receiver_is_retried_with_backoff(outbound_server: Server) -> None:
+def test_a_failing_receiver_is_retried_with_jitter_and_retry_after(
+    outbound_server: Server,
+) -> None:
     tries_before = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
     with receiving(encode(shapes_image(96, 64))) as receiver:
-        receiver.answers = [503, 500, 429]
+        receiver.answers = [503, (429, {"Retry-After": "1"}), 500]
         submitted = time.monotonic()
         task_id = submit(outbound_server, receiver)
         deliveries = receiver.wait_for(4)
         # The job was complete at the first try: no delivery holds it.
         assert task_status(outbound_server, task_id)["status"] == "completed"
-    assert [d.status for d in deliveries] == [503, 500, 429, 200]
+    assert [d.status for d in deliveries] == [503, 429, 500, 200]
     assert len({d.headers["webhook-id"] for d in deliveries}) == 1
     for delivery in deliveries:
         Webhook(SECRET).verify(delivery.body, delivery.headers)
     gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
-    for n, gap in enumerate(gaps):
-        assert BACKOFF_S * 2**n <= gap < BACKOFF_S * 2**n + 1, gaps
+    assert gaps[0] < BACKOFF_S + 0.5, gaps  # full jitter: anywhere in [0, backoff]
+    assert 1.0 <= gaps[1] < 1.8, gaps  # the receiver's Retry-After
+    assert gaps[2] < 4 * BACKOFF_S + 0.5, gaps
     tries_after = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
     assert tries_after - tries_before == 2
     at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
     print(f"submit → tries at {at}")
 
 
-def test_a_4xx_ends_the_delivery_and_events_are_chosen(outbound_server: Server) -> None:
+def test_a_410_ends_the_delivery_and_events_are_chosen(outbound_server: Server) -> None:
+    gone_before = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="gone")
     with receiving(encode(shapes_image(96, 64))) as receiver:
         receiver.answers = [410]
         wait_finished(outbound_server, submit(outbound_server, receiver))
@@ -201,8 +214,31 @@ def test_a_4xx_ends_the_delivery_and_events_are_chosen(outbound_server: Server) 
         assert wait_finished(outbound_server, ignored) == "completed"
         time.sleep(BACKOFF_S * 4)
         assert [d.status for d in receiver.deliveries] == [410]
-    gave_up = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="failed")
-    assert gave_up >= 1
+    gone = metric(outbound_server, "sdxl_controlnet_webhook_deliveries_total", result="gone")
+    assert gone - gone_before == 1
+
+
+def test_a_job_s_own_secret_signs_a_thin_message(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        task_id = submit(
+            outbound_server, receiver, webhook_secret=JOB_SECRET, webhook_payload="thin"
+        )
+        (delivery,) = receiver.wait_for(1)
+    data = Webhook(JOB_SECRET).verify(delivery.body, delivery.headers)["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "completed")
+    assert "result" not in data  # no images: fetched from /get
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(delivery.body, delivery.headers)
+    result = httpx.get(f"{outbound_server.url}/generate_task/get", params={"task_id": task_id})
+    assert result.status_code == 200 and JOB_SECRET not in result.text
+    assert JOB_SECRET not in outbound_server.log.read_text()
+    # BentoML's task store keeps the request (its content in base64), not the secret.
+    home = outbound_server.log.parent / f"bentoml-home-{outbound_server.port}"
+    with contextlib.closing(sqlite3.connect(home / "task_result.db")) as db:
+        (stored,) = db.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
+    body = base64.b64decode(json.loads(stored)["content"])
+    assert b'"webhook_payload": "thin"' in body and b"whsec_" in body
+    assert JOB_SECRET.encode() not in body
 
 
 def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:
@@ -233,8 +269,13 @@ def test_a_failed_job_is_delivered_with_its_error(outbound_server: Server) -> No
 @pytest.mark.parametrize(
     ("webhook", "error"),
     [
-        ("https://169.254.169.254/hook", "params: webhook: address refused: 169.254.169.254"),
-        ("http://example.com/hook", "params: webhook: http is refused"),
+        (
+            "https://169.254.169.254/hook",
+            "params: webhook: refused by the outbound policy: address",
+        ),
+        ("http://10.0.0.1/hook", "params: webhook: refused by the outbound policy: address"),
+        ("https://[::ffff:127.0.0.1%25]/hook", "params: webhook: not a valid host: a zone id"),
+        ("https://0x7f.1/hook", "params: webhook: not a valid host: an IPv4 address is written"),
     ],
 )
 def test_a_webhook_the_policy_refuses_is_a_400_at_submit(
@@ -248,3 +289,29 @@ def test_a_webhook_the_policy_refuses_is_a_400_at_submit(
     )
     assert answer.status_code == 400
     assert answer.json()["error"].startswith(error)
+
+
+def test_a_pending_delivery_survives_a_graceful_restart(tmp_path) -> None:
+    env = {
+        "WEBHOOK_ALLOW": "127.0.0.1",
+        "WEBHOOK_SECRET": SECRET,
+        "BENTOML_HOME": str(tmp_path / "home"),  # the same home, hence outbox, for both
+    }
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        receiver.answers = [(503, {"Retry-After": "5"})]
+        with serving(env) as first:
+            submitted = time.monotonic()
+            submit(first, receiver)
+            receiver.wait_for(1)
+            assert metric(first, "sdxl_controlnet_webhook_pending") == 1
+        stopped = time.monotonic()  # a graceful stop: the delivery went to the outbox
+        with serving(env) as second:
+            (_, resumed) = receiver.wait_for(2, timeout_s=30)
+            assert metric(second, "sdxl_controlnet_webhook_pending") == 0
+        deliveries = receiver.deliveries
+    assert resumed.at > stopped
+    assert [d.status for d in deliveries] == [503, 200]
+    assert deliveries[0].headers["webhook-id"] == resumed.headers["webhook-id"]
+    assert Webhook(SECRET).verify(resumed.body, resumed.headers)["data"]["status"] == "completed"
+    at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
+    print(f"submit → tries at {at}; stopped at {stopped - submitted:.2f} s")

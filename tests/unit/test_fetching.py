@@ -5,7 +5,9 @@ refusal with its reason, each within the time cap."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -16,15 +18,19 @@ from starlette.requests import Request
 from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.bentoml_compat import request_reading
+from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import references
-from sdxl_controlnet.front.fetching import Policy, Refused, fetch
-from sdxl_controlnet.settings import Settings
+from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
+from sdxl_controlnet.settings import AllowEntry, Settings
 
 pytestmark = pytest.mark.anyio
 PICTURE = encode(shapes_image(96, 64))
 CAP_S = 2.0
-STRICT = Policy(frozenset(), (), CAP_S, 32 * 1024 * 1024)
-LOOPBACK = Policy(frozenset({"127.0.0.1"}), (), CAP_S, 32 * 1024 * 1024)
+MAX_BYTES = 32 * 1024 * 1024
+STRICT = Policy("URL_FETCH_ALLOW", (), CAP_S, MAX_BYTES)
+LOOPBACK = Policy.from_settings(Settings.from_env({"URL_FETCH_ALLOW": "127.0.0.1"}))
+LOOPBACK = Policy("URL_FETCH_ALLOW", LOOPBACK.allow, CAP_S, MAX_BYTES)
+POLICY_RULE = "refused by the outbound policy"
 
 
 @pytest.fixture(scope="module")
@@ -53,40 +59,150 @@ async def test_a_network_in_the_allow_list_allows_its_addresses(receiver: Receiv
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("https://127.0.0.1/", "127.0.0.1 is a loopback address"),
-        ("https://localhost/", "localhost (127.0.0.1) is a loopback address"),
-        ("https://169.254.169.254/latest/meta-data/", "169.254.169.254 is a link-local address"),
-        ("https://10.1.2.3/", "10.1.2.3 is a private address"),
-        ("https://[::1]/", "is a loopback address"),
-        ("https://[::ffff:169.254.169.254]/", "is a link-local address"),
-        ("https://224.0.0.1/", "is a multicast address"),
-        ("https://240.0.0.1/", "is a reserved address"),
-        ("https://0.0.0.0/", "is a unspecified address"),
-        ("http://example.com/a.png", "http is refused: use https"),
+        ("https://127.0.0.1/", f"{POLICY_RULE}: address"),
+        ("https://localhost/", f"{POLICY_RULE}: address"),
+        ("https://169.254.169.254/latest/meta-data/", f"{POLICY_RULE}: address"),
+        ("https://10.1.2.3/", f"{POLICY_RULE}: address"),
+        ("https://[::1]/", f"{POLICY_RULE}: address"),
+        ("https://[::ffff:169.254.169.254]/", f"{POLICY_RULE}: address"),
+        ("https://224.0.0.1/", f"{POLICY_RULE}: address"),
+        ("https://240.0.0.1/", f"{POLICY_RULE}: address"),
+        ("https://0.0.0.0/", f"{POLICY_RULE}: address"),
+        ("http://example.com/a.png", f"{POLICY_RULE}: http"),
         ("https://user:pass@example.com/", "user name or password"),
+        ("https://[::1%25]/", "not a valid host: a zone id"),
+        ("https://2130706433/", "an IPv4 address is written as four decimal numbers"),
+        ("https://" + "a" * 64 + ".com/", "not a valid host name"),
+        ("http://[::1", "not a valid URL"),
     ],
 )
-async def test_addresses_and_schemes_are_refused_before_connecting(url: str, reason: str) -> None:
+async def test_addresses_and_schemes_are_refused_naming_only_the_rule(
+    url: str, reason: str
+) -> None:
     refused = await refusal(url, STRICT)
     assert reason in refused.reason
-    assert refused.kind in ("address", "url")
+    assert refused.kind in ("policy", "url")
+    for secret in ("127.0.0.1", "169.254", "10.1.2.3", "::1", "localhost", "example.com"):
+        assert secret not in refused.reason  # names and addresses go to the log only
 
 
 async def test_loopback_is_refused_unless_allowed(receiver: Receiver) -> None:
-    fetched = len(receiver.fetches)
-    refused = await refusal(f"{receiver.url}/picture".replace("http:", "https:"), STRICT)
-    assert "address refused: 127.0.0.1 is a loopback address" in refused.reason
-    assert len(receiver.fetches) == fetched  # never connected
+    connections = receiver.connections
+    for url in (f"{receiver.url}/picture", f"{receiver.url}/picture".replace("http:", "https:")):
+        refused = await refusal(url, STRICT)
+        assert refused.reason.startswith(f"URL not fetched: {POLICY_RULE}: address")
+    assert receiver.connections == connections  # never connected
+    await references.resolve(f"{receiver.url}/picture", LOOPBACK)
+    assert receiver.connections > connections  # and the count sees one that is made
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback port listened on over IPv4 and, where the host has it, IPv6, never
+    answering: a connection made to it waits, unaccepted, to be counted."""
+    v4 = socket.create_server(("127.0.0.1", 0))
+    port = v4.getsockname()[1]
+    listeners = [v4]
+    with contextlib.suppress(OSError):
+        listeners.append(socket.create_server(("::1", port), family=socket.AF_INET6))
+    try:
+        yield port, listeners
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def accepted(listeners: list[socket.socket]) -> int:
+    count = 0
+    for listener in listeners:
+        listener.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                listener.accept()[0].close()
+                count += 1
+    return count
+
+
+SPELLINGS = [
+    "127.0.0.1",
+    "127.1",
+    "127.0.1",
+    "2130706433",
+    "0x7f000001",
+    "017700000001",
+    "0177.0.0.1",
+    "0x7f.0.0.1",
+    "0x7f.1",
+    "0177.1",
+    "127.000.000.001",
+    "127.0.0.1.",
+    "%31%32%37.0.0.1",
+    "\uff11\uff12\uff17.0.0.1",  # full-width digits, which URL parsing folds to ASCII
+    "localhost",
+    "0.0.0.0",
+    "0",
+    "[::1]",
+    "[0:0:0:0:0:0:0:1]",
+    "[::1%25]",
+    "[::1%25lo]",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+    "[::ffff:127.0.0.1%25]",
+    "[::ffff:169.254.169.254%25]",
+    "[::127.0.0.1]",
+    "[::]",
+]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_no_spelling_of_an_internal_address_reaches_it(scheme: str) -> None:
+    webhooks = Policy("WEBHOOK_ALLOW", (), 0.5, MAX_BYTES)
+    with listening() as (port, listeners):
+        for spelling in SPELLINGS:
+            url = f"{scheme}://{spelling}:{port}/"
+            with pytest.raises(Refused) as refused:
+                await fetch(url, Policy("URL_FETCH_ALLOW", (), 0.5, MAX_BYTES))
+            assert refused.value.kind in ("policy", "url"), (url, refused.value.detail)
+            with pytest.raises(Refused) as refused:
+                await post(url, b"{}", {}, webhooks)
+            assert refused.value.kind in ("policy", "url"), (url, refused.value.detail)
+        assert accepted(listeners) == 0
+        # The count is real: a destination the allow-list names is connected to.
+        allowed = Policy("URL_FETCH_ALLOW", (AllowEntry("localhost", None, port),), 0.5, 1024)
+        with pytest.raises(Refused):
+            await fetch(f"http://localhost:{port}/", allowed)
+        assert accepted(listeners) >= 1
+
+
+async def test_an_allowed_port_is_the_only_one_allowed(receiver: Receiver) -> None:
+    port = int(receiver.url.rsplit(":", 1)[1])
+    for entry in (f"127.0.0.1:{port}", f"127.0.0.0/8:{port}", f"localhost:{port}"):
+        policy = Policy.from_settings(Settings.from_env({"URL_FETCH_ALLOW": entry}))
+        url = f"http://{'localhost' if 'localhost' in entry else '127.0.0.1'}:{port}/picture"
+        assert await fetch(url, policy) == PICTURE
+        other = url.replace(f":{port}/", f":{port + 1 if port < 65535 else port - 1}/")
+        assert (await refusal(other, policy)).kind == "policy"
+
+
+async def test_each_use_has_its_own_allow_list(receiver: Receiver) -> None:
+    values = Settings.from_env({"WEBHOOK_ALLOW": "127.0.0.1"})
+    assert (await refusal(f"{receiver.url}/picture", Policy.from_settings(values))).kind == (
+        "policy"
+    )
+    answer = await post(f"{receiver.url}/hook", b"{}", {}, Policy.from_settings(values, "webhook"))
+    assert answer.status == 200
 
 
 async def test_a_redirect_to_the_metadata_address_is_refused(receiver: Receiver) -> None:
     to = "http://169.254.169.254/latest/meta-data/"
     refused = await refusal(f"{receiver.url}/redirect?to={to}")
-    assert refused.reason == (
-        f"URL not fetched: redirected to {to}: address refused: 169.254.169.254 is a "
-        "link-local address; only public addresses are fetched, unless the server's "
-        "URL_FETCH_ALLOW lists the host"
-    )
+    assert refused.reason.startswith(f"URL not fetched: redirected: {POLICY_RULE}: ")
+    assert "169.254" not in refused.reason
+
+
+async def test_a_redirect_to_an_invalid_url_is_refused_as_one(receiver: Receiver) -> None:
+    refused = await refusal(f"{receiver.url}/redirect?to=http://[::1")
+    assert refused.kind == "url" and "redirected" in refused.reason
 
 
 async def test_redirects_are_followed_three_times_at_most(receiver: Receiver) -> None:
@@ -100,7 +216,7 @@ async def test_redirects_are_followed_three_times_at_most(receiver: Receiver) ->
 
 @pytest.mark.parametrize("path", ["/huge", "/huge-chunked"])
 async def test_a_300_mb_body_is_cut_at_the_upload_cap(receiver: Receiver, path: str) -> None:
-    policy = Policy(LOOPBACK.allow_hosts, (), CAP_S, 1024 * 1024)
+    policy = Policy("URL_FETCH_ALLOW", LOOPBACK.allow, CAP_S, 1024 * 1024)
     start = time.monotonic()
     refused = await refusal(f"{receiver.url}{path}", policy)
     assert refused.kind == "too_large"
@@ -116,22 +232,32 @@ async def test_a_server_that_never_answers_times_out_within_the_cap(receiver: Re
     assert CAP_S - 0.1 < waited < CAP_S + 1
 
 
-async def test_content_that_is_not_an_image_is_refused(receiver: Receiver) -> None:
-    refused = await refusal(f"{receiver.url}/text")  # declared image/png
+async def test_content_that_is_not_an_image_is_refused_logged_and_counted(
+    receiver: Receiver, caplog
+) -> None:
+    from sdxl_controlnet.metrics import OUTBOUND_FAILURES
+
+    counted = OUTBOUND_FAILURES.labels(use="fetch", kind="not_image")._value.get()
+    with caplog.at_level("WARNING"):
+        refused = await refusal(f"{receiver.url}/text")  # declared image/png
     assert refused.kind == "not_image"
     assert "not an image, whatever its Content-Type" in refused.reason
+    assert "fetch of 127.0.0.1 refused (not_image)" in caplog.text
+    assert OUTBOUND_FAILURES.labels(use="fetch", kind="not_image")._value.get() == counted + 1
 
 
 async def test_an_error_answer_and_an_unknown_host_are_refused(receiver: Receiver) -> None:
     assert "answered 404" in (await refusal(f"{receiver.url}/nothing")).reason
     unknown = await refusal("https://no-such-host.invalid/a.png", STRICT)
-    assert unknown.kind == "network" and "could not be resolved" in unknown.reason
+    assert unknown.kind == "network" and unknown.reason == "URL not fetched: could not be reached"
+    closed = await refusal(f"{receiver.url.rsplit(':', 1)[0]}:1/")
+    assert closed.reason == unknown.reason  # whether a name exists or a port is open: untold
 
 
 async def test_data_uris_are_decoded_and_held_to_the_same_rules() -> None:
     uri = "data:image/png;base64," + base64.b64encode(PICTURE).decode()
     assert await references.resolve(uri, STRICT) == PICTURE
-    small = Policy(frozenset(), (), CAP_S, 100)
+    small = Policy("URL_FETCH_ALLOW", (), CAP_S, 100)
     assert (await refusal(uri, small)).kind == "too_large"
     assert "not valid base64" in (await refusal("data:image/png;base64,@@@", STRICT)).reason
     text = "data:image/png;base64," + base64.b64encode(b"hello").decode()
@@ -150,7 +276,12 @@ def bentoml_request(**fields: object) -> Request:
 
 
 def form_request(**fields: str) -> Request:
-    built = httpx.Request("POST", "http://front/", files={k: (None, v) for k, v in fields.items()})
+    return raw_request(
+        httpx.Request("POST", "http://front/", files={k: (None, v) for k, v in fields.items()})
+    )
+
+
+def raw_request(built: httpx.Request) -> Request:
     body = built.read()
 
     async def receive() -> dict:
@@ -188,3 +319,108 @@ async def test_bentoml_never_downloads_a_text_in_a_files_place(monkeypatch) -> N
         bentoml_request(image=data_uri, params={"prompt": "x"}), ALL_SERDE["application/json"]()
     )
     assert json_read.image.size == (96, 64)
+
+
+def input_spec(api: str = "generate") -> type:
+    request_reading.apply()
+    import service
+
+    return service.ControlNet.apis[api].input_spec
+
+
+async def test_a_picture_field_sent_twice_is_refused_before_any_fetch(receiver: Receiver) -> None:
+    from pydantic import ValidationError
+
+    fetched = len(receiver.fetches)
+    built = httpx.Request(
+        "POST",
+        "http://front/",
+        files=[("image", (None, f"{receiver.url}/picture"))] * 3
+        + [("params", (None, '{"prompt": "x"}'))],
+    )
+    request = raw_request(built)
+    with pytest.raises(ValidationError) as refused:
+        await references.resolve_request(request, input_spec())
+    error = validation_body(refused.value)["error"]
+    assert "image: sent more than once: one picture per field" in error
+    assert receiver.fetches[fetched:] == []
+
+
+async def test_nothing_is_fetched_for_invalid_params(receiver: Receiver) -> None:
+    from pydantic import ValidationError
+
+    fetched = len(receiver.fetches)
+    for request in (
+        form_request(image=f"{receiver.url}/picture", params='{"prompt": "x", "width": -1}'),
+        bentoml_request(image=f"{receiver.url}/picture", params={"num_inference_steps": 0}),
+        bentoml_request(image=f"{receiver.url}/picture"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            await references.resolve_request(request, input_spec())
+        assert "params" in validation_body(refused.value)["error"]
+    assert receiver.fetches[fetched:] == []
+
+
+async def test_when_one_fetch_fails_its_siblings_are_cancelled(
+    receiver: Receiver, monkeypatch
+) -> None:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    monkeypatch.setattr(references.fetching, "FETCH_POLICY", LOOPBACK)
+    request = bentoml_request(
+        image=f"{receiver.url}/silent",
+        init_image=f"{receiver.url}/silent",
+        mask=f"{receiver.url}/nothing",
+        params={"prompt": "x"},
+    )
+    start = time.monotonic()
+    with pytest.raises(ValidationError) as refused:
+        await references.resolve_request(request, input_spec())
+    error = validation_body(refused.value)["error"]
+    assert "mask: URL not fetched: the server answered 404" in error
+    assert time.monotonic() - start < CAP_S  # the silent ones were not waited for
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() if "_as_upload" in repr(t.get_coro())]
+    assert left == []  # and none of them goes on
+    assert references._fetching == 0
+
+
+async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
+    receiver: Receiver, monkeypatch
+) -> None:
+    from sdxl_controlnet.errors import ServiceBusy
+    from sdxl_controlnet.middleware import RETRY_AFTER
+    from sdxl_controlnet.settings import settings
+
+    monkeypatch.setattr(references, "_fetching", settings.max_concurrent_fetches - 1)
+    fetched = len(receiver.fetches)
+    request = bentoml_request(
+        image=f"{receiver.url}/picture", mask=f"{receiver.url}/picture", params={"prompt": "x"}
+    )
+    with pytest.raises(ServiceBusy) as busy:
+        await references.resolve_request(request, input_spec())
+    assert busy.value.error_code == 503 and busy.value.retry_after_s == 1
+    assert "fetching all the pictures it can at once" in busy.value.message
+    assert request.scope[RETRY_AFTER] == 1  # ErrorBodies sends it as Retry-After
+    assert receiver.fetches[fetched:] == []
+    assert references._fetching == settings.max_concurrent_fetches - 1
+
+
+async def test_error_bodies_sends_the_retry_after_of_an_answer_bentoml_built() -> None:
+    from sdxl_controlnet.middleware import RETRY_AFTER, ErrorBodies
+
+    async def bentoml_answer(scope: dict, receive: object, send: object) -> None:
+        scope[RETRY_AFTER] = 1  # as references does, before BentoML answers without it
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "busy"}'})
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await ErrorBodies(bentoml_answer)({"type": "http"}, None, send)
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"] == "busy"

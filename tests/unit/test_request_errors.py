@@ -74,3 +74,14 @@ def test_bentomls_validation_error_is_rewritten_as_sentences() -> None:
 def test_json_failures_that_bentoml_does_not_catch(text: str | bytes, problem: str | None) -> None:
     found = request_errors._json_failure(text)
     assert (found or None) == problem or (problem and found.startswith(problem))
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 503, 504, 507])
+def test_bentomls_client_raises_for_each_status_once_the_errors_are_imported(status) -> None:
+    """Importing ``errors`` registers its classes in BentoML's client's status map: the
+    client must still build them, as it builds its own (an in-process test, then a client)."""
+    import httpx
+    from _bentoml_impl.client.base import map_exception
+
+    raised = map_exception(httpx.Response(status, text='{"error": "x"}'))
+    assert int(raised.error_code) == status and raised.message == '{"error": "x"}'

@@ -56,3 +56,24 @@ def test_generation_params_keep_only_what_the_gpu_needs() -> None:
 def test_a_missing_seed_is_drawn_at_random() -> None:
     seeds = {Params(prompt="a house").generation_params().seed for _ in range(5)}
     assert len(seeds) == 5 and all(0 <= seed <= MAX_SEED for seed in seeds)
+
+
+def test_the_wire_contract_imports_nothing_only_the_front_runs() -> None:
+    """schemas.py is read by both Services; the outbound policy is the front's alone."""
+    import ast
+    from pathlib import Path
+
+    import sdxl_controlnet.schemas
+
+    tree = ast.parse(Path(sdxl_controlnet.schemas.__file__).read_text())
+    imported = [
+        node.module or ""
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ] + [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+        for alias in node.names
+    ]
+    assert not [name for name in imported if name.startswith("front")]

@@ -1,0 +1,210 @@
+"""Webhook deliveries (sdxl_controlnet/front/webhooks.py) against a real loopback receiver:
+signatures checked with the Standard Webhooks library, the retry schedule (full jitter,
+Retry-After, 408/429/5xx, a 410 that ends it), thin payloads, the cap on pending
+deliveries, and the outbox that keeps them across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from devtools.receiver import Receiver, receiving
+from sdxl_controlnet.errors import validation_body
+from sdxl_controlnet.front import fetching, webhooks
+from sdxl_controlnet.front.jobs import Job, Outcome
+from sdxl_controlnet.front.webhooks import JobParams, Message
+from sdxl_controlnet.settings import Settings
+
+pytestmark = pytest.mark.anyio
+JOB_SECRET = "whsec_" + base64.b64encode(b"the job's own key, 26 bytes").decode()
+SERVER_SECRET = "whsec_" + base64.b64encode(b"the server's key, 26 bytes!").decode()
+BACKOFF_S = 0.2
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    configure(monkeypatch)
+    with receiving() as receiver:
+        yield receiver
+
+
+def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    values = Settings.from_env(
+        {
+            "WEBHOOK_ALLOW": "127.0.0.1",
+            "WEBHOOK_SECRET": SERVER_SECRET,
+            "WEBHOOK_BACKOFF_S": str(BACKOFF_S),
+            "WEBHOOK_TIMEOUT_S": "2",
+            **env,
+        }
+    )
+    monkeypatch.setattr(webhooks, "settings", values)
+    monkeypatch.setattr(
+        fetching, "WEBHOOK_POLICY", fetching.Policy.from_settings(values, "webhook")
+    )
+    return values
+
+
+async def settled(timeout_s: float = 10) -> None:
+    """Returns once every delivery started has ended."""
+    deadline = time.monotonic() + timeout_s
+    while webhooks._pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not webhooks._pending
+
+
+def message(receiver: Receiver, name: str = "a", secret: str = JOB_SECRET) -> Message:
+    body = json.dumps({"type": "generate_task.completed", "data": {"task_id": name}}).encode()
+    return Message(f"msg_{name}", f"{receiver.url}/hook", body, secret)
+
+
+def verified(delivery: object, secret: str) -> dict:
+    return Webhook(secret).verify(delivery.body, delivery.headers)  # type: ignore[attr-defined]
+
+
+async def test_a_message_is_signed_with_the_job_s_own_secret(receiver: Receiver) -> None:
+    assert await webhooks.deliver(message(receiver))
+    (delivery,) = receiver.deliveries
+    assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "a"
+    with pytest.raises(WebhookVerificationError):
+        verified(delivery, SERVER_SECRET)  # the server's key cannot forge it
+
+
+def test_a_job_s_secret_is_checked_and_never_echoed() -> None:
+    with pytest.raises(ValidationError) as refused:
+        JobParams(prompt="x", webhook="https://example.com/h", webhook_secret="whsec_short")
+    answered = json.dumps(validation_body(refused.value))  # what the client reads
+    assert "webhook_secret: must be whsec_" in answered and "whsec_short" not in answered
+    params = JobParams(prompt="x", webhook="https://example.com/h", webhook_secret=JOB_SECRET)
+    assert JOB_SECRET not in params.model_dump_json() and JOB_SECRET not in repr(params)
+
+
+@pytest.mark.parametrize(
+    ("webhook", "error"),
+    [
+        ("https://[::ffff:127.0.0.1%25]/h", "webhook: not a valid host: a zone id"),
+        ("https://10.0.0.1/h", "webhook: refused by the outbound policy: address"),
+        ("http://example.com/h", "webhook: refused by the outbound policy: http"),
+    ],
+)
+def test_a_receiver_the_webhook_policy_refuses_is_a_validation_error(
+    webhook: str, error: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        JobParams(prompt="x", webhook=webhook, webhook_secret=JOB_SECRET)
+    answered = validation_body(refused.value)["error"]
+    assert error in answered and "10.0.0.1" not in answered and "example.com" not in answered
+
+
+async def test_retry_after_is_honoured_and_a_410_ends_it_for_good(receiver: Receiver) -> None:
+    receiver.answers = [503, (429, {"Retry-After": "1"}), 408, 410, 200]
+    assert not await webhooks.deliver(message(receiver))
+    deliveries = receiver.deliveries
+    assert [d.status for d in deliveries] == [503, 429, 408, 410]  # nothing after the 410
+    gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
+    assert gaps[0] < BACKOFF_S + 0.15  # jittered within the first backoff
+    assert 1.0 <= gaps[1] < 1.3  # the receiver's Retry-After
+    assert gaps[2] < 2 * BACKOFF_S + 0.15
+    assert len({d.headers["webhook-id"] for d in deliveries}) == 1
+
+
+async def test_other_client_errors_are_not_tried_again(receiver: Receiver) -> None:
+    receiver.answers = [400]
+    assert not await webhooks.deliver(message(receiver))
+    assert len(receiver.deliveries) == 1
+
+
+def test_waits_are_full_jitter_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(monkeypatch, WEBHOOK_BACKOFF_S="1", WEBHOOK_MAX_BACKOFF_S="6")
+    third = [webhooks.wait_s(3) for _ in range(400)]
+    assert all(0 <= w <= 4 for w in third) and min(third) < 0.5 and max(third) > 3.5
+    assert all(w <= 6 for w in (webhooks.wait_s(10) for _ in range(400)))
+    assert webhooks.wait_s(1, "3") == 3
+    assert webhooks.wait_s(1, "86400") == 6  # a receiver cannot stall it past the cap
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 4))
+    assert 2.5 < webhooks.wait_s(1, date) <= 4
+
+
+def test_a_thin_payload_leaves_the_images_out() -> None:
+    class Result(BaseModel):
+        images: list[str]
+
+    job = Job("t1", "completed", None, None, 0.0, 1.0, 2.0, None)
+    outcome = Outcome(job, Result(images=["aGVsbG8="]))
+    assert webhooks.payload(outcome)["data"]["result"] == {"images": ["aGVsbG8="]}
+    thin = webhooks.payload(outcome, thin=True)
+    assert "result" not in thin["data"] and thin["data"]["status"] == "completed"
+
+
+async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+) -> None:
+    configure(monkeypatch, WEBHOOK_MAX_PENDING="2")
+    later = time.time() + 3600
+    first, second, third = (message(receiver, name) for name in "xyz")
+    for held in (first, second, third):
+        held.next_at = later
+    assert webhooks.start(first) and webhooks.start(second)
+    with caplog.at_level(logging.ERROR):
+        assert not webhooks.start(third)
+    assert "msg_z dropped: 2 deliveries already pending" in caplog.text
+    assert len(webhooks._pending) == 2
+
+    outbox = webhooks.Outbox(tmp_path / "outbox.db")
+    assert await webhooks.save_pending(outbox) == 2  # a graceful stop
+    assert webhooks._pending == {} and receiver.deliveries == []
+    assert (tmp_path / "outbox.db").stat().st_mode & 0o077 == 0
+    for kept in outbox.take():
+        kept.next_at = time.time()  # due now, to keep the test short
+        outbox.put([kept])
+
+    outbox.put([third])  # a third, from another worker
+    assert await webhooks.resume_pending(outbox) == 2  # the next start, up to the cap
+    (left,) = outbox.take()  # for the next worker to take, not dropped
+    assert left.message_id == "msg_z"
+    assert outbox.take() == []  # taken once: no other worker resumes them
+    await settled()
+    assert sorted(verified(d, JOB_SECRET)["data"]["task_id"] for d in receiver.deliveries) == [
+        "x",
+        "y",
+    ]
+
+
+async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
+    receiver: Receiver, caplog
+) -> None:
+    broken = message(receiver, secret="whsec_!!!")  # a key that cannot sign
+    with caplog.at_level(logging.ERROR):
+        assert webhooks.start(broken)
+        while webhooks._pending:
+            await asyncio.sleep(0.01)
+    assert "webhook msg_a: delivery failed on the server" in caplog.text
+    assert JOB_SECRET not in caplog.text
+
+
+async def test_a_job_s_secret_is_held_apart_from_the_request_bentoml_stores(
+    receiver: Receiver,
+) -> None:
+    params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
+    body = json.dumps({"params": {"webhook_secret": JOB_SECRET, "prompt": "x"}}).encode()
+    stored = webhooks.held_apart(body, params)
+    assert JOB_SECRET.encode() not in stored and len(stored) == len(body)
+    stand_in = json.loads(stored)["params"]["webhook_secret"]
+    # The job's body reads the stored request: the stand-in, which it swaps back.
+    as_run = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=stand_in)
+    job = Job("t2", "completed", None, None, 0.0, 1.0, 2.0, None)
+    webhooks.on_job_end(as_run)(Outcome(job))
+    await settled()
+    (delivery,) = receiver.deliveries
+    assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "t2"
+    assert stand_in not in webhooks._held
