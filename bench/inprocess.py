@@ -276,10 +276,15 @@ def preview_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
 
     watched()  # first calls set up kernels: not counted
     with_ms, without_ms = interleaved(runs, watched, lambda: pipeline.generate(edges, none))
+    # Where the overhead lives, apart from the noise of two whole generations.
+    latents = torch.randn(1, 4, 32, 32)  # 256² in latents
+    one_ms = [timed_ms(lambda: pipeline.previews.webp(latents)) for _ in range(runs)]
     rows = [
         Row("previews", "256² 20 steps, a preview every 5 vs none, per image (tiny model)", "ms",
             with_ms, without_ms,
             note=f"{every_5.steps // 5 - 1} previews of ~{statistics.median(sizes):.0f} B each"),
+        Row("previews", "one preview of 256² latents, tiny TAESD", "ms", one_ms,
+            note="decode + WebP, on the pipeline's thread"),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as real_size:
         AutoencoderTiny().save_pretrained(real_size)  # taesdxl's architecture
