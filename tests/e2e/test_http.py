@@ -107,22 +107,19 @@ def test_generate_batch_returns_json_with_every_image(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "why"),
-    [
-        ("https://127.0.0.1/", "127.0.0.1 is a loopback address"),
-        ("https://localhost:3000/", "localhost (127.0.0.1) is a loopback address"),
-        ("http://169.254.169.254/latest/", "169.254.169.254 is a link-local address"),
-    ],
+    "url", ["https://127.0.0.1/", "https://localhost:3000/", "http://169.254.169.254/latest/"]
 )
 @pytest.mark.parametrize("field", ["image", "init_image", "mask"])
-def test_image_urls_to_private_addresses_are_refused(
-    server: Server, field: str, url: str, why: str
+def test_image_urls_to_private_addresses_are_refused_naming_the_rule_only(
+    server: Server, field: str, url: str
 ) -> None:
     files = {"image": ("in.png", encode(shapes_image(64, 64)), "image/png")}
     files |= {field: (None, url), "params": (None, '{"prompt": "x"}')}
     response = httpx.post(f"{server.url}/generate", files=files, timeout=30)
     assert response.status_code == 400
-    assert response.json()["error"].startswith(f"{field}: URL not fetched: address refused: {why}")
+    error = response.json()["error"]
+    assert error.startswith(f"{field}: URL not fetched: refused by the outbound policy: address")
+    assert "127.0.0.1" not in error and "169.254" not in error  # addresses go to the log only
 
 
 def test_an_image_as_a_data_uri_in_a_json_body(server: Server) -> None:

@@ -29,7 +29,7 @@ def front():
 
 @pytest.fixture(scope="module")
 def gpu(front):
-    return front.controlnet_service
+    return front.gpu
 
 
 def webp(data: str) -> Image.Image:

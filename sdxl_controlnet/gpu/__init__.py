@@ -1,0 +1,1 @@
+"""The GPU Service (`SDXLControlNetService`): the only code that imports torch and diffusers."""
