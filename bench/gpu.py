@@ -11,11 +11,12 @@ text encoders), and **served**, ``bentoml serve .`` sent multipart /generate req
 with TORCH_COMPILE. Figures: start-up to ready, the first request, seconds per image (1024², 30
 steps, batch 1), the same with the 4-step preset, peak GPU memory.
 
-Everything fits in BENCH_GPU_BUDGET_S (default 420 s; the model build and every start-up count):
+Everything fits in BENCH_GPU_BUDGET_S (default 540 s; the model build and every start-up count):
 a plan estimates each item, runs them in priority order, skips with its reason what would
 overrun, and abandons an item still running at the deadline. Estimates follow what the run has
 measured so far. ``--full`` adds CHANNELS_LAST, FUSE_QKV, all flags together and bursts at
-concurrency 4, for a longer window. Prints one table; writes it as JSON to ``--output``.
+concurrency 4, for a longer window. After every item, rewrites the table (``--output`` with .txt)
+and its JSON (``--output``), so a run cut short keeps what it measured; prints the table at the end.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gpu-latest.json"
 LOGS = ROOT / "bench" / "results" / "gpu-logs"
 DEFAULT_MODEL = ROOT / "models" / "full-size"
-BUDGET_S = 420.0
+# What one 10-minute GPU window leaves after starting the machine and copying the kit.
+BUDGET_S = 540.0
 # Kept back from the budget for stopping the servers and writing the results.
 RESERVE_S = 15.0
 
@@ -301,6 +303,7 @@ class Served(Subject):
             ["serve", "."],
             env=served_env(self.config, self.variant),
             log_dir=self.config.log_dir,
+            fault_hooks=False,
         )
         self.server.wait_ready(timeout=self.config.budget_s)  # the plan's deadline stops it first
         self.startup_s = time.perf_counter() - began
@@ -525,8 +528,6 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
         plan.add(
             Item(
                 f"stop {variant}",
-                "",
-                [],
                 lambda: 0.0,
                 lambda p=pair: each(p, Subject.stop),
                 listed=False,
@@ -552,17 +553,28 @@ def _build_model(config: Config) -> None:
 # --- the run, its figures and the table ---
 
 
-def run_benchmark(config: Config, started: float | None = None) -> dict[str, Any]:
+def run_benchmark(
+    config: Config,
+    started: float | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda results: None,
+) -> dict[str, Any]:
     """Every item that fits in ``config.budget_s`` counted from ``started`` (time.time();
-    default now), as a JSON-ready dict."""
+    default now), as a JSON-ready dict, handed to ``save`` after every item too: a run cut
+    short keeps what it measured."""
     started = time.time() if started is None else started
     deadline = time.monotonic() + config.budget_s - (time.time() - started) - RESERVE_S
     plan, subjects = build_plan(config, deadline)
     try:
-        plan.run()
+        plan.run(after=lambda: save(results_so_far(config, started, plan, subjects)))
     finally:
         for subject in subjects:
             subject.stop()
+    return results_so_far(config, started, plan, subjects)
+
+
+def results_so_far(
+    config: Config, started: float, plan: Plan, subjects: list[Subject]
+) -> dict[str, Any]:
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "seconds": round(time.time() - started, 1),
@@ -767,18 +779,29 @@ def main(argv: list[str] | None = None) -> int:
         log_dir=args.log_dir,
     )
     cuda = torch.cuda.is_available() and not args.cpu
-    results = {
+    header = {
         "gpu": torch.cuda.get_device_name() if cuda else NO_CUDA_REASON,
         "machine": f"{platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPUs",
         # Where the libraries came from: on a GPU machine, the kit's folder.
         "packages": {name: _package(name) for name in ("torch", "diffusers", "bentoml")},
-        **run_benchmark(config, started),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
-    print(table(results))
-    print(f"\n{results['gpu']}; {results['machine']}; results in {args.output}")
+    text = args.output.with_suffix(".txt")
+
+    def save(results: dict[str, Any]) -> str:
+        """The JSON and the table, each replaced whole: a run killed at any moment leaves
+        the last complete pair."""
+        results = {**header, **results}
+        shown = table(results) + f"\n\n{results['gpu']}; {results['machine']}; "
+        shown += f"results in {args.output}, table in {text}"
+        for path, content in ((args.output, json.dumps(results, indent=1)), (text, shown)):
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(content + "\n")
+            partial.replace(path)
+        return shown
+
+    print(save(run_benchmark(config, started, save)))
     return 0  # figures, never a failure: failures are in the table
 
 

@@ -207,3 +207,51 @@ def test_the_table_gives_figures_their_spread_or_why_there_are_none() -> None:
     assert "skipped: needs ≈ 300 s; 90 s left" in text
     cpu = {r["figure"]: r for r in gpu.figures(subjects, config(device="cpu"))}
     assert cpu["peak GPU memory, eager"]["bare"] == gpu.NO_CUDA_REASON
+
+
+def test_the_stop_item_stops_the_variant_it_follows() -> None:
+    cfg = config(model_dir=Path("/nonexistent"), variants=["off", "FUSE_QKV"])
+    plan, subjects = gpu.build_plan(cfg, deadline=time.monotonic() + 60)
+    stop = next(i for i in plan.items if i.name == "stop FUSE_QKV")
+    pair = [s for s in subjects if s.variant == "FUSE_QKV"]
+    eager = [s for s in subjects if s.variant == "off"]
+    for s in subjects:
+        s.live = True
+    stop.run()
+    assert [s.live for s in pair] == [False, False]
+    assert [s.live for s in eager] == [True, True]  # the baseline stays loaded
+
+
+def test_the_benchmarks_servers_carry_no_test_hooks(tmp_path: Path) -> None:
+    """The slow-GPU fault wraps the UNet's forward: inside a benchmark it would be measured,
+    and compiled it breaks the graph."""
+    from devtools.harness import SLOW_GPU, Server
+
+    servers = [
+        Server([], module="platform", log_dir=tmp_path, fault_hooks=on) for on in (True, False)
+    ]
+    for server in servers:
+        server.process.wait(timeout=60)
+    hooked, clean = (server.env for server in servers)
+    assert str(SLOW_GPU) in hooked["PYTHONPATH"].split(os.pathsep)
+    assert str(SLOW_GPU) not in clean.get("PYTHONPATH", "").split(os.pathsep)
+    assert "SDXL_SLOW_STEP_FILE" not in clean
+
+
+def test_the_preflight_stops_a_gpu_run_without_cuda_naming_why(tmp_path: Path) -> None:
+    from bench import preflight
+
+    env_txt = tmp_path / "out" / "env.txt"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.preflight", str(env_txt), "--size", "64"],
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == preflight.CANNOT_RUN
+    lines = env_txt.read_text().splitlines()
+    assert any("machine: " in line and os.uname().machine in line for line in lines)
+    assert any("torch: " in line and "CUDA available: False" in line for line in lines)
+    assert "STOP: no CUDA GPU visible to torch" in lines[-1]
