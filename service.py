@@ -74,6 +74,7 @@ class SDXLControlNetService:
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
+            compile_mode=settings.torch_compile_mode,
             adapters=model_refs.adapter_sources(self, settings.lora_adapters),
         )
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)

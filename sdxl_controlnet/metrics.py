@@ -38,7 +38,8 @@ STEP_SECONDS = Gauge(
 UNCOMPILED = Counter(
     "sdxl_controlnet_uncompiled_generations",
     "With TORCH_COMPILE on, generations that ran uncompiled models, by reason: a shape "
-    "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
+    "not warmed, LoRA adapters on, guess mode (its ControlNet only), or recompile (the "
+    "warmed graphs' guards failed; the log names the guard).",
     ["reason"],
 )
 WEBHOOK_TRIES = Counter(
