@@ -30,8 +30,10 @@ from PIL import Image
 from .. import metrics
 from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
+from ..settings import settings
 from . import control_skip
 from .compilation import CompiledModels, graph_key, without_compiling
+from .prompt_cache import PromptEmbeddings
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
@@ -100,6 +102,7 @@ class ControlNetPipeline:
         compile_sizes: Iterable[tuple[int, int]] = (),
         compile_mode: str = "max-autotune",
         adapters: Mapping[str, tuple[str, str]] | None = None,
+        prompt_cache_size: int = settings.prompt_cache_size,
     ) -> None:
         self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
@@ -144,6 +147,7 @@ class ControlNetPipeline:
         if fuse_qkv:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
         control_skip.skip_when_unscaled(self.pipe.controlnet)
+        self._prompts = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         # The pipeline holds the eager modules except during a compiled call, so that
         # diffusers always finds the adapters on them.
@@ -274,6 +278,15 @@ class ControlNetPipeline:
         height, width = edges.shape
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
+        if self._prompts is None:
+            prompts = {
+                "prompt": params.prompt,
+                "prompt_2": params.prompt_2,
+                "negative_prompt": params.negative_prompt,
+                "negative_prompt_2": params.negative_prompt_2,
+            }
+        else:
+            prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         # torch.tensor copies: the array BentoML unpickles is read-only.
         control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
@@ -298,10 +311,7 @@ class ControlNetPipeline:
             pipe.unet, pipe.controlnet = self._compiled.modules
         try:
             images = pipe(
-                prompt=params.prompt,
-                prompt_2=params.prompt_2,
-                negative_prompt=params.negative_prompt,
-                negative_prompt_2=params.negative_prompt_2,
+                **prompts,
                 **pictures,
                 height=height,
                 width=width,
