@@ -27,9 +27,9 @@ SMOKE_TIMEOUT_S = 120  # a cold Triton compile of one kernel takes 10-40 s
 SMOKE = """
 import sys, torch
 device = sys.argv[1]
-f = torch.compile(lambda x: (x.sin() * 2 + 1).sum(), dynamic=False)
-x = torch.ones(64, 64, device=device)
-assert abs(float(f(x)) - float((x.sin() * 2 + 1).sum())) < 1e-2
+f = torch.compile(lambda x: x.sin() * 2 + 1, dynamic=False)
+x = torch.randn(64, 64, device=device)
+torch.testing.assert_close(f(x), x.sin() * 2 + 1)
 print(f"torch.compile on {device}: ok")
 """
 
@@ -50,8 +50,8 @@ def _run(command: list[str], timeout: float = 20) -> tuple[bool, str]:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"{type(exc).__name__}: {exc}"
-    output = (done.stdout + done.stderr).strip()
-    return done.returncode == 0, output
+    ok = done.returncode == 0
+    return ok, (done.stdout if ok else done.stdout + done.stderr).strip()  # warnings aside
 
 
 def check(path: Path, cpu: bool) -> int:
