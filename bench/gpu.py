@@ -31,9 +31,7 @@ import io
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,10 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.budget import Item, Plan, say
-from devtools.harness import Server, model_env, photo, post_generate
+from devtools.harness import Server, metric, model_env, photo, post_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gpu-latest.json"
@@ -73,13 +69,17 @@ ESTIMATE_S = {
     "build": 60.0,  # 9.5 GB of weights drawn on the GPU in fp16 and written
     "start bare": 20.0,  # the same 9.5 GB from the page cache onto the GPU
     "start served": 45.0,  # `bentoml serve`: imports, both Services, then the same load
-    "compile": 240.0,  # max-autotune of the UNet and the ControlNet at one size
     "compile at least": 60.0,  # a compile is tried when this much fits; the deadline stops it
     # 1024², 30 steps: SDXL base alone takes 2.5 s on an H100 (Stability AI's published
     # baseline, docs/performance.md); the ControlNet, half the UNet's size, adds to it.
     "image": 3.5,
     "first extra": 3.0,  # a first request picks its kernels
 }
+# The UNet and the ControlNet compiled at one size, with the warm-up generation, by mode:
+# reduce-overhead is inductor's kernels and CUDA graphs, max-autotune adds a kernel search
+# (6 to 15 minutes cold). Guesses until a GPU run measures them; the inductor cache outside
+# the kit makes a second run's compile shorter.
+COMPILE_S = {"reduce-overhead": 90.0, "default": 75.0, "max-autotune": 600.0}
 NO_CUDA_REASON = "no CUDA"
 NO_CUDA = (
     "bench.gpu: no CUDA GPU here (torch.cuda.is_available() is False), so nothing was "
@@ -99,6 +99,8 @@ class Config:
     concurrency: int = 4
     budget_s: float = BUDGET_S
     device: str = "cuda"  # "cpu": the rehearsal, on a small model
+    # reduce-overhead compiles within a window's share; max-autotune takes many minutes.
+    compile_mode: str = "reduce-overhead"
     log_dir: Path = LOGS
 
     @property
@@ -128,6 +130,7 @@ def served_env(config: Config, variant: str) -> dict[str, str]:
     env.update(model_env(config.model_dir))
     env.update({flag: "1" if flag in VARIANTS[variant] else "0" for flag in FLAGS})
     env["TORCH_COMPILE_SIZES"] = f"{config.size}x{config.size}"
+    env["TORCH_COMPILE_MODE"] = config.compile_mode
     env["ALLOW_CPU"] = "0" if config.cuda else "1"
     return env
 
@@ -148,6 +151,8 @@ class Subject(abc.ABC):
         self.rates: list[float] = []
         self.memory_gib: float | None = None
         self.missing: dict[str, str] = {}  # figure: why it has no value
+        # A compiled subject's proof that its graphs ran: compiles, recompiles, fallbacks.
+        self.counters: dict[str, int] = {}
         self.error: str | None = None
 
     @property
@@ -168,6 +173,10 @@ class Subject(abc.ABC):
     @abc.abstractmethod
     def read_memory(self) -> None:
         """Peak GPU memory so far, in GiB."""
+
+    @abc.abstractmethod
+    def read_counters(self) -> None:
+        """With TORCH_COMPILE: what shows whether the compiled graphs ran."""
 
     def stop(self) -> None:
         self.live = False
@@ -220,7 +229,7 @@ class Bare(Subject):
         )
         self.working = 0  # bytes above the weights, at the peak of a call
         if "TORCH_COMPILE" in flags:  # as the Service does, a warm-up before it is ready
-            mode = "max-autotune" if self.config.cuda else None
+            mode = self.config.compile_mode if self.config.cuda else "default"
             self.pipe.unet = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
             self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode=mode, dynamic=False)
             self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
@@ -275,6 +284,17 @@ class Bare(Subject):
     def read_memory(self) -> None:
         if self.config.cuda:
             self.memory_gib = (self.weights + self.working) / 2**30
+
+    def read_counters(self) -> None:
+        from torch._dynamo.utils import counters
+
+        # This process's: all bare subjects together.
+        self.counters = {
+            "graphs": counters["stats"]["unique_graphs"],
+            "recompiles": sum(counters["recompiles"].values()),
+            "graph breaks": sum(counters["graph_break"].values()),
+            "CUDA graph skips": counters["inductor"]["cudagraph_skips"],
+        }
 
     def stop(self) -> None:
         super().stop()
@@ -332,20 +352,16 @@ class Served(Subject):
             return 2 * n / (time.perf_counter() - began)
 
     def read_memory(self) -> None:
-        """nvidia-smi's figure for the whole process tree; PyTorch's allocator keeps what it
-        reserved, so after the timed images it is the peak."""
-        if not self.config.cuda or self.server is None or shutil.which("nvidia-smi") is None:
+        """torch.cuda's peak allocated bytes, as the GPU Service's /metrics exposes them:
+        counted as the bare pipeline's are (nvidia-smi's process ids fail in containers)."""
+        if not self.config.cuda or self.server is None:
             return
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
-        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
-        root = psutil.Process(self.server.process.pid)
-        pids = {p.pid for p in [root, *root.children(recursive=True)]}
-        mib = sum(
-            float(line.split(",")[1].split()[0])
-            for line in out.splitlines()
-            if line.split(",")[0].strip().isdigit() and int(line.split(",")[0]) in pids
-        )
-        self.memory_gib = mib / 1024 if mib else None
+        peak = metric(self.server, "sdxl_controlnet_gpu_memory_peak_bytes", kind="allocated")
+        self.memory_gib = peak / 2**30 if peak else None
+
+    def read_counters(self) -> None:
+        uncompiled = metric(self.server, "sdxl_controlnet_uncompiled_generations_total")
+        self.counters = {"uncompiled generations": int(uncompiled)}
 
     def stop(self) -> None:
         super().stop()
@@ -374,7 +390,9 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
     def startup_estimate(subject: Subject) -> float:
         eager = subjects[(subject.mode, "off")].startup_s
         base = eager if eager is not None else ESTIMATE_S[f"start {subject.mode}"]
-        return base + ESTIMATE_S["compile"] * ("TORCH_COMPILE" in VARIANTS[subject.variant])
+        return base + COMPILE_S[config.compile_mode] * (
+            "TORCH_COMPILE" in VARIANTS[subject.variant]
+        )
 
     def image_estimate(subject: Subject, kind: str) -> float:
         eager = subjects[(subject.mode, "off")]
@@ -428,7 +446,7 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
                     (
                         lambda: (
                             startup_estimate(subject)
-                            - ESTIMATE_S["compile"]
+                            - COMPILE_S[config.compile_mode]
                             + ESTIMATE_S["compile at least"]
                         )
                     )
@@ -470,6 +488,10 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
 
                 each(order, once)
             each(everyone, lambda s: s.read_memory())
+            each(
+                [s for s in everyone if "TORCH_COMPILE" in VARIANTS[s.variant]],
+                lambda s: s.read_counters(),
+            )
 
         what = "4-step preset" if kind == "preset" else f"{config.size}², {config.steps} steps"
         plan.add(
@@ -589,6 +611,7 @@ def results_so_far(
                 "seconds_per_preset_image": s.seconds["preset"],
                 "images_per_s": s.rates,
                 "peak_gpu_gib": s.memory_gib,
+                "counters": s.counters,
                 "missing": s.missing,
                 "error": s.error,
             }
@@ -708,6 +731,15 @@ def table(results: dict[str, Any]) -> str:
             speedups.append(f"  {variant}: {', '.join(cells)}")
     if speedups:
         text += ["", "speed-up over eager (seconds per image, eager / variant):", *speedups]
+    # A compiled row counts only where these show that its graphs ran.
+    counted = [
+        f"  {s['mode']} {s['variant']}: "
+        + ", ".join(f"{name} {value}" for name, value in s["counters"].items())
+        for s in results.get("subjects", [])
+        if s.get("counters")
+    ]
+    if counted:
+        text += ["", "compiled, after its timed images (dynamo, CUDA graphs, fallbacks):", *counted]
 
     budget = results["config"]["budget_s"]
     plan = [("plan", "estimate", "took", "")]
@@ -743,6 +775,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=1024, help="output side, pixels")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="rehearse on the CPU, small model")
+    parser.add_argument(
+        "--compile-mode",
+        choices=list(COMPILE_S),
+        default="reduce-overhead",
+        help="TORCH_COMPILE_MODE of the compiled variant (max-autotune: a longer window)",
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the planned items and their times; run none"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--log-dir", type=Path, default=LOGS, help="the servers' logs")
     args = parser.parse_args(argv)
@@ -758,15 +799,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def timeline(config: Config, model_built: bool = False) -> str:
+    """The plan as it stands before anything is measured: each item, its estimate, and when
+    it would start and end; what would not fit is marked so. No item runs."""
+    plan, _ = build_plan(config, deadline=0.0)
+    items = [i for i in plan.items if i.listed and (not model_built or "build" not in i.name)]
+    room = config.budget_s - RESERVE_S
+    lines, at = [("item", "estimate", "from", "to")], 0.0
+    for item in items:
+        estimate = item.estimate()
+        need = item.minimum() if item.minimum else estimate
+        if at + need > room:
+            lines.append((item.name, f"{estimate:.0f} s", "-", f"skipped: {room - at:.0f} s left"))
+            continue
+        end = min(at + estimate, room)
+        lines.append((item.name, f"{estimate:.0f} s", f"{at:.0f} s", f"{end:.0f} s"))
+        at = end
+    head = f"planned, budget {config.budget_s:.0f} s ({RESERVE_S:.0f} s kept to stop and write):"
+    return "\n".join([head, *_columns(lines)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # scripts/gpu-bench.sh sets when the run began, so that installing the kit counts too.
     started = float(os.environ.get("BENCH_GPU_STARTED") or time.time())
-    import torch
-
-    if not args.cpu and not torch.cuda.is_available():
-        print(NO_CUDA)
-        return 0
     config = Config(
         model_dir=args.model_dir,
         variants=args.variants,
@@ -777,7 +833,16 @@ def main(argv: list[str] | None = None) -> int:
         budget_s=args.budget,
         device="cpu" if args.cpu else "cuda",
         log_dir=args.log_dir,
+        compile_mode=args.compile_mode,
     )
+    if args.plan:
+        print(timeline(config, _model_built(config.model_dir)))
+        return 0
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        print(NO_CUDA)
+        return 0
     cuda = torch.cuda.is_available() and not args.cpu
     header = {
         "gpu": torch.cuda.get_device_name() if cuda else NO_CUDA_REASON,

@@ -11,6 +11,7 @@ import typing as t
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
+import torch
 
 from .. import metrics, streaming
 from ..errors import ClientError, GenerationCancelled
@@ -67,6 +68,10 @@ class GPUWorker:
                 logger.info("generation cancelled: its caller went away or timed out")
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
+        if self.pipeline.device.startswith("cuda"):
+            device = self.pipeline.device
+            metrics.GPU_MEMORY_PEAK.labels("allocated").set(torch.cuda.max_memory_allocated(device))
+            metrics.GPU_MEMORY_PEAK.labels("reserved").set(torch.cuda.max_memory_reserved(device))
         return images
 
     async def stream(

@@ -54,6 +54,7 @@ def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch
     monkeypatch.setenv("CHANNELS_LAST", "1")  # the variant decides, not the caller's shell
     monkeypatch.setenv("BENTOML_HOME", "/shared")  # each server gets a home of its own
     env = gpu.served_env(config(model_dir=tmp_path, size=512), "TORCH_COMPILE")
+    assert env["TORCH_COMPILE_MODE"] == "reduce-overhead"
     assert env["ALLOW_CPU"] == "0"  # on a GPU the Service must not fall back to the CPU
     assert env["SDXL_BASE_MODEL"] == str(tmp_path.resolve() / "base")
     assert env["SDXL_CONTROLNET_MODEL"] == str(tmp_path.resolve() / "controlnet")
@@ -62,7 +63,7 @@ def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch
     assert env["TORCH_COMPILE_SIZES"] == "512x512"  # compiled at the size it is timed at
     assert "BENTOML_HOME" not in env
     changed = {"ALLOW_CPU", "SDXL_BASE_MODEL", "SDXL_CONTROLNET_MODEL", "SDXL_VAE_MODEL"}
-    changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "BENTOML_HOME"}
+    changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "TORCH_COMPILE_MODE", "BENTOML_HOME"}
     assert {k: v for k, v in env.items() if k not in changed} == {
         k: v for k, v in os.environ.items() if k not in changed
     }
@@ -153,7 +154,8 @@ def test_the_default_plan_puts_eager_first_and_tries_the_compile_within_its_budg
     )
     compile_ = listed[6]
     estimate = gpu.ESTIMATE_S
-    assert compile_.estimate() == estimate["start served"] + estimate["compile"]
+    compile_s = gpu.COMPILE_S["reduce-overhead"]  # the first window's mode
+    assert compile_.estimate() == estimate["start served"] + compile_s
     assert compile_.minimum() == estimate["start served"] + estimate["compile at least"]
     # Before anything is measured, the eager part costs what the estimates say.
     eager = sum(i.estimate() for i in listed[:6])
@@ -164,6 +166,18 @@ def test_the_default_plan_puts_eager_first_and_tries_the_compile_within_its_budg
         estimate["build"] + estimate["start bare"] + estimate["start served"] + first + timed
     )
     assert eager + compile_.minimum() < 420 - gpu.RESERVE_S
+
+
+def test_the_default_540_s_plan_fits_eager_and_both_compiled_subjects() -> None:
+    """Before anything is measured, the default window's plan runs every item."""
+    args = gpu.parse_args([])
+    assert (args.budget, args.compile_mode) == (540, "reduce-overhead")
+    text = gpu.timeline(config(model_dir=Path("/nonexistent"), budget_s=args.budget))
+    assert "skipped" not in text
+    assert "start bare TORCH_COMPILE (compiles)" in text
+    # max-autotune's kernel search does not fit the same window: it is one flag away.
+    slow = gpu.timeline(config(budget_s=540, compile_mode="max-autotune"))
+    assert "skipped" in slow
 
 
 def subject(mode: str, variant: str, **fields: object) -> gpu.Subject:
