@@ -232,6 +232,7 @@ class Bare(Subject):
             mode = self.config.compile_mode if self.config.cuda else "default"
             self.pipe.unet = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
             self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode=mode, dynamic=False)
+            self.pipe.vae.decoder = torch.compile(self.pipe.vae.decoder, mode=mode, dynamic=False)
             self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
         self.startup_s = time.perf_counter() - began
 

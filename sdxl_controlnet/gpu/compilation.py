@@ -1,7 +1,7 @@
-"""torch.compile for the UNet and ControlNet, with one promise: after the warm-up nothing
-compiles. On a GPU a compilation holds it for a minute or more (max-autotune: many) and
-cannot be cancelled, so a call that the warmed graphs do not fit runs the eager module
-instead, and says so."""
+"""torch.compile for the UNet, the ControlNet and the VAE's decoder, with one promise:
+after the warm-up nothing compiles. On a GPU a compilation holds it for a minute or more
+(max-autotune: many) and cannot be cancelled, so a call that the warmed graphs do not fit
+runs the eager module instead, and says so."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
 
 
 class CompiledModels:
-    """The UNet and ControlNet compiled, and the shapes a warm-up has recorded them at.
+    """The UNet and ControlNet compiled (the pipeline puts them in place for a compiled
+    call), the VAE's decoder compiled in place, and the shapes a warm-up has recorded.
 
     Dynamo specialises a graph on the value of a Python float, on each tensor's dtype and on
     the keyword arguments given. So the ControlNet scale goes in as a tensor (it changes with
@@ -36,7 +37,12 @@ class CompiledModels:
     before using it, so the maths is the same."""
 
     def __init__(
-        self, unet: torch.nn.Module, controlnet: torch.nn.Module, device: str, mode: str
+        self,
+        unet: torch.nn.Module,
+        controlnet: torch.nn.Module,
+        vae: torch.nn.Module,
+        device: str,
+        mode: str,
     ) -> None:
         # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
         mode = mode if device.startswith("cuda") else "default"
@@ -49,6 +55,12 @@ class CompiledModels:
         unet_forward, controlnet_forward = (module.forward for module in self.modules)
         self.modules[0].forward = functools.partial(self._unet, unet_forward)
         self.modules[1].forward = functools.partial(self._controlnet, controlnet_forward)
+        # The VAE's decoder, compiled in place: it runs once, after the last step, in every
+        # request; its misfits run eagerly like the others'.
+        self.eager_decoder = vae.decoder
+        decoder = torch.compile(vae.decoder, mode=mode, dynamic=False)
+        decoder.forward = functools.partial(self._decoder, decoder.forward)
+        vae.decoder = decoder
         # The scale's one tensor on the device, refilled for each call: a kernel launch, where
         # torch.tensor(scale, device=cuda) would copy from the host and wait for it.
         self._scale = torch.zeros((), device=device)
@@ -72,6 +84,12 @@ class CompiledModels:
         self._step_marked = False
         return self._run("unet", compiled, *_as_graph_inputs(args, kwargs))
 
+    def _decoder(self, compiled: Callable, *args: object, **kwargs: object) -> object:
+        self._mark_step()  # its graph starts a step of its own, whatever ran last
+        self._step_marked = False
+        latents, *rest = args  # channels last after image-to-image: contiguous, as warmed
+        return self._run("vae decoder", compiled, (latents.contiguous(), *rest), kwargs)
+
     def _mark_step(self) -> None:
         """A new denoising step for CUDA graphs, so that each step replays the recorded graphs
         rather than recording new ones. diffusers marks steps only in its text-to-image
@@ -90,7 +108,8 @@ class CompiledModels:
             if RECOMPILE not in str(exc):
                 raise
             self.fallbacks.setdefault(name, _guard_failure(str(exc)))
-            return self.eager[("unet", "controlnet").index(name)](*args, **kwargs)
+            eager = {"unet": self.eager[0], "controlnet": self.eager[1]}.get(name)
+            return (eager or self.eager_decoder)(*args, **kwargs)
 
     def take_fallbacks(self) -> dict[str, str]:
         fallbacks, self.fallbacks = self.fallbacks, {}

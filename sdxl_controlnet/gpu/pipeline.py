@@ -196,11 +196,12 @@ class ControlNetPipeline:
         self._active = active
 
     def _compile(self, sizes: list[tuple[int, int]], mode: str) -> None:
-        """Compile the UNet and ControlNet and record their graphs at ``sizes``, one
-        image with guidance: a warm-up generation at each, before the Service is ready.
+        """Compile the UNet, ControlNet and VAE decoder, and record their graphs at
+        ``sizes``, one image with guidance: a warm-up generation at each, before the
+        Service is ready.
         Its second step is past the guidance window: the UNet's graph without the
         ControlNet's residuals is recorded too."""
-        self._compiled = CompiledModels(*self._eager, self.device, mode)
+        self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode)
         warm_up = GenerationParams(
             prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
         )

@@ -164,6 +164,14 @@ def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -
         assert uncompiled("recompile") == fallbacks, params
 
 
+def test_the_vae_decoder_is_compiled_and_runs_its_graph(compiled) -> None:
+    decoder = compiled.pipe.vae.decoder
+    assert isinstance(decoder, torch._dynamo.eval_frame.OptimizedModule)
+    fallbacks, after_warm_up = uncompiled("recompile"), compiled_graphs()
+    compiled.submit(edges(64, 64), PARAMS).result()
+    assert (uncompiled("recompile"), compiled_graphs()) == (fallbacks, after_warm_up)
+
+
 def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compiled, caplog) -> None:
     """Were a shape taken for warmed that is not, dynamo's guards would fail: the call runs
     the eager modules, the metric counts it, and the log names the failed guard."""
@@ -193,7 +201,7 @@ def test_each_step_is_marked_for_cuda_graphs(compiled, inpaint, monkeypatch) -> 
         update={"strength": 1.0, "num_inference_steps": 4, "control_guidance_end": 0.5}
     )
     compiled.submit(edges(64, 64), params, init_image=start, mask=mask).result()
-    assert len(marks) == 4
+    assert len(marks) == 4 + 1  # and one for the VAE's decoder, after the last step
 
 
 def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> None:
