@@ -11,7 +11,6 @@ import typing as t
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
-import torch
 
 from .. import metrics, streaming
 from ..errors import ClientError, GenerationCancelled
@@ -69,6 +68,8 @@ class GPUWorker:
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
         if self.pipeline.device.startswith("cuda"):
+            import torch  # here: service.py imports this module in the torch-free front too
+
             device = self.pipeline.device
             metrics.GPU_MEMORY_PEAK.labels("allocated").set(torch.cuda.max_memory_allocated(device))
             metrics.GPU_MEMORY_PEAK.labels("reserved").set(torch.cuda.max_memory_reserved(device))
