@@ -60,7 +60,7 @@ bench: tiny-model
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # The GPU tier on a full-size SDXL + Canny ControlNet with random weights, built into
-# FULL_SIZE_MODEL (about 9.5 GB; no hub), all within BENCH_GPU_BUDGET_S (default 420 s).
+# FULL_SIZE_MODEL (about 9.5 GB; no hub), all within BENCH_GPU_BUDGET_S (default 540 s).
 # Without CUDA it says so and exits 0. `make bench-gpu BENCH_GPU_ARGS=--full`; `python -m bench.gpu -h`.
 FULL_SIZE_MODEL ?= models/full-size
 .PHONY: bench-gpu gpu-kit

@@ -75,28 +75,34 @@ class Plan:
     def add(self, item: Item) -> None:
         self.items.append(item)
 
-    def run(self) -> None:
+    def run(self, after: Callable[[], None] = lambda: None) -> None:
+        """Each item in turn; ``after`` is called once each has run or been skipped, so
+        that what is done so far is on disk before the next one starts."""
         for item in self.items:
-            left = self.deadline - time.monotonic()
-            reason = item.blocked()
-            if reason is None:
-                item.estimate_s = item.estimate()
-                need = item.minimum() if item.minimum else item.estimate_s
-                if need > left:
-                    at_least = f", at least {need:.0f} s" if item.minimum else ""
-                    reason = f"needs ≈ {item.estimate_s:.0f} s{at_least}; {max(left, 0):.0f} s left"
-            if reason is not None:
-                item.record("skipped", reason)
-                continue
-            if item.listed:
-                say(f"{item.name} (≈ {item.estimate_s:.0f} s, {left:.0f} s left)")
-            began = time.monotonic()
-            try:
-                with deadline_alarm(self.deadline):
-                    item.run()
-                item.status = "done"
-            except Overrun:
-                item.record("abandoned", f"at the deadline, after {time.monotonic() - began:.0f} s")
-            except Exception as exc:
-                item.record("failed", f"{type(exc).__name__}: {exc}"[:300])
-            item.seconds = time.monotonic() - began
+            self._run(item)
+            after()
+
+    def _run(self, item: Item) -> None:
+        left = self.deadline - time.monotonic()
+        reason = item.blocked()
+        if reason is None:
+            item.estimate_s = item.estimate()
+            need = item.minimum() if item.minimum else item.estimate_s
+            if need > left:
+                at_least = f", at least {need:.0f} s" if item.minimum else ""
+                reason = f"needs ≈ {item.estimate_s:.0f} s{at_least}; {max(left, 0):.0f} s left"
+        if reason is not None:
+            item.record("skipped", reason)
+            return
+        if item.listed:
+            say(f"{item.name} (≈ {item.estimate_s:.0f} s, {left:.0f} s left)")
+        began = time.monotonic()
+        try:
+            with deadline_alarm(self.deadline):
+                item.run()
+            item.status = "done"
+        except Overrun:
+            item.record("abandoned", f"at the deadline, after {time.monotonic() - began:.0f} s")
+        except Exception as exc:
+            item.record("failed", f"{type(exc).__name__}: {exc}"[:300])
+        item.seconds = time.monotonic() - began

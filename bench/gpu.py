@@ -11,11 +11,12 @@ text encoders), and **served**, ``bentoml serve .`` sent multipart /generate req
 with TORCH_COMPILE. Figures: start-up to ready, the first request, seconds per image (1024², 30
 steps, batch 1), the same with the 4-step preset, peak GPU memory.
 
-Everything fits in BENCH_GPU_BUDGET_S (default 420 s; the model build and every start-up count):
+Everything fits in BENCH_GPU_BUDGET_S (default 540 s; the model build and every start-up count):
 a plan estimates each item, runs them in priority order, skips with its reason what would
 overrun, and abandons an item still running at the deadline. Estimates follow what the run has
 measured so far. ``--full`` adds CHANNELS_LAST, FUSE_QKV, all flags together and bursts at
-concurrency 4, for a longer window. Prints one table; writes it as JSON to ``--output``.
+concurrency 4, for a longer window. After every item, rewrites the table (``--output`` with .txt)
+and its JSON (``--output``), so a run cut short keeps what it measured; prints the table at the end.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ import io
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,16 +39,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.budget import Item, Plan, say
-from devtools.harness import Server, model_env, photo, post_generate
+from devtools.harness import Server, metric, model_env, photo, post_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gpu-latest.json"
 LOGS = ROOT / "bench" / "results" / "gpu-logs"
 DEFAULT_MODEL = ROOT / "models" / "full-size"
-BUDGET_S = 420.0
+# What one 10-minute GPU window leaves after starting the machine and copying the kit.
+BUDGET_S = 540.0
 # Kept back from the budget for stopping the servers and writing the results.
 RESERVE_S = 15.0
 
@@ -71,13 +69,17 @@ ESTIMATE_S = {
     "build": 60.0,  # 9.5 GB of weights drawn on the GPU in fp16 and written
     "start bare": 20.0,  # the same 9.5 GB from the page cache onto the GPU
     "start served": 45.0,  # `bentoml serve`: imports, both Services, then the same load
-    "compile": 240.0,  # max-autotune of the UNet and the ControlNet at one size
     "compile at least": 60.0,  # a compile is tried when this much fits; the deadline stops it
     # 1024², 30 steps: SDXL base alone takes 2.5 s on an H100 (Stability AI's published
     # baseline, docs/performance.md); the ControlNet, half the UNet's size, adds to it.
     "image": 3.5,
     "first extra": 3.0,  # a first request picks its kernels
 }
+# The UNet and the ControlNet compiled at one size, with the warm-up generation, by mode:
+# reduce-overhead is inductor's kernels and CUDA graphs, max-autotune adds a kernel search
+# (6 to 15 minutes cold). Guesses until a GPU run measures them; the inductor cache outside
+# the kit makes a second run's compile shorter.
+COMPILE_S = {"reduce-overhead": 90.0, "default": 75.0, "max-autotune": 600.0}
 NO_CUDA_REASON = "no CUDA"
 NO_CUDA = (
     "bench.gpu: no CUDA GPU here (torch.cuda.is_available() is False), so nothing was "
@@ -97,6 +99,8 @@ class Config:
     concurrency: int = 4
     budget_s: float = BUDGET_S
     device: str = "cuda"  # "cpu": the rehearsal, on a small model
+    # reduce-overhead compiles within a window's share; max-autotune takes many minutes.
+    compile_mode: str = "reduce-overhead"
     log_dir: Path = LOGS
 
     @property
@@ -126,6 +130,7 @@ def served_env(config: Config, variant: str) -> dict[str, str]:
     env.update(model_env(config.model_dir))
     env.update({flag: "1" if flag in VARIANTS[variant] else "0" for flag in FLAGS})
     env["TORCH_COMPILE_SIZES"] = f"{config.size}x{config.size}"
+    env["TORCH_COMPILE_MODE"] = config.compile_mode
     env["ALLOW_CPU"] = "0" if config.cuda else "1"
     return env
 
@@ -146,6 +151,8 @@ class Subject(abc.ABC):
         self.rates: list[float] = []
         self.memory_gib: float | None = None
         self.missing: dict[str, str] = {}  # figure: why it has no value
+        # A compiled subject's proof that its graphs ran: compiles, recompiles, fallbacks.
+        self.counters: dict[str, int] = {}
         self.error: str | None = None
 
     @property
@@ -166,6 +173,10 @@ class Subject(abc.ABC):
     @abc.abstractmethod
     def read_memory(self) -> None:
         """Peak GPU memory so far, in GiB."""
+
+    @abc.abstractmethod
+    def read_counters(self) -> None:
+        """With TORCH_COMPILE: what shows whether the compiled graphs ran."""
 
     def stop(self) -> None:
         self.live = False
@@ -218,9 +229,10 @@ class Bare(Subject):
         )
         self.working = 0  # bytes above the weights, at the peak of a call
         if "TORCH_COMPILE" in flags:  # as the Service does, a warm-up before it is ready
-            mode = "max-autotune" if self.config.cuda else None
+            mode = self.config.compile_mode if self.config.cuda else "default"
             self.pipe.unet = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
             self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode=mode, dynamic=False)
+            self.pipe.vae.decoder = torch.compile(self.pipe.vae.decoder, mode=mode, dynamic=False)
             self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
         self.startup_s = time.perf_counter() - began
 
@@ -274,6 +286,17 @@ class Bare(Subject):
         if self.config.cuda:
             self.memory_gib = (self.weights + self.working) / 2**30
 
+    def read_counters(self) -> None:
+        from torch._dynamo.utils import counters
+
+        # This process's: all bare subjects together.
+        self.counters = {
+            "graphs": counters["stats"]["unique_graphs"],
+            "recompiles": sum(counters["recompiles"].values()),
+            "graph breaks": sum(counters["graph_break"].values()),
+            "CUDA graph skips": counters["inductor"]["cudagraph_skips"],
+        }
+
     def stop(self) -> None:
         super().stop()
         self.pipe = self.control = None
@@ -301,6 +324,7 @@ class Served(Subject):
             ["serve", "."],
             env=served_env(self.config, self.variant),
             log_dir=self.config.log_dir,
+            fault_hooks=False,
         )
         self.server.wait_ready(timeout=self.config.budget_s)  # the plan's deadline stops it first
         self.startup_s = time.perf_counter() - began
@@ -329,20 +353,16 @@ class Served(Subject):
             return 2 * n / (time.perf_counter() - began)
 
     def read_memory(self) -> None:
-        """nvidia-smi's figure for the whole process tree; PyTorch's allocator keeps what it
-        reserved, so after the timed images it is the peak."""
-        if not self.config.cuda or self.server is None or shutil.which("nvidia-smi") is None:
+        """torch.cuda's peak allocated bytes, as the GPU Service's /metrics exposes them:
+        counted as the bare pipeline's are (nvidia-smi's process ids fail in containers)."""
+        if not self.config.cuda or self.server is None:
             return
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
-        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
-        root = psutil.Process(self.server.process.pid)
-        pids = {p.pid for p in [root, *root.children(recursive=True)]}
-        mib = sum(
-            float(line.split(",")[1].split()[0])
-            for line in out.splitlines()
-            if line.split(",")[0].strip().isdigit() and int(line.split(",")[0]) in pids
-        )
-        self.memory_gib = mib / 1024 if mib else None
+        peak = metric(self.server, "sdxl_controlnet_gpu_memory_peak_bytes", kind="allocated")
+        self.memory_gib = peak / 2**30 if peak else None
+
+    def read_counters(self) -> None:
+        uncompiled = metric(self.server, "sdxl_controlnet_uncompiled_generations_total")
+        self.counters = {"uncompiled generations": int(uncompiled)}
 
     def stop(self) -> None:
         super().stop()
@@ -371,7 +391,9 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
     def startup_estimate(subject: Subject) -> float:
         eager = subjects[(subject.mode, "off")].startup_s
         base = eager if eager is not None else ESTIMATE_S[f"start {subject.mode}"]
-        return base + ESTIMATE_S["compile"] * ("TORCH_COMPILE" in VARIANTS[subject.variant])
+        return base + COMPILE_S[config.compile_mode] * (
+            "TORCH_COMPILE" in VARIANTS[subject.variant]
+        )
 
     def image_estimate(subject: Subject, kind: str) -> float:
         eager = subjects[(subject.mode, "off")]
@@ -425,7 +447,7 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
                     (
                         lambda: (
                             startup_estimate(subject)
-                            - ESTIMATE_S["compile"]
+                            - COMPILE_S[config.compile_mode]
                             + ESTIMATE_S["compile at least"]
                         )
                     )
@@ -467,6 +489,10 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
 
                 each(order, once)
             each(everyone, lambda s: s.read_memory())
+            each(
+                [s for s in everyone if "TORCH_COMPILE" in VARIANTS[s.variant]],
+                lambda s: s.read_counters(),
+            )
 
         what = "4-step preset" if kind == "preset" else f"{config.size}², {config.steps} steps"
         plan.add(
@@ -525,8 +551,6 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
         plan.add(
             Item(
                 f"stop {variant}",
-                "",
-                [],
                 lambda: 0.0,
                 lambda p=pair: each(p, Subject.stop),
                 listed=False,
@@ -552,17 +576,28 @@ def _build_model(config: Config) -> None:
 # --- the run, its figures and the table ---
 
 
-def run_benchmark(config: Config, started: float | None = None) -> dict[str, Any]:
+def run_benchmark(
+    config: Config,
+    started: float | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda results: None,
+) -> dict[str, Any]:
     """Every item that fits in ``config.budget_s`` counted from ``started`` (time.time();
-    default now), as a JSON-ready dict."""
+    default now), as a JSON-ready dict, handed to ``save`` after every item too: a run cut
+    short keeps what it measured."""
     started = time.time() if started is None else started
     deadline = time.monotonic() + config.budget_s - (time.time() - started) - RESERVE_S
     plan, subjects = build_plan(config, deadline)
     try:
-        plan.run()
+        plan.run(after=lambda: save(results_so_far(config, started, plan, subjects)))
     finally:
         for subject in subjects:
             subject.stop()
+    return results_so_far(config, started, plan, subjects)
+
+
+def results_so_far(
+    config: Config, started: float, plan: Plan, subjects: list[Subject]
+) -> dict[str, Any]:
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "seconds": round(time.time() - started, 1),
@@ -577,6 +612,7 @@ def run_benchmark(config: Config, started: float | None = None) -> dict[str, Any
                 "seconds_per_preset_image": s.seconds["preset"],
                 "images_per_s": s.rates,
                 "peak_gpu_gib": s.memory_gib,
+                "counters": s.counters,
                 "missing": s.missing,
                 "error": s.error,
             }
@@ -696,6 +732,15 @@ def table(results: dict[str, Any]) -> str:
             speedups.append(f"  {variant}: {', '.join(cells)}")
     if speedups:
         text += ["", "speed-up over eager (seconds per image, eager / variant):", *speedups]
+    # A compiled row counts only where these show that its graphs ran.
+    counted = [
+        f"  {s['mode']} {s['variant']}: "
+        + ", ".join(f"{name} {value}" for name, value in s["counters"].items())
+        for s in results.get("subjects", [])
+        if s.get("counters")
+    ]
+    if counted:
+        text += ["", "compiled, after its timed images (dynamo, CUDA graphs, fallbacks):", *counted]
 
     budget = results["config"]["budget_s"]
     plan = [("plan", "estimate", "took", "")]
@@ -731,6 +776,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=1024, help="output side, pixels")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="rehearse on the CPU, small model")
+    parser.add_argument(
+        "--compile-mode",
+        choices=list(COMPILE_S),
+        default="reduce-overhead",
+        help="TORCH_COMPILE_MODE of the compiled variant (max-autotune: a longer window)",
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the planned items and their times; run none"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--log-dir", type=Path, default=LOGS, help="the servers' logs")
     args = parser.parse_args(argv)
@@ -746,15 +800,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def timeline(config: Config, model_built: bool = False) -> str:
+    """The plan as it stands before anything is measured: each item, its estimate, and when
+    it would start and end; what would not fit is marked so. No item runs."""
+    plan, _ = build_plan(config, deadline=0.0)
+    items = [i for i in plan.items if i.listed and (not model_built or "build" not in i.name)]
+    room = config.budget_s - RESERVE_S
+    lines, at = [("item", "estimate", "from", "to")], 0.0
+    for item in items:
+        estimate = item.estimate()
+        need = item.minimum() if item.minimum else estimate
+        if at + need > room:
+            lines.append((item.name, f"{estimate:.0f} s", "-", f"skipped: {room - at:.0f} s left"))
+            continue
+        end = min(at + estimate, room)
+        lines.append((item.name, f"{estimate:.0f} s", f"{at:.0f} s", f"{end:.0f} s"))
+        at = end
+    head = f"planned, budget {config.budget_s:.0f} s ({RESERVE_S:.0f} s kept to stop and write):"
+    return "\n".join([head, *_columns(lines)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # scripts/gpu-bench.sh sets when the run began, so that installing the kit counts too.
     started = float(os.environ.get("BENCH_GPU_STARTED") or time.time())
-    import torch
-
-    if not args.cpu and not torch.cuda.is_available():
-        print(NO_CUDA)
-        return 0
     config = Config(
         model_dir=args.model_dir,
         variants=args.variants,
@@ -765,20 +834,40 @@ def main(argv: list[str] | None = None) -> int:
         budget_s=args.budget,
         device="cpu" if args.cpu else "cuda",
         log_dir=args.log_dir,
+        compile_mode=args.compile_mode,
     )
+    if args.plan:
+        print(timeline(config, _model_built(config.model_dir)))
+        return 0
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        print(NO_CUDA)
+        return 0
     cuda = torch.cuda.is_available() and not args.cpu
-    results = {
+    header = {
         "gpu": torch.cuda.get_device_name() if cuda else NO_CUDA_REASON,
         "machine": f"{platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPUs",
         # Where the libraries came from: on a GPU machine, the kit's folder.
         "packages": {name: _package(name) for name in ("torch", "diffusers", "bentoml")},
-        **run_benchmark(config, started),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
-    print(table(results))
-    print(f"\n{results['gpu']}; {results['machine']}; results in {args.output}")
+    text = args.output.with_suffix(".txt")
+
+    def save(results: dict[str, Any]) -> str:
+        """The JSON and the table, each replaced whole: a run killed at any moment leaves
+        the last complete pair."""
+        results = {**header, **results}
+        shown = table(results) + f"\n\n{results['gpu']}; {results['machine']}; "
+        shown += f"results in {args.output}, table in {text}"
+        for path, content in ((args.output, json.dumps(results, indent=1)), (text, shown)):
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(content + "\n")
+            partial.replace(path)
+        return shown
+
+    print(save(run_benchmark(config, started, save)))
     return 0  # figures, never a failure: failures are in the table
 
 

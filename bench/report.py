@@ -14,12 +14,22 @@ def timed_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def interleaved(runs: int, *fns: Callable[[], object]) -> list[list[float]]:
+def cpu_ms(fn: Callable[[], object]) -> float:
+    """CPU milliseconds this process spent in ``fn``, all its threads: the work itself,
+    which a busy neighbour on a shared machine does not stretch as it does wall time."""
+    start = time.process_time()
+    fn()
+    return (time.process_time() - start) * 1000
+
+
+def interleaved(
+    runs: int, *fns: Callable[[], object], timer: Callable[[Callable[[], object]], float] = timed_ms
+) -> list[list[float]]:
     """Milliseconds of each function, alternating them so a noisy neighbour hits all alike."""
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
         for fn, times in zip(fns, samples, strict=True):
-            times.append(timed_ms(fn))
+            times.append(timer(fn))
     return samples
 
 

@@ -21,7 +21,7 @@ BURSTS = {1: 8, 4: 8, 16: 32}  # requests per burst, by concurrency
 
 def start_server() -> tuple[Server, Row]:
     """A server, and the seconds from `bentoml serve` to a ready /readyz."""
-    server = Server(["serve", "."])
+    server = Server(["serve", "."], fault_hooks=False)
     try:
         return server, Row("cold start", "`bentoml serve` to ready", "s", [server.wait_ready()])
     except Exception:

@@ -170,6 +170,7 @@ class Server:
         port: int = 0,
         module: str = "bentoml",
         log_dir: Path = ROOT / "test-artifacts",
+        fault_hooks: bool = True,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -177,19 +178,24 @@ class Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.step_file = self.log.with_name(f"slow-step-{self.port}")
         self.step_file.unlink(missing_ok=True)
+        # The slow-GPU fault, for tests; a benchmark measures the servers users run.
+        hooks = {
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(SLOW_GPU), os.environ.get("PYTHONPATH")])
+            ),
+            "SDXL_SLOW_STEP_FILE": str(self.step_file),
+        }
+        self.env = {
+            **os.environ,
+            **tiny_model_env(),
+            "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
+            **(hooks if fault_hooks else {}),
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT,
-            env={
-                **os.environ,
-                **tiny_model_env(),
-                "BENTOML_HOME": str(self.log.parent / f"bentoml-home-{self.port}"),
-                "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(SLOW_GPU), os.environ.get("PYTHONPATH")])
-                ),
-                "SDXL_SLOW_STEP_FILE": str(self.step_file),
-                **(env or {}),
-            },
+            env=self.env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark on a machine with no network, from the GPU kit (`make gpu-kit`):
 #   scripts/gpu-bench.sh OUTDIR [bench.gpu options]
-# Installs the kit's wheels into a folder of their own (the machine's torch and packages stay
-# as they are), runs `python -m bench.gpu` within BENCH_GPU_BUDGET_S (default 420 s, this
-# installation included), and writes the table and the JSON to OUTDIR.
+# First OUTDIR/env.txt: what the machine has and whether torch.compile works there (bench.preflight).
+# Then installs the kit's wheels into a folder of their own (the machine's torch and packages stay
+# as they are) and runs `python -m bench.gpu` within BENCH_GPU_BUDGET_S (default 540 s, this
+# installation included). The table (gpu-bench.txt) and the JSON are rewritten after every item.
+# The full-size model and the compilers' caches live in BENCH_GPU_CACHE, outside the kit, so a
+# second run (or a fresh copy of the kit) reuses them.
 # PYTHON picks the interpreter (default python3, which must have torch).
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -15,17 +18,33 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 PYTHON="${PYTHON:-python3}"
+CACHE="${BENCH_GPU_CACHE:-$HOME/.cache/sdxl-controlnet-gpu-bench}"
+mkdir -p "$CACHE"
+export TORCHINDUCTOR_CACHE_DIR="$CACHE/inductor" TRITON_CACHE_DIR="$CACHE/triton"
 SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu-kit-site.XXXXXX")"
 trap 'rm -rf "$SITE"' EXIT
+
+cd "$ROOT"
+preflight=0
+PYTHONPATH="$ROOT" "$PYTHON" -m bench.preflight "$OUT/env.txt" "$@" || preflight=$?
+VARIANTS=()
+case "$preflight" in
+  0) ;;
+  2) echo "gpu-bench: no torch.compile here, measuring eager only (see $OUT/env.txt)" >&2
+     VARIANTS=(--variants off) ;;
+  *) echo "gpu-bench: stopped, the machine cannot run the benchmark (see $OUT/env.txt):" >&2
+     tail -n 1 "$OUT/env.txt" >&2
+     exit "$preflight" ;;
+esac
 
 # pip runs from its own wheel: the machine's pip, if any, is not needed.
 PIP_WHEEL="$(ls "$ROOT"/gpu-wheels/pip-*.whl)"
 "$PYTHON" "$PIP_WHEEL/pip" install --quiet --no-index --no-deps --disable-pip-version-check \
   --target "$SITE" $(ls "$ROOT"/gpu-wheels/*.whl | grep -v '/pip-')
 
-cd "$ROOT"
 export PYTHONPATH="$SITE:$ROOT"
 export BENTOML_DO_NOT_TRACK=true
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-"$PYTHON" -m bench.gpu --output "$OUT/gpu-bench.json" --log-dir "$OUT/logs" "$@" \
-  | tee "$OUT/gpu-bench.txt"
+# The caller's options come last, so that theirs win.
+"$PYTHON" -m bench.gpu --output "$OUT/gpu-bench.json" --log-dir "$OUT/logs" \
+  --model-dir "$CACHE/full-size" "${VARIANTS[@]}" "$@" 2> >(tee "$OUT/progress.log" >&2)

@@ -35,10 +35,18 @@ STEP_SECONDS = Gauge(
     "Time the last timed denoising step took: how fast this GPU is right now.",
     multiprocess_mode="mostrecent",
 )
+GPU_MEMORY_PEAK = Gauge(
+    "sdxl_controlnet_gpu_memory_peak_bytes",
+    "Peak GPU memory of the GPU Service's worker since it started, as torch.cuda counts it: "
+    "allocated (tensors) or reserved (what its caching allocator holds).",
+    ["kind"],
+    multiprocess_mode="max",
+)
 UNCOMPILED = Counter(
     "sdxl_controlnet_uncompiled_generations",
     "With TORCH_COMPILE on, generations that ran uncompiled models, by reason: a shape "
-    "not warmed, LoRA adapters on, or guess mode (its ControlNet only).",
+    "not warmed, LoRA adapters on, guess mode (its ControlNet only), or recompile (the "
+    "warmed graphs' guards failed; the log names the guard).",
     ["reason"],
 )
 OUTBOUND_FAILURES = Counter(

@@ -30,6 +30,9 @@ from pydantic import (
 # The front waits this much longer than the GPU Service's own timeout, so that a
 # generation that times out reaches the client as a 504 with a message, not a cut connection.
 FRONT_TIMEOUT_MARGIN_S = 30
+# One front worker decodes, edge-maps and encodes in tens of milliseconds what a GPU takes
+# seconds to generate: four keep a GPU replica fed with room to spare.
+FRONT_WORKERS_CAP = 4
 
 
 # The samplers a request can choose, declared here because an adapter's preset names one.
@@ -188,8 +191,12 @@ class Settings(BaseModel):
     allow_cpu: bool = False
     # Start on a BentoML other than the one bentoml_compat/ was checked against.
     allow_untested_bentoml: bool = False
-    # Front workers: "cpu_count" counts the host's cores, not a container's share of them.
-    front_workers: int | t.Literal["cpu_count"] = "cpu_count"
+    # Front workers: by default the CPUs this process may use, at most FRONT_WORKERS_CAP (a
+    # GPU host's 16 to 200 cores are no measure of the front's work); "cpu_count" takes all
+    # the host's cores, not a container's share of them.
+    front_workers: t.Annotated[int, Field(ge=1)] | t.Literal["cpu_count"] = Field(
+        default_factory=lambda: min(len(os.sched_getaffinity(0)), FRONT_WORKERS_CAP)
+    )
 
     # GPU speed-ups, each off by default: see docs/performance.md.
     channels_last: bool = False  # NHWC memory layout for the UNet and ControlNet
@@ -197,7 +204,15 @@ class Settings(BaseModel):
     # torch.compile the UNet and ControlNet; start-up then runs one warm-up generation at
     # each of TORCH_COMPILE_SIZES (WxH, comma-separated); other sizes run uncompiled.
     torch_compile: bool = False
+    # torch.compile's mode on a GPU: max-autotune searches kernels for minutes at start-up;
+    # reduce-overhead (CUDA graphs, no search) starts within about a minute. The CPU runs
+    # inductor's default whatever this says.
+    torch_compile_mode: t.Literal["max-autotune", "reduce-overhead", "default"] = "max-autotune"
     torch_compile_sizes: str = Field(default="1024x1024", pattern=r"^\d+x\d+(,\d+x\d+)*$")
+
+    # Prompts whose text-encoder outputs the GPU Service keeps (least recently used out):
+    # about 0.6 MB of GPU memory each in fp16. 0 encodes every request's prompts afresh.
+    prompt_cache_size: int = Field(default=64, ge=0)
 
     # LoRA adapters requests choose by name, as JSON: {"name": {"model": ..., "weight_name":
     # ..., "preset": {...}}}. All load at start-up: a request never waits for one.

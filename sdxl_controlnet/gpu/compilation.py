@@ -1,15 +1,18 @@
-"""torch.compile for the UNet and ControlNet, with one promise: after the warm-up nothing
-compiles. On a GPU a compilation (max-autotune) holds it for minutes and cannot be
-cancelled, so a call that the warmed graphs do not fit runs the eager module instead."""
+"""torch.compile for the UNet, the ControlNet and the VAE's decoder, with one promise:
+after the warm-up nothing compiles. On a GPU a compilation holds it for a minute or more
+(max-autotune: many) and cannot be cancelled, so a call that the warmed graphs do not fit
+runs the eager module instead, and says so."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..schemas import GenerationParams
+from . import control_skip
 
 # What the graphs are specialised on: height, width and the models' batch. Everything
 # else a request sets reaches them as tensor values (see below).
@@ -20,41 +23,120 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
     return (height, width, params.batch)
 
 
-def _as_graph_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Dynamo specialises a graph on the value of a Python float, on each tensor's dtype and
-    on the keyword arguments given. So the ControlNet scale goes in as a tensor (it changes
-    with every request, and within one past the guidance window), the timestep as float32
-    (DPM-Solver, DDIM, UniPC and LCM step on int64 timesteps, Euler on float32), the latents
-    contiguous (the VAE encodes a start picture's channels last), and arguments given as
-    None are left to their default, None (the text-to-image pipeline passes
-    timestep_cond=None, the image-to-image and inpainting ones do not). Both modules make the
-    timestep float32 before using it, so the maths is the same."""
-    sample, timestep, *rest = args
-    kwargs = {name: value for name, value in kwargs.items() if value is not None}
-    if "conditioning_scale" in kwargs:
-        scale = float(kwargs["conditioning_scale"])
-        kwargs["conditioning_scale"] = torch.tensor(scale, device=sample.device)
-    return (sample.contiguous(), timestep.to(torch.float32), *rest), kwargs
-
-
 class CompiledModels:
-    """The UNet and ControlNet compiled, and the shapes a warm-up has recorded them at."""
+    """The UNet and ControlNet compiled (the pipeline puts them in place for a compiled
+    call), the VAE's decoder compiled in place, and the shapes a warm-up has recorded.
 
-    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module, device: str) -> None:
-        # CUDA graphs on a GPU; on the CPU (tests) inductor's default is the useful mode.
-        mode = "max-autotune" if device.startswith("cuda") else None
+    Dynamo specialises a graph on the value of a Python float, on each tensor's dtype and on
+    the keyword arguments given. So the ControlNet scale goes in as a tensor (it changes with
+    every request, and within one past the guidance window), the timestep as float32
+    (DPM-Solver, DDIM, UniPC and LCM step on int64 timesteps, Euler on float32), the latents
+    contiguous (the VAE encodes a start picture's channels last), and arguments given as None
+    are left to their default, None (the text-to-image pipeline passes timestep_cond=None,
+    the image-to-image and inpainting ones do not). Both modules make the timestep float32
+    before using it, so the maths is the same."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        controlnet: torch.nn.Module,
+        vae: torch.nn.Module,
+        device: str,
+        mode: str,
+    ) -> None:
+        # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
+        mode = mode if device.startswith("cuda") else "default"
+        self.eager = (unet, controlnet)
         self.modules = tuple(
             torch.compile(module, mode=mode, dynamic=False) for module in (unet, controlnet)
         )
-        for module in self.modules:
-            module.register_forward_pre_hook(_as_graph_inputs, with_kwargs=True)
+        # Each compiled forward runs these first: dynamo sees tensors where it would
+        # specialise, CUDA graphs see each step's start, and a misfit runs eagerly.
+        unet_forward, controlnet_forward = (module.forward for module in self.modules)
+        self.modules[0].forward = functools.partial(self._unet, unet_forward)
+        self.modules[1].forward = functools.partial(self._controlnet, controlnet_forward)
+        # The VAE's decoder, compiled in place: it runs once, after the last step, in every
+        # request; its misfits run eagerly like the others'.
+        self.eager_decoder = vae.decoder
+        decoder = torch.compile(vae.decoder, mode=mode, dynamic=False)
+        decoder.forward = functools.partial(self._decoder, decoder.forward)
+        vae.decoder = decoder
+        # The scale's one tensor on the device, refilled for each call: a kernel launch, where
+        # torch.tensor(scale, device=cuda) would copy from the host and wait for it.
+        self._scale = torch.zeros((), device=device)
+        self._step_marked = False
         self.warmed: set[GraphKey] = set()
+        # What ran eagerly since the last take_fallbacks(): module name, and why.
+        self.fallbacks: dict[str, str] = {}
+
+    def _controlnet(self, compiled: Callable, *args: object, **kwargs: object) -> object:
+        if control_skip.adds_nothing(kwargs):
+            return control_skip.NOTHING  # the UNet marks this step
+        self._mark_step()
+        args, kwargs = _as_graph_inputs(args, kwargs)
+        if "conditioning_scale" in kwargs:
+            kwargs["conditioning_scale"] = self._scale.fill_(float(kwargs["conditioning_scale"]))
+        return self._run("controlnet", compiled, args, kwargs)
+
+    def _unet(self, compiled: Callable, *args: object, **kwargs: object) -> object:
+        if not self._step_marked:  # a step where the ControlNet did not run
+            self._mark_step()
+        self._step_marked = False
+        return self._run("unet", compiled, *_as_graph_inputs(args, kwargs))
+
+    def _decoder(self, compiled: Callable, *args: object, **kwargs: object) -> object:
+        self._mark_step()  # its graph starts a step of its own, whatever ran last
+        self._step_marked = False
+        latents, *rest = args  # channels last after image-to-image: contiguous, as warmed
+        return self._run("vae decoder", compiled, (latents.contiguous(), *rest), kwargs)
+
+    def _mark_step(self) -> None:
+        """A new denoising step for CUDA graphs, so that each step replays the recorded graphs
+        rather than recording new ones. diffusers marks steps only in its text-to-image
+        ControlNet pipelines, not in image-to-image and inpainting; a second mark costs
+        nothing. Each step's first compiled call marks it: the ControlNet's, or the UNet's
+        where the ControlNet is skipped."""
+        torch.compiler.cudagraph_mark_step_begin()
+        self._step_marked = True
+
+    def _run(self, name: str, compiled: Callable, args: tuple, kwargs: dict) -> object:
+        """The compiled forward, or, where its graphs do not fit a call and dynamo's
+        fail_on_recompile stance refuses to compile it, the eager module, recorded."""
+        try:
+            return compiled(*args, **kwargs)
+        except RuntimeError as exc:
+            if RECOMPILE not in str(exc):
+                raise
+            self.fallbacks.setdefault(name, _guard_failure(str(exc)))
+            eager = {"unet": self.eager[0], "controlnet": self.eager[1]}.get(name)
+            return (eager or self.eager_decoder)(*args, **kwargs)
+
+    def take_fallbacks(self) -> dict[str, str]:
+        fallbacks, self.fallbacks = self.fallbacks, {}
+        return fallbacks
+
+
+# How dynamo's fail_on_recompile stance says that a call would compile.
+RECOMPILE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+
+
+def _guard_failure(message: str) -> str:
+    """The first guard that failed, from dynamo's message: why the graphs did not fit."""
+    lines = [line.strip(" -") for line in message.splitlines()]
+    reasons = [line for line in lines[1:] if line and "guard failure" not in line]
+    return reasons[0][:200] if reasons else "no graph fits"
+
+
+def _as_graph_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    sample, timestep, *rest = args
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    return (sample.contiguous(), timestep.to(torch.float32), *rest), kwargs
 
 
 @contextlib.contextmanager
 def without_compiling() -> Iterator[None]:
-    """Inside, compiled modules run the graphs they have; whatever those do not fit (guess
-    mode's ControlNet, say) runs eagerly instead of being compiled (dynamo's
-    ``eager_on_recompile`` stance)."""
-    with torch.compiler.set_stance("eager_on_recompile"):
+    """Inside, compiled modules run the graphs they have; a call those do not fit (guess
+    mode's ControlNet, say) runs the eager module instead of compiling, and is recorded in
+    ``CompiledModels.fallbacks``."""
+    with torch.compiler.set_stance("fail_on_recompile"):
         yield

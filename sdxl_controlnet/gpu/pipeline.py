@@ -31,9 +31,11 @@ from PIL import Image
 from .. import metrics
 from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
-from ..settings import Settings
+from ..settings import Settings, settings
+from . import control_skip
 from .compilation import CompiledModels, graph_key, without_compiling
 from .previews import PreviewDecoder
+from .prompt_cache import PromptEmbeddings
 
 logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
 
@@ -109,8 +111,10 @@ class ControlNetPipeline:
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
+            compile_mode=settings.torch_compile_mode,
             adapters=adapters,
             preview=preview,
+            prompt_cache_size=settings.prompt_cache_size,
         )
 
     def __init__(
@@ -123,8 +127,10 @@ class ControlNetPipeline:
         channels_last: bool = False,
         fuse_qkv: bool = False,
         compile_sizes: Iterable[tuple[int, int]] = (),
+        compile_mode: str = "max-autotune",
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
+        prompt_cache_size: int = settings.prompt_cache_size,
     ) -> None:
         self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
@@ -170,13 +176,15 @@ class ControlNetPipeline:
             self.pipe.controlnet.to(memory_format=torch.channels_last)
         if fuse_qkv:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
+        control_skip.skip_when_unscaled(self.pipe.controlnet)
+        self._prompts = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         # The pipeline holds the eager modules except during a compiled call, so that
         # diffusers always finds the adapters on them.
         self._eager = (self.pipe.unet, self.pipe.controlnet)
         self._compiled: CompiledModels | None = None
         if sizes := list(compile_sizes):
-            self._compile(sizes)
+            self._compile(sizes, compile_mode)
 
     def _load_adapter(self, name: str, path: str, weight_name: str) -> None:
         """Load one LoRA adapter beside the others, unfused; fail naming it."""
@@ -217,11 +225,16 @@ class ControlNetPipeline:
             raise
         self._active = active
 
-    def _compile(self, sizes: list[tuple[int, int]]) -> None:
-        """Compile the UNet and ControlNet and record their graphs at ``sizes``, one
-        image with guidance: a warm-up generation at each, before the Service is ready."""
-        self._compiled = CompiledModels(*self._eager, self.device)
-        warm_up = GenerationParams(prompt="warm-up", num_inference_steps=2, seed=0)
+    def _compile(self, sizes: list[tuple[int, int]], mode: str) -> None:
+        """Compile the UNet, ControlNet and VAE decoder, and record their graphs at
+        ``sizes``, one image with guidance: a warm-up generation at each, before the
+        Service is ready.
+        Its second step is past the guidance window: the UNet's graph without the
+        ControlNet's residuals is recorded too."""
+        self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode)
+        warm_up = GenerationParams(
+            prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
+        )
         for width, height in sizes:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
             self._compiled.warmed.add(graph_key(height, width, warm_up))
@@ -315,8 +328,15 @@ class ControlNetPipeline:
         height, width = edges.shape
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
-        if self._compiled is not None:
-            self._say_what_runs_eagerly(height, width, params, compiled)
+        if self._prompts is None:
+            prompts = {
+                "prompt": params.prompt,
+                "prompt_2": params.prompt_2,
+                "negative_prompt": params.negative_prompt,
+                "negative_prompt_2": params.negative_prompt_2,
+            }
+        else:
+            prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
         # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
         # torch.tensor copies: the array BentoML unpickles is read-only.
         control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
@@ -341,10 +361,7 @@ class ControlNetPipeline:
             pipe.unet, pipe.controlnet = self._compiled.modules
         try:
             images = pipe(
-                prompt=params.prompt,
-                prompt_2=params.prompt_2,
-                negative_prompt=params.negative_prompt,
-                negative_prompt_2=params.negative_prompt_2,
+                **prompts,
                 **pictures,
                 height=height,
                 width=width,
@@ -368,15 +385,18 @@ class ControlNetPipeline:
             ) from exc
         finally:
             pipe.unet, pipe.controlnet = self._eager
+        if self._compiled is not None:
+            self._say_what_ran_eagerly(height, width, params, compiled)
         # Quantize on the device: a quarter of the bytes to copy back.
         images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
-    def _say_what_runs_eagerly(
+    def _say_what_ran_eagerly(
         self, height: int, width: int, params: GenerationParams, compiled: bool
     ) -> None:
-        """With compiling on, a log line and a metric for each request that runs the
-        slower, uncompiled models."""
+        """With compiling on, a log line and a metric for each request that ran the
+        slower, uncompiled models: chosen beforehand, or where the graphs did not fit."""
+        fallbacks = self._compiled.take_fallbacks()
         if not compiled:
             reason = "adapters" if active_adapters(params.loras) else "shape"
             logger.info(
@@ -386,9 +406,16 @@ class ControlNetPipeline:
                 height,
                 params.batch,
             )
-        elif params.guess_mode:
+        elif params.guess_mode and set(fallbacks) == {"controlnet"}:
             reason = "guess_mode"
-            logger.info("uncompiled ControlNet (guess mode); the UNet runs compiled")
+            logger.info("uncompiled ControlNet (guess mode); the UNet ran compiled")
+        elif fallbacks:
+            reason = "recompile"
+            logger.warning(
+                "uncompiled %s: the warmed graphs did not fit (%s)",
+                ", ".join(fallbacks),
+                "; ".join(fallbacks.values()),
+            )
         else:
             return
         metrics.UNCOMPILED.labels(reason).inc()

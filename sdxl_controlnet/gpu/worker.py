@@ -74,6 +74,12 @@ class GPUWorker:
                 logger.info("generation cancelled: its caller went away or timed out")
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
+        if self.pipeline.device.startswith("cuda"):
+            import torch  # here: service.py imports this module in the torch-free front too
+
+            device = self.pipeline.device
+            metrics.GPU_MEMORY_PEAK.labels("allocated").set(torch.cuda.max_memory_allocated(device))
+            metrics.GPU_MEMORY_PEAK.labels("reserved").set(torch.cuda.max_memory_reserved(device))
         return images
 
     async def stream(

@@ -10,10 +10,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from torch._dynamo.utils import counters
 
 from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.gpu import pipeline as pipeline_module
+from sdxl_controlnet.gpu.compilation import graph_key
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice
 from sdxl_controlnet.settings import settings
@@ -55,6 +57,12 @@ def test_channels_last_and_fused_qkv_give_the_same_image() -> None:
 
 def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
+
+
+def uncompiled(reason: str) -> float:
+    """Generations counted as run uncompiled for ``reason``."""
+    name = "sdxl_controlnet_uncompiled_generations_total"
+    return REGISTRY.get_sample_value(name, {"reason": reason}) or 0.0
 
 
 ADAPTERS = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
@@ -130,20 +138,18 @@ def test_image_to_image_and_inpainting_run_the_warmed_graphs(eager, compiled, in
     mask[:, 32:] = 255 if inpaint else 0
     pictures = {"init_image": start, "mask": mask if inpaint else None}
     params = PARAMS.model_copy(update={"strength": 1.0})
-    after_warm_up = compiled_graphs()
-    with torch.compiler.set_stance("fail_on_recompile"):
-        images = compiled._thread.submit(
-            compiled._generate, edges(64, 64), params, None, lambda: False, **pictures
-        ).result()
+    after_warm_up, fallbacks = compiled_graphs(), uncompiled("recompile")
+    images = compiled.submit(edges(64, 64), params, **pictures).result()
     assert compiled_graphs() == after_warm_up
+    assert uncompiled("recompile") == fallbacks
     reference = eager.submit(edges(64, 64), params, **pictures).result()
     assert np.abs(images.astype(int) - reference).max() <= 3
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -> None:
-    """Not only no compilation, but no fallback: dynamo's fail_on_recompile stance raises
-    where the warmed graphs do not fit a request that should run compiled."""
+    """Not only no compilation, but no fallback: none is counted."""
+    fallbacks = uncompiled("recompile")
     for scale, end in itertools.product((0.0, 0.5, 0.8), (1.0, 0.5)):
         params = PARAMS.model_copy(
             update={
@@ -154,10 +160,48 @@ def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -
             }
         )
         assert compiled.runs_compiled(64, 64, params)
-        with torch.compiler.set_stance("fail_on_recompile"):
-            compiled._thread.submit(
-                compiled._generate, edges(64, 64), params, None, lambda: False
-            ).result()
+        compiled.submit(edges(64, 64), params).result()
+        assert uncompiled("recompile") == fallbacks, params
+
+
+def test_the_vae_decoder_is_compiled_and_runs_its_graph(compiled) -> None:
+    decoder = compiled.pipe.vae.decoder
+    assert isinstance(decoder, torch._dynamo.eval_frame.OptimizedModule)
+    fallbacks, after_warm_up = uncompiled("recompile"), compiled_graphs()
+    compiled.submit(edges(64, 64), PARAMS).result()
+    assert (uncompiled("recompile"), compiled_graphs()) == (fallbacks, after_warm_up)
+
+
+def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compiled, caplog) -> None:
+    """Were a shape taken for warmed that is not, dynamo's guards would fail: the call runs
+    the eager modules, the metric counts it, and the log names the failed guard."""
+    after_warm_up, fallbacks = compiled_graphs(), uncompiled("recompile")
+    key = graph_key(64, 96, PARAMS)
+    compiled._compiled.warmed.add(key)
+    try:
+        images = compiled.submit(edges(64, 96), PARAMS).result()
+    finally:
+        compiled._compiled.warmed.discard(key)
+    assert compiled_graphs() == after_warm_up  # nothing compiled
+    assert uncompiled("recompile") == fallbacks + 1
+    assert "the warmed graphs did not fit" in caplog.text
+    assert np.abs(images.astype(int) - eager.submit(edges(64, 96), PARAMS).result()).max() <= 3
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_each_step_is_marked_for_cuda_graphs(compiled, inpaint, monkeypatch) -> None:
+    """diffusers marks CUDA graph steps only in text-to-image: image-to-image and inpainting
+    get one mark a step from the compiled models, also where the ControlNet is skipped."""
+    marks: list[int] = []
+    real = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(real()))
+    start = np.full((64, 64, 3), 120, np.uint8)
+    mask = np.full((64, 64), 255, np.uint8) if inpaint else None
+    params = PARAMS.model_copy(
+        update={"strength": 1.0, "num_inference_steps": 4, "control_guidance_end": 0.5}
+    )
+    compiled.submit(edges(64, 64), params, init_image=start, mask=mask).result()
+    assert len(marks) == 4 + 1  # and one for the VAE's decoder, after the last step
 
 
 def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> None:

@@ -104,7 +104,7 @@ async def test_explicit_output_size(front, mode: str) -> None:
     assert decode(response.body).size == (128, 64)
 
 
-async def test_every_parameter_reaches_the_pipeline(front, pipeline_calls: list[dict]) -> None:
+async def test_every_parameter_reaches_the_pipeline(front, gpu, pipeline_calls: list[dict]) -> None:
     params = Params(
         prompt="a castle",
         prompt_2="oil painting",
@@ -124,8 +124,17 @@ async def test_every_parameter_reaches_the_pipeline(front, pipeline_calls: list[
     )
     await front.generate_batch(image=shapes_image(), params=params)
     (call,) = pipeline_calls
-    assert call["prompt"] == "a castle" and call["prompt_2"] == "oil painting"
-    assert call["negative_prompt"] == "blurry" and call["negative_prompt_2"] == "text"
+    # The four prompts reach diffusers encoded, through the prompt cache's entry for them.
+    prompts = GenerationParams(
+        prompt="a castle",
+        prompt_2="oil painting",
+        negative_prompt="blurry",
+        negative_prompt_2="text",
+    )
+    pipeline = gpu.worker.pipeline
+    cached = pipeline._prompts.get(pipeline.pipe, prompts, ())
+    for name, embeddings in cached.items():
+        assert call[name] is embeddings, name
     assert call["controlnet_conditioning_scale"] == 1.5
     assert (call["control_guidance_start"], call["control_guidance_end"]) == (0.1, 0.8)
     assert call["guess_mode"] is True

@@ -54,6 +54,7 @@ def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch
     monkeypatch.setenv("CHANNELS_LAST", "1")  # the variant decides, not the caller's shell
     monkeypatch.setenv("BENTOML_HOME", "/shared")  # each server gets a home of its own
     env = gpu.served_env(config(model_dir=tmp_path, size=512), "TORCH_COMPILE")
+    assert env["TORCH_COMPILE_MODE"] == "reduce-overhead"
     assert env["ALLOW_CPU"] == "0"  # on a GPU the Service must not fall back to the CPU
     assert env["SDXL_BASE_MODEL"] == str(tmp_path.resolve() / "base")
     assert env["SDXL_CONTROLNET_MODEL"] == str(tmp_path.resolve() / "controlnet")
@@ -64,7 +65,7 @@ def test_the_served_env_changes_only_model_paths_flags_and_allow_cpu(monkeypatch
     assert "BENTOML_HOME" not in env
     changed = {"ALLOW_CPU", "SDXL_BASE_MODEL", "SDXL_CONTROLNET_MODEL", "SDXL_VAE_MODEL"}
     changed |= {"SDXL_PREVIEW_MODEL"}
-    changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "BENTOML_HOME"}
+    changed |= {*gpu.FLAGS, "TORCH_COMPILE_SIZES", "TORCH_COMPILE_MODE", "BENTOML_HOME"}
     assert {k: v for k, v in env.items() if k not in changed} == {
         k: v for k, v in os.environ.items() if k not in changed
     }
@@ -155,7 +156,8 @@ def test_the_default_plan_puts_eager_first_and_tries_the_compile_within_its_budg
     )
     compile_ = listed[6]
     estimate = gpu.ESTIMATE_S
-    assert compile_.estimate() == estimate["start served"] + estimate["compile"]
+    compile_s = gpu.COMPILE_S["reduce-overhead"]  # the first window's mode
+    assert compile_.estimate() == estimate["start served"] + compile_s
     assert compile_.minimum() == estimate["start served"] + estimate["compile at least"]
     # Before anything is measured, the eager part costs what the estimates say.
     eager = sum(i.estimate() for i in listed[:6])
@@ -166,6 +168,18 @@ def test_the_default_plan_puts_eager_first_and_tries_the_compile_within_its_budg
         estimate["build"] + estimate["start bare"] + estimate["start served"] + first + timed
     )
     assert eager + compile_.minimum() < 420 - gpu.RESERVE_S
+
+
+def test_the_default_540_s_plan_fits_eager_and_both_compiled_subjects() -> None:
+    """Before anything is measured, the default window's plan runs every item."""
+    args = gpu.parse_args([])
+    assert (args.budget, args.compile_mode) == (540, "reduce-overhead")
+    text = gpu.timeline(config(model_dir=Path("/nonexistent"), budget_s=args.budget))
+    assert "skipped" not in text
+    assert "start bare TORCH_COMPILE (compiles)" in text
+    # max-autotune's kernel search does not fit the same window: it is one flag away.
+    slow = gpu.timeline(config(budget_s=540, compile_mode="max-autotune"))
+    assert "skipped" in slow
 
 
 def subject(mode: str, variant: str, **fields: object) -> gpu.Subject:
@@ -209,3 +223,51 @@ def test_the_table_gives_figures_their_spread_or_why_there_are_none() -> None:
     assert "skipped: needs ≈ 300 s; 90 s left" in text
     cpu = {r["figure"]: r for r in gpu.figures(subjects, config(device="cpu"))}
     assert cpu["peak GPU memory, eager"]["bare"] == gpu.NO_CUDA_REASON
+
+
+def test_the_stop_item_stops_the_variant_it_follows() -> None:
+    cfg = config(model_dir=Path("/nonexistent"), variants=["off", "FUSE_QKV"])
+    plan, subjects = gpu.build_plan(cfg, deadline=time.monotonic() + 60)
+    stop = next(i for i in plan.items if i.name == "stop FUSE_QKV")
+    pair = [s for s in subjects if s.variant == "FUSE_QKV"]
+    eager = [s for s in subjects if s.variant == "off"]
+    for s in subjects:
+        s.live = True
+    stop.run()
+    assert [s.live for s in pair] == [False, False]
+    assert [s.live for s in eager] == [True, True]  # the baseline stays loaded
+
+
+def test_the_benchmarks_servers_carry_no_test_hooks(tmp_path: Path) -> None:
+    """The slow-GPU fault wraps the UNet's forward: inside a benchmark it would be measured,
+    and compiled it breaks the graph."""
+    from devtools.harness import SLOW_GPU, Server
+
+    servers = [
+        Server([], module="platform", log_dir=tmp_path, fault_hooks=on) for on in (True, False)
+    ]
+    for server in servers:
+        server.process.wait(timeout=60)
+    hooked, clean = (server.env for server in servers)
+    assert str(SLOW_GPU) in hooked["PYTHONPATH"].split(os.pathsep)
+    assert str(SLOW_GPU) not in clean.get("PYTHONPATH", "").split(os.pathsep)
+    assert "SDXL_SLOW_STEP_FILE" not in clean
+
+
+def test_the_preflight_stops_a_gpu_run_without_cuda_naming_why(tmp_path: Path) -> None:
+    from bench import preflight
+
+    env_txt = tmp_path / "out" / "env.txt"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.preflight", str(env_txt), "--size", "64"],
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == preflight.CANNOT_RUN
+    lines = env_txt.read_text().splitlines()
+    assert any("machine: " in line and os.uname().machine in line for line in lines)
+    assert any("torch: " in line and "CUDA available: False" in line for line in lines)
+    assert "STOP: no CUDA GPU visible to torch" in lines[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,12 @@ import sys
 import pytest
 
 from devtools.harness import ROOT
-from sdxl_controlnet.settings import FRONT_TIMEOUT_MARGIN_S, Settings, SettingsError
+from sdxl_controlnet.settings import (
+    FRONT_TIMEOUT_MARGIN_S,
+    FRONT_WORKERS_CAP,
+    Settings,
+    SettingsError,
+)
 
 DOCS = ROOT / "docs" / "configuration.md"
 
@@ -28,6 +34,23 @@ def test_values_come_from_variables_of_the_same_name() -> None:
     )
     assert (settings.max_steps, settings.allow_cpu, settings.gpus) == (50, True, 4)
     assert settings.front_workers == 2
+
+
+def test_front_workers_are_capped_by_default_and_cpu_count_stays_possible() -> None:
+    # A GPU host's cores (16 to 200) are no measure of the front's work.
+    assert Settings.from_env({}).front_workers <= FRONT_WORKERS_CAP
+    assert Settings.from_env({"FRONT_WORKERS": "cpu_count"}).front_workers == "cpu_count"
+    assert Settings.from_env({"FRONT_WORKERS": "12"}).front_workers == 12
+    with pytest.raises(SettingsError, match="FRONT_WORKERS='0'"):
+        Settings.from_env({"FRONT_WORKERS": "0"})
+
+
+def test_the_compile_mode_is_one_of_torch_compiles() -> None:
+    assert Settings.from_env({}).torch_compile_mode == "max-autotune"
+    fast = Settings.from_env({"TORCH_COMPILE_MODE": "reduce-overhead"})
+    assert fast.torch_compile_mode == "reduce-overhead"
+    with pytest.raises(SettingsError, match="TORCH_COMPILE_MODE='fast'"):
+        Settings.from_env({"TORCH_COMPILE_MODE": "fast"})
 
 
 def test_the_front_timeout_is_derived_from_the_gpu_timeout() -> None:
@@ -129,4 +152,7 @@ def test_the_configuration_docs_list_every_setting_with_its_default() -> None:
         name.upper(): str(value).lower() if isinstance(value, bool) else str(value)
         for name, value in defaults.items()
     }
+    # The one default that depends on the machine, written as its rule.
+    assert defaults["front_workers"] == min(len(os.sched_getaffinity(0)), FRONT_WORKERS_CAP)
+    expected["FRONT_WORKERS"] = f"min(CPUs, {FRONT_WORKERS_CAP})"
     assert documented == expected
