@@ -328,6 +328,8 @@ class ControlNetPipeline:
         height, width = edges.shape
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
+        if self._compiled is not None:
+            self._compiled.take_fallbacks()  # a failed or cancelled call's, not this one's
         if self._prompts is None:
             prompts = {
                 "prompt": params.prompt,
