@@ -195,9 +195,11 @@ def test_a_failing_receiver_is_retried_with_jitter_and_retry_after(
     for delivery in deliveries:
         Webhook(SECRET).verify(delivery.body, delivery.headers)
     gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
-    assert gaps[0] < BACKOFF_S + 0.5, gaps  # full jitter: anywhere in [0, backoff]
-    assert 1.0 <= gaps[1] < 1.8, gaps  # the receiver's Retry-After
-    assert gaps[2] < 4 * BACKOFF_S + 0.5, gaps
+    # The upper bounds leave a busy machine a second of scheduling delay; ignoring
+    # Retry-After would fail its lower bound.
+    assert gaps[0] < BACKOFF_S + 1.0, gaps  # full jitter: anywhere in [0, backoff]
+    assert 1.0 <= gaps[1] < 2.0, gaps  # the receiver's Retry-After
+    assert gaps[2] < 4 * BACKOFF_S + 1.0, gaps
     tries_after = metric(outbound_server, "sdxl_controlnet_webhook_tries_total", outcome="5xx")
     assert tries_after - tries_before == 2
     at = ", ".join(f"{d.at - submitted:.2f} s ({d.status})" for d in deliveries)
