@@ -82,29 +82,27 @@ async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
     """``run`` as server-sent events: ``progress`` after each step, ``preview`` where asked,
     then ``result`` (what ``/generate_batch`` answers) or ``error``. Closing it stops the
     generation."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()  # None: the last event was sent
 
     async def progress(kind: str, event: dict[str, t.Any]) -> None:
         await queue.put(streaming.server_sent_event(kind, event))
 
-    async def generate() -> str:
-        result = await (await run(gpu, prepared, progress)).batch_result()
-        return streaming.server_sent_event("result", result.model_dump_json())
+    async def generate() -> None:
+        try:
+            result = await (await run(gpu, prepared, progress)).batch_result()
+            await queue.put(streaming.server_sent_event("result", result.model_dump_json()))
+        except Exception as exc:  # every failure reaches the client as an event
+            await queue.put(
+                streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
+            )
+        finally:
+            queue.put_nowait(None)
 
     generating = asyncio.ensure_future(generate())
     try:
-        while not generating.done() or not queue.empty():
-            next_event = asyncio.ensure_future(queue.get())
-            await asyncio.wait({next_event, generating}, return_when=asyncio.FIRST_COMPLETED)
-            if next_event.done():
-                yield next_event.result()
-            else:
-                next_event.cancel()
-        try:
-            yield generating.result()
-        except Exception as exc:  # every failure reaches the client as an event
-            yield streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
+        while (event := await queue.get()) is not None:
+            yield event
     finally:
         generating.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError):
             await generating
