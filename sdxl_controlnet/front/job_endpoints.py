@@ -36,8 +36,7 @@ from ..errors import UnsupportedMediaType, error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
 from . import webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, Job, JobStore
-
-PICKLE = "application/vnd.bentoml+pickle"  # never unpickled on the public front
+from .references import PICKLE  # never unpickled on the public front
 
 
 class JobEndpoints:
