@@ -33,7 +33,11 @@ $(TINY_MODEL)/base/model_index.json: | $(BIN)/bentoml
 $(TINY_MODEL)/preview/config.json: | $(TINY_MODEL)/base/model_index.json
 	$(BIN)/python -m devtools.tiny_model --preview-only $(TINY_MODEL)
 
-tiny-model: $(TINY_MODEL)/base/model_index.json $(TINY_MODEL)/preview/config.json
+# So did the depth ControlNet and the ControlNet Union (SDXL_CONTROLNETS).
+$(TINY_MODEL)/controlnet-union/config.json: | $(TINY_MODEL)/base/model_index.json
+	$(BIN)/python -m devtools.tiny_model --controls-only $(TINY_MODEL)
+
+tiny-model: $(TINY_MODEL)/base/model_index.json $(TINY_MODEL)/preview/config.json $(TINY_MODEL)/controlnet-union/config.json
 
 serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)

@@ -42,19 +42,20 @@ JOBS = jobs.JobStore(jobs.default_path())  # the front's jobs, shared by its wor
     traffic={"timeout": settings.generation_timeout_s, "max_concurrency": settings.max_queue},
     runner_connection=connections.NEVER_RECYCLE,
 )
+@model_refs.with_controlnets(settings.controlnets)  # SDXL_CONTROLNETS: one, several, a Union
 @model_refs.with_adapters(settings.lora_adapters)  # LoRA adapters, declared like the models
 class SDXLControlNetService:
     # Model references (`bentoml build` records them, `bentoml serve` downloads the included
     # files before the workers start) or local directories; the preview decoder is optional.
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
-    controlnet = model_refs.reference(settings.sdxl_controlnet_model, model_refs.CONTROLNET_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
     preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
-        models = (self.base, self.controlnet, self.vae, self.preview)
+        controlnets = model_refs.controlnet_sources(self, settings.controlnets)
+        models = (self.base, controlnets, self.vae, self.preview)
         adapters = model_refs.adapter_sources(self, settings.lora_adapters)
         pipeline = ControlNetPipeline.from_settings(*models, settings, adapters)
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
@@ -63,28 +64,32 @@ class SDXLControlNetService:
     @answers_errors
     async def generate(
         self,
-        edges: schemas.EdgeMap,
+        edges: schemas.OptionalEdgeMap,
         params: schemas.GenerationParams,
         init_image: schemas.OptionalPicture = None,
         mask: schemas.OptionalMask = None,
+        controls: schemas.OptionalControlImages = None,
     ) -> schemas.Images:
-        """Generate images that follow ``edges``, an H×W uint8 Canny edge map: from noise,
-        or from ``init_image`` at ``params.strength``, repainting where ``mask`` is white."""
-        run = self.worker.run(edges, params, init_image=init_image, mask=mask)
+        """Generate images that follow ``edges``, an H×W uint8 Canny edge map, or
+        ``controls``, one K×H×W×3 image per ``params.controls``: from noise, or from
+        ``init_image`` at ``params.strength``, repainting where ``mask`` is white."""
+        run = self.worker.run(edges, params, init_image=init_image, mask=mask, controls=controls)
         return await cancel_on_disconnect(run)
 
     @bentoml.api
     async def generate_stream(
         self,
-        edges: schemas.EdgeMap,
+        edges: schemas.OptionalEdgeMap,
         params: schemas.GenerationParams,
         init_image: schemas.OptionalPicture = None,
         mask: schemas.OptionalMask = None,
+        controls: schemas.OptionalControlImages = None,
     ) -> t.AsyncGenerator[str, None]:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` after each step (``"image"``,
         a WebP preview, every ``params.preview_every``), then ``{"shape", "images"}`` (raw
         uint8) or ``{"status", "error"}``; closing it stops the generation."""
-        async for line in self.worker.stream(edges, params, init_image=init_image, mask=mask):
+        pictures = {"init_image": init_image, "mask": mask, "controls": controls}
+        async for line in self.worker.stream(edges, params, **pictures):
             yield line
 
 

@@ -23,9 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.tiny_model import (
     BASE_SUBDIR,
     CONTROLNET_SUBDIR,
+    DEPTH_SUBDIR,
     PREVIEW_SUBDIR,
+    UNION_SUBDIR,
     VAE_SUBDIR,
     build,
+    build_controls,
     build_preview,
 )
 
@@ -56,12 +59,25 @@ def tiny_model_env() -> dict[str, str]:
     return {**model_env(TINY_MODEL), "ALLOW_CPU": "1"}
 
 
+def tiny_controlnets(configuration: str) -> dict[str, str]:
+    """``SDXL_CONTROLNETS`` for the tiny model's ControlNets: ``canny+depth`` or ``union``."""
+    tiny = {
+        "canny": CONTROLNET_SUBDIR,
+        "depth": DEPTH_SUBDIR,
+        "union": UNION_SUBDIR,
+    }
+    names = configuration.split("+")
+    return {"SDXL_CONTROLNETS": ",".join(f"{n}={TINY_MODEL.resolve() / tiny[n]}" for n in names)}
+
+
 def ensure_tiny_model() -> Path:
     """The tiny model's directory, built first if it is missing."""
     if not (TINY_MODEL / BASE_SUBDIR / "model_index.json").exists():
         build(TINY_MODEL)
-    elif not (TINY_MODEL / PREVIEW_SUBDIR / "config.json").exists():
+    if not (TINY_MODEL / PREVIEW_SUBDIR / "config.json").exists():
         build_preview(TINY_MODEL)
+    if not (TINY_MODEL / UNION_SUBDIR / "config.json").exists():
+        build_controls(TINY_MODEL)
     return TINY_MODEL
 
 

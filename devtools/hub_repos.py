@@ -1,9 +1,10 @@
 """Lay the tiny model out as the Hugging Face repositories it stands in for.
 
 The real repositories hold more than a pipeline loads: fp32 weights next to their fp16
-variant, ``.bin`` duplicates, ONNX and Flax exports, single-file checkpoints, sample
-images. These copies hold the same kinds of files (from ``models/tiny``, so small), which
-lets a test prove that the include patterns fetch what the pipeline needs and nothing else.
+variant, ``.bin`` duplicates, ONNX and Flax exports, single-file checkpoints, another
+model beside the one loaded, sample images. These copies hold the same kinds of files
+(from ``models/tiny``, so small), which lets a test prove that the include patterns fetch
+what the pipeline needs and nothing else.
 
     python -m devtools.hub_repos models/tiny OUT   # then: python -m devtools.hub ID=OUT/... ...
 """
@@ -11,6 +12,7 @@ lets a test prove that the include patterns fetch what the pipeline needs and no
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -18,10 +20,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from devtools.tiny_model import BASE_SUBDIR, CONTROLNET_SUBDIR, PREVIEW_SUBDIR, VAE_SUBDIR
+from devtools.tiny_model import (
+    BASE_SUBDIR,
+    CONTROLNET_SUBDIR,
+    DEPTH_SUBDIR,
+    PREVIEW_SUBDIR,
+    UNION_SUBDIR,
+    VAE_SUBDIR,
+)
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
+# The ControlNets SDXL_CONTROLNETS may declare besides: a second type, and a Union.
+DEPTH_REPO = "diffusers/controlnet-depth-sdxl-1.0"
+UNION_REPO = "xinsir/controlnet-union-sdxl-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 PREVIEW_REPO = "madebyollin/taesdxl"
 
@@ -34,11 +46,14 @@ BASE_WEIGHTS = {
 }
 
 
+def _half(weights: Path) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+
+
 def _fp16_variant(weights: Path) -> Path:
     """Write ``name.fp16.safetensors`` next to ``name.safetensors``, really in fp16."""
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
     target = weights.with_suffix(".fp16.safetensors")
-    save_file(tensors, target, metadata={"format": "pt"})
+    save_file(_half(weights), target, metadata={"format": "pt"})
     return target
 
 
@@ -77,15 +92,40 @@ def base_repo(tiny: Path, out: Path) -> Path:
     return out
 
 
-def controlnet_repo(tiny: Path, out: Path) -> Path:
-    """Like diffusers/controlnet-canny-sdxl-1.0: fp32 and fp16 weights, each also as .bin."""
-    shutil.copytree(tiny / CONTROLNET_SUBDIR, out)
+def controlnet_repo(tiny: Path, out: Path, subdir: str = CONTROLNET_SUBDIR) -> Path:
+    """Like diffusers/controlnet-canny-sdxl-1.0 (and its depth sibling, from ``subdir``):
+    fp32 and fp16 weights, each also as .bin."""
+    shutil.copytree(tiny / subdir, out)
     weights = out / "diffusion_pytorch_model.safetensors"
     fp16 = _fp16_variant(weights)
     _bin_copy(weights, out / "diffusion_pytorch_model.bin")
     _bin_copy(fp16, out / "diffusion_pytorch_model.fp16.bin")
     _sample_image(out / "out_hug_lab_7.png")
-    _text(out / "README.md", "# ControlNet canny SDXL 1.0 (tiny stand-in)\n")
+    _text(out / "README.md", f"# ControlNet SDXL 1.0 from {subdir} (tiny stand-in)\n")
+    return out
+
+
+def union_repo(tiny: Path, out: Path) -> Path:
+    """Like xinsir/controlnet-union-sdxl-1.0: fp16 weights under the plain file name, and
+    beside them the ProMax model (two more control types: a wider task embedding) as
+    ``config_promax.json`` and ``diffusion_pytorch_model_promax.safetensors``."""
+    shutil.copytree(tiny / UNION_SUBDIR, out)
+    weights = out / "diffusion_pytorch_model.safetensors"
+    tensors = _half(weights)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    extra = 2  # ProMax adds tile and inpainting
+    config["num_control_type"] += extra
+    (out / "config_promax.json").write_text(json.dumps(config, indent=2))
+    embedding = tensors["task_embedding"]
+    tensors["task_embedding"] = torch.cat([embedding, embedding[:extra]])
+    # Its control-type embedding takes addition_time_embed_dim inputs per type.
+    projection = tensors["control_add_embedding.linear_1.weight"]
+    widened = projection[:, : extra * config["addition_time_embed_dim"]]
+    tensors["control_add_embedding.linear_1.weight"] = torch.cat([projection, widened], dim=1)
+    save_file(tensors, out / "diffusion_pytorch_model_promax.safetensors", {"format": "pt"})
+    _sample_image(out / "images" / "000000_canny_concat.webp")
+    _text(out / "README.md", "# ControlNet Union SDXL 1.0 (tiny stand-in)\n")
     return out
 
 
@@ -121,6 +161,8 @@ def lay_out(tiny: Path, out: Path) -> dict[str, Path]:
     return {
         BASE_REPO: base_repo(tiny, out / "base"),
         CONTROLNET_REPO: controlnet_repo(tiny, out / "controlnet"),
+        DEPTH_REPO: controlnet_repo(tiny, out / "controlnet-depth", DEPTH_SUBDIR),
+        UNION_REPO: union_repo(tiny, out / "controlnet-union"),
         VAE_REPO: vae_repo(tiny, out / "vae"),
         PREVIEW_REPO: preview_repo(tiny, out / "preview"),
     }

@@ -20,6 +20,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
     ControlNetModel,
+    ControlNetUnionModel,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -38,6 +39,10 @@ CONTROLNET_SUBDIR = "controlnet"
 VAE_SUBDIR = "vae"
 # The preview decoder (TAESD), built apart: a model built before it keeps its other parts.
 PREVIEW_SUBDIR = "preview"
+# A second ControlNet (standing in for a depth one) and a ControlNet Union, for
+# SDXL_CONTROLNETS; built apart too.
+DEPTH_SUBDIR = "controlnet-depth"
+UNION_SUBDIR = "controlnet-union"
 
 TEXT_HIDDEN_SIZE = 32
 TIME_EMBED_DIM = 8
@@ -103,11 +108,7 @@ def build(output_dir: Path, seed: int = 0) -> Path:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         **UNET_KWARGS,
     )
-    controlnet = ControlNetModel(
-        # Four stages of x2: the edge map is embedded at the latent resolution.
-        conditioning_embedding_out_channels=(8, 8, 8, 8),
-        **UNET_KWARGS,
-    )
+    controlnet = tiny_controlnet()
     # Four blocks make the VAE downsample x8, like SDXL's; latents keep SDXL's cost shape.
     vae = AutoencoderKL(
         block_out_channels=(8, 16, 32, 32),
@@ -139,7 +140,47 @@ def build(output_dir: Path, seed: int = 0) -> Path:
     controlnet.save_pretrained(output_dir / CONTROLNET_SUBDIR)
     vae.save_pretrained(output_dir / VAE_SUBDIR)
     build_preview(output_dir, seed)
+    build_controls(output_dir, seed)
     return output_dir
+
+
+def tiny_controlnet() -> ControlNetModel:
+    # Four stages of x2: the control image is embedded at the latent resolution.
+    return steering(
+        ControlNetModel(conditioning_embedding_out_channels=(8, 8, 8, 8), **UNET_KWARGS)
+    )
+
+
+def steering(controlnet: ControlNetModel | ControlNetUnionModel) -> torch.nn.Module:
+    """``controlnet`` made to steer: a new one's zero convolutions are zeros (training starts
+    from no effect), and its control image embedding, at default initialisation, passes on
+    its biases and hardly the picture. A control image that changes no pixel proves nothing."""
+    zeros = (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block)
+    for conv in zeros:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    for conv in controlnet.controlnet_cond_embedding.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.normal_(conv.weight, std=0.3)
+            torch.nn.init.zeros_(conv.bias)
+    return controlnet
+
+
+def build_controls(output_dir: Path, seed: int = 0) -> Path:
+    """A second tiny ControlNet (the depth one of ``SDXL_CONTROLNETS=canny=…,depth=…``) and
+    a tiny ControlNet Union with the six control types of xinsir's, under ``output_dir``."""
+    torch.manual_seed(seed + 1)
+    tiny_controlnet().save_pretrained(Path(output_dir) / DEPTH_SUBDIR)
+    union = ControlNetUnionModel(
+        conditioning_embedding_out_channels=(8, 8, 8, 8),
+        num_control_type=6,
+        # Its condition transformer works at the first block's width, as SDXL's at 320.
+        num_trans_channel=UNET_KWARGS["block_out_channels"][0],
+        num_trans_head=2,
+        num_proj_channel=UNET_KWARGS["block_out_channels"][0],
+        **UNET_KWARGS,
+    )
+    steering(union).save_pretrained(Path(output_dir) / UNION_SUBDIR)
+    return Path(output_dir)
 
 
 def build_preview(output_dir: Path, seed: int = 0) -> Path:
@@ -164,9 +205,18 @@ def main() -> None:
     parser.add_argument(
         "--preview-only", action="store_true", help="add only the preview decoder to a built model"
     )
+    parser.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="add only the depth ControlNet and the ControlNet Union to a built model",
+    )
     args = parser.parse_args()
     if args.preview_only:
         print(f"tiny preview decoder written to {build_preview(args.output_dir, args.seed)}")
+        return
+    if args.controls_only:
+        built = build_controls(args.output_dir, args.seed)
+        print(f"tiny depth ControlNet and ControlNet Union written to {built}")
         return
     print(f"tiny SDXL ControlNet model written to {build(args.output_dir, args.seed)}")
 

@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .controls import DERIVED, ControlType
 from .errors import InvalidRequest
 from .settings import Scheduler, SettingsError, check_webhook_secret, settings
 from .streaming import PREVIEW_MAX_SIDE
@@ -27,14 +28,20 @@ EdgeMap = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, one channel
 Images = np.ndarray[t.Any, np.dtype[np.uint8]]  # N×H×W×3 RGB
 Picture = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W×3 RGB, a picture to start from
 Mask = np.ndarray[t.Any, np.dtype[np.uint8]]  # H×W, white where to repaint
+ControlImages = np.ndarray[t.Any, np.dtype[np.uint8]]  # K×H×W×3, one per params.controls
 # BentoML 1.4.40 finds an array inside typing.Optional, not inside `X | None`
 # (_bentoml_sdk._pydantic.patch_annotation), so optional arrays are declared so.
 OptionalPicture = t.Optional[Picture]  # noqa: UP045
 OptionalMask = t.Optional[Mask]  # noqa: UP045
+OptionalEdgeMap = t.Optional[EdgeMap]  # noqa: UP045
+OptionalControlImages = t.Optional[ControlImages]  # noqa: UP045
 __all__ = ["Scheduler"]  # re-exported: declared in settings, where adapter presets name one
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
 Preprocessor = t.Literal["canny", "none"]
+# What a control's image is made with: derived here (controls.DERIVED), taken as it is
+# (none), or a type that needs a model of its own, named to be told so.
+ControlPreprocessor = t.Literal[ControlType, "none"]
 # From noise; from a start picture; repainting where a mask is white.
 Mode = t.Literal["text-to-image", "image-to-image", "inpainting"]
 IMAGE_TO_IMAGE_STRENGTH = 0.8  # diffusers' default, as A1111's and Replicate's are near it
@@ -42,23 +49,35 @@ INPAINTING_STRENGTH = 1.0  # the masked area repainted from noise
 
 
 def check_gpu_request(
-    edges: np.ndarray,
+    edges: np.ndarray | None,
     params: GenerationParams,
     init_image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
-) -> None:
+    controls: np.ndarray | None = None,
+) -> tuple[int, int]:
     """The GPU Service can be called directly: hold its input to the front's limits,
-    and a batch to the GPU memory budget, before anything is generated."""
-    if edges.ndim != 2:
-        raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
-    height, width = edges.shape
+    and a batch to the GPU memory budget, before anything is generated. The output's
+    (height, width)."""
+    if params.controls:
+        if edges is not None or controls is None:
+            raise InvalidRequest("params.controls goes with controls, not edges")
+        if controls.ndim != 4:
+            raise InvalidRequest(f"controls must be a K×H×W×3 array, got shape {controls.shape}")
+        height, width = controls.shape[1:3]
+    else:
+        if edges is None or controls is not None:
+            raise InvalidRequest("edges is the one control; send controls with params.controls")
+        if edges.ndim != 2:
+            raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
+        height, width = edges.shape
     for name, array, shape in (
         ("init_image", init_image, (height, width, 3)),
         ("mask", mask, (height, width)),
+        ("controls", controls, (len(params.controls), height, width, 3)),
     ):
         if array is not None and (array.shape != shape or array.dtype != np.uint8):
             raise InvalidRequest(
-                f"{name} must be a uint8 array of shape {shape}, like edges; "
+                f"{name} must be a uint8 array of shape {shape}, for this output size; "
                 f"got {array.dtype} {array.shape}"
             )
     if (init_image is None) != (params.strength is None):
@@ -67,12 +86,12 @@ def check_gpu_request(
         raise InvalidRequest("mask needs init_image, the picture to repaint")
     if height % 8 or width % 8 or min(height, width) < settings.min_output_side:
         raise InvalidRequest(
-            f"edges is {width}×{height}; both sides must be multiples of 8 "
+            f"the control image is {width}×{height}; both sides must be multiples of 8 "
             f"and at least {settings.min_output_side}"
         )
     if height * width > settings.max_output_pixels:
         raise InvalidRequest(
-            f"edges is {width}×{height}; at most {settings.max_output_pixels} pixels"
+            f"the control image is {width}×{height}; at most {settings.max_output_pixels} pixels"
         )
     if height * width * params.num_images > settings.max_batch_pixels:
         raise InvalidRequest(
@@ -80,6 +99,7 @@ def check_gpu_request(
             f"budget of {settings.max_batch_pixels} pixels per request (MAX_BATCH_PIXELS); "
             "ask for fewer images or a smaller size"
         )
+    return height, width
 
 
 def _null_means_absent(cls: type[BaseModel], data: t.Any) -> t.Any:
@@ -141,6 +161,80 @@ class LoraChoice(BaseModel):
     )
 
 
+def _offered_type(kind: str) -> str:
+    if kind not in settings.control_types:
+        raise PydanticCustomError(
+            "unknown_control_type",
+            "this server's ControlNets do not serve '{kind}'; they serve: {offered}",
+            {"kind": kind, "offered": ", ".join(settings.control_types)},
+        )
+    return kind
+
+
+# The types this server serves reach the OpenAPI schema (and the studio) as the enum.
+OfferedType = t.Annotated[
+    ControlType,
+    AfterValidator(_offered_type),
+    Field(json_schema_extra={"enum": settings.control_types}),
+]
+
+
+class ControlSettings(BaseModel):
+    """One control as the GPU Service takes it: its type, and how strongly and when it steers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: OfferedType = Field(description="What the control image shows.")
+    scale: float = Field(default=0.5, ge=0.0, le=2.0, description="How strongly it steers.")
+    start: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Fraction of the steps at which it starts."
+    )
+    end: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Fraction of the steps at which it stops."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> t.Self:
+        if self.start >= self.end:
+            raise _rule("start must be less than end")
+        return self
+
+
+class Control(ControlSettings):
+    """One control of a request: its image, given or derived from the upload, and its settings."""
+
+    image: str | None = Field(
+        default=None,
+        description="Its control image, as an https:// URL, a data:image/…;base64, URI or, "
+        "in a form, the name of a file part of the request; left out, it is made from the "
+        "upload by `preprocessor`.",
+    )
+    preprocessor: ControlPreprocessor | None = Field(
+        default=None,
+        description="How the control image is made: `canny` (edges, with `low_threshold` and "
+        "`high_threshold`) and `tile` (the picture itself, blurred) are derived here; "
+        "`none` takes the image as it is. Defaults to the type where it is derived here, "
+        "else `none`. Other types need a model of their own: send their image.",
+    )
+
+    @model_validator(mode="after")
+    def _derivable(self) -> t.Self:
+        if self.preprocessor not in (None, "none", *DERIVED):
+            raise _rule(
+                f"preprocessor: deriving a {self.preprocessor} image needs a model of its own, "
+                f"which this server does not run; make it yourself and send it as image (or "
+                f"as the upload, with preprocessor none)"
+            )
+        return self
+
+    @property
+    def made_by(self) -> str:
+        """The preprocessor that makes this control's image, defaults resolved."""
+        if self.preprocessor is not None:
+            return self.preprocessor
+        return self.type if self.type in DERIVED else "none"
+
+
 class GenerationParams(BaseModel):
     """What the GPU Service needs to generate from an edge map."""
 
@@ -174,6 +268,13 @@ class GenerationParams(BaseModel):
     )
     guess_mode: bool = Field(
         default=False, description="Let ControlNet recognise the content even without a prompt."
+    )
+    controls: list[ControlSettings] = Field(
+        default_factory=list,
+        max_length=settings.max_controls,
+        description="Several controls, each with its own image, scale and window; left out, "
+        "one Canny control steered by `controlnet_conditioning_scale` and "
+        "`control_guidance_start`/`end`.",
     )
     num_inference_steps: int = Field(
         default=25, ge=1, le=settings.max_steps, description="Denoising steps."
@@ -278,6 +379,30 @@ class GenerationParams(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _one_control_or_several(self) -> t.Self:
+        # Set to other than their defaults: a round trip through model_dump sets them all.
+        one_control = ("controlnet_conditioning_scale", "control_guidance_start")
+        one_control += ("control_guidance_end", "preprocessor")
+        fields = type(self).model_fields
+        given = [
+            name
+            for name in one_control
+            if name in fields and getattr(self, name) != fields[name].default
+        ]
+        if self.controls and given:
+            raise _rule(
+                f"{given[0]}: with controls, each control has its own scale, start, end and "
+                "preprocessor; leave the one-control fields out"
+            )
+        if not self.controls and "canny" not in settings.control_types:
+            raise _rule(
+                "controls: this server's ControlNets serve "
+                f"{', '.join(settings.control_types)}, not the one Canny control a request "
+                "without controls asks for; send controls"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _guidance_window_steps_and_seed(self) -> t.Self:
         if self.control_guidance_start >= self.control_guidance_end:
             raise _rule("control_guidance_start must be less than control_guidance_end")
@@ -338,6 +463,14 @@ class EdgeParams(BaseModel):
 class Params(GenerationParams, EdgeParams):
     """The public request: generation settings, edge detection, size and output."""
 
+    controls: list[Control] = Field(  # type: ignore[assignment]  # the public form of each
+        default_factory=list,
+        max_length=settings.max_controls,
+        description="Several controls, each with its own image (given, or made from the "
+        "upload), type, scale and window; left out, one Canny control of the upload steered by "
+        "`preprocessor`, `controlnet_conditioning_scale` and `control_guidance_start`/`end`. "
+        "See docs/api.md.",
+    )
     output_format: OutputFormat = Field(default="png", description="Image format returned.")
     mode: Mode | None = Field(
         default=None,
@@ -371,7 +504,11 @@ class Params(GenerationParams, EdgeParams):
 
     def generation_params(self) -> GenerationParams:
         """The part the GPU Service takes, with the seed resolved."""
-        return GenerationParams(**self.model_dump(include=set(GenerationParams.model_fields)))
+        fields = self.model_dump(
+            include=set(GenerationParams.model_fields),
+            exclude={"controls": {"__all__": {"image", "preprocessor"}}},
+        )
+        return GenerationParams(**fields)
 
 
 WebhookEvent = t.Literal["completed", "failed", "canceled"]

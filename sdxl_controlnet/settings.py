@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from . import controls
+
 # The front waits this much longer than the GPU Service's own timeout, so that a
 # generation that times out reaches the client as a 504 with a message, not a cut connection.
 FRONT_TIMEOUT_MARGIN_S = 30
@@ -153,6 +155,12 @@ class Settings(BaseModel):
         default="diffusers/controlnet-canny-sdxl-1.0@eb115a19a10d14909256db740ed109532ab1483c",
         min_length=1,
     )
+    # Several ControlNets, or one ControlNet Union, as name=reference pairs (controls.py):
+    # canny=…,depth=… or union=xinsir/controlnet-union-sdxl-1.0@<commit>. Empty: the one
+    # Canny ControlNet above. docs/configuration.md gives each choice's download and memory.
+    sdxl_controlnets: str = ""
+    # Controls one request may combine (params.controls); each adds a ControlNet pass per step.
+    max_controls: int = Field(default=3, ge=1)
     # The SDXL VAE rescaled to stay finite in fp16.
     sdxl_vae_model: str = Field(
         default="madebyollin/sdxl-vae-fp16-fix@207b116dae70ace3637169f1ddd2434b91b3a8cd",
@@ -250,6 +258,12 @@ class Settings(BaseModel):
         parse_allow_list(value)
         return value
 
+    @field_validator("sdxl_controlnets")
+    @classmethod
+    def _name_reference_pairs(cls, value: str) -> str:
+        controls.parse_controlnets(value, "unused")
+        return value
+
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, value: str) -> str:
@@ -275,6 +289,11 @@ class Settings(BaseModel):
                     f"TORCH_COMPILE_SIZES: {width}x{height} must have sides that are multiples "
                     "of 8 and at most MAX_OUTPUT_PIXELS pixels"
                 )
+        if self.torch_compile and list(self.controlnets) != ["canny"]:
+            raise ValueError(
+                "TORCH_COMPILE compiles the one Canny ControlNet; SDXL_CONTROLNETS declares "
+                f"{', '.join(self.controlnets)}: leave TORCH_COMPILE off"
+            )
         if self.fuse_qkv and self.lora_adapters:
             raise ValueError(
                 "FUSE_QKV cannot be combined with LORA_ADAPTERS: the fused projections "
@@ -289,6 +308,16 @@ class Settings(BaseModel):
             return []
         pairs = (size.split("x") for size in self.torch_compile_sizes.split(","))
         return [(int(width), int(height)) for width, height in pairs]
+
+    @property
+    def controlnets(self) -> dict[str, str]:
+        """{name: model reference} of the ControlNets the GPU Service loads."""
+        return controls.parse_controlnets(self.sdxl_controlnets, self.sdxl_controlnet_model)
+
+    @property
+    def control_types(self) -> list[str]:
+        """The control types requests may ask for."""
+        return controls.offered(self.controlnets)
 
     @property
     def front_timeout_s(self) -> int:

@@ -17,7 +17,7 @@ from ..errors import from_gpu_failure, gpu_call_errors, raise_for_answer
 from ..schemas import Params
 from ..settings import settings
 from ..streaming import Progress
-from . import preprocessing
+from . import preprocessing, references
 from .preprocessing import GPUInputs
 from .results import Generation, Timings
 
@@ -40,8 +40,9 @@ async def prepare(
     """Preprocess on a worker thread; bad input raises its 400 here, before any GPU work."""
     timings = Timings()
     with timings.stage("preprocess"):
+        pictures = await references.control_pictures(params.controls)
         inputs, resolved = await asyncio.to_thread(
-            preprocessing.prepare, image, params, init_image, mask
+            preprocessing.prepare, image, params, init_image, mask, pictures
         )
     return Prepared(inputs, resolved, timings)
 
@@ -63,7 +64,7 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
                     images = data
                 else:
                     await progress(kind, data)
-    return Generation(prepared.inputs.edges, images, prepared.params, prepared.timings)
+    return Generation(prepared.inputs.first_control, images, prepared.params, prepared.timings)
 
 
 async def generate(

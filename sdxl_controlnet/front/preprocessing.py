@@ -1,7 +1,9 @@
-"""Image in, control image out: the front Service's CPU work, torch-free.
+"""Image in, control images out: the front Service's CPU work, torch-free.
 
-The control image is one channel, white edges on black, at the output size: the
-upload's Canny edges, or with ``preprocessor="none"`` the upload itself."""
+The one control of a request without ``params.controls`` is one channel, white edges on
+black, at the output size: the upload's Canny edges, or with ``preprocessor="none"`` the
+upload itself. Each of ``params.controls`` is RGB at the output size: its own image or the
+upload, as it is, or its Canny edges, or for tile the picture blurred."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 from ..errors import InvalidRequest
-from ..schemas import EdgeParams, Params, ResizeMode
+from ..schemas import Control, EdgeParams, Params, ResizeMode
 from ..settings import settings
 from .encoding import encode_image
 
@@ -276,17 +278,55 @@ def fit(
     )
 
 
+# The tile control: the picture with its detail blurred away, so that the ControlNet keeps
+# its composition and colours and the model redraws the detail (a Gaussian sigma, in
+# pixels of the output).
+TILE_BLUR_SIGMA = 3.0
+
+
+def control_image(
+    picture: Image.Image,
+    control: Control,
+    params: EdgeParams,
+    size: tuple[int, int],
+    resize_mode: ResizeMode,
+    field: str,
+) -> np.ndarray:
+    """One of ``params.controls`` as H×W×3 uint8 at ``size``: ``picture`` fitted as
+    ``resize_mode`` says, then made as the control's preprocessor says."""
+    min_side = _draft_side(picture, size, resize_mode, field)
+    if control.made_by == "canny":
+        gray = to_grayscale(picture, min_side)
+        edges = canny(gray, params.low_threshold, params.high_threshold, size, resize_mode)
+        return np.repeat(edges[..., None], 3, axis=2)
+    rgb = np.asarray(upright_rgb(picture, min_side, field))
+    if control.made_by == "tile":
+        return fit(rgb, size, resize_mode, _blurred)
+    return fit(rgb, size, resize_mode, lambda pixels: pixels)
+
+
+def _blurred(rgb: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(rgb, (0, 0), TILE_BLUR_SIGMA)
+
+
 @dataclass
 class GPUInputs:
     """The pictures the GPU Service takes beside the parameters, at the output size."""
 
-    edges: np.ndarray  # H×W uint8, the control image
+    edges: np.ndarray | None  # H×W uint8, the one Canny control (no params.controls)
     init_image: np.ndarray | None = None  # H×W×3 uint8, the picture to start from
     mask: np.ndarray | None = None  # H×W uint8, white where to repaint
+    controls: np.ndarray | None = None  # K×H×W×3 uint8, one per params.controls
 
     def arguments(self) -> dict[str, np.ndarray | None]:
         """As the keyword arguments of the GPU Service's APIs."""
-        return {"edges": self.edges, "init_image": self.init_image, "mask": self.mask}
+        pictures = {"init_image": self.init_image, "mask": self.mask}
+        return {"edges": self.edges, **pictures, "controls": self.controls}
+
+    @property
+    def first_control(self) -> np.ndarray:
+        """The control image that steers first: the one, or the first of several."""
+        return self.edges if self.edges is not None else self.controls[0]
 
 
 def prepare(
@@ -294,26 +334,40 @@ def prepare(
     params: Params,
     init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
+    control_pictures: list[Image.Image | None] | None = None,
 ) -> tuple[GPUInputs, Params]:
     """What a request sends the GPU Service, and its parameters resolved: the output size,
     the mode and its strength. The start picture is ``init_image``, fitted to the output,
-    or for image-to-image and inpainting without one, the uploaded ``image`` itself."""
+    or for image-to-image and inpainting without one, the uploaded ``image`` itself.
+    ``control_pictures`` are the images given for ``params.controls``, None where the upload
+    stands in."""
     resolved = params.with_mode(init_image is not None, mask is not None)
-    if resolved.mode == "text-to-image":
-        edges = edge_map(image, params)
-        return GPUInputs(edges), _sized(resolved, edges)
-    restyle = init_image is None
+    restyle = init_image is None and resolved.mode != "text-to-image"
     if restyle:  # the upload is the start picture too: decoded once, in colour, full size
         image = upright_rgb(image, min_side=None)
-    edges = edge_map(image, params)
-    height, width = edges.shape
-    # The start picture and its mask meet the output as the control image did, or as asked.
-    fitting = sizing(image, params) if restyle else ((width, height), params.resize_mode)
-    picture = start_picture(image if restyle else init_image, *fitting)
-    repaint = None if mask is None else repaint_mask(mask, *fitting)
-    return GPUInputs(edges, picture, repaint), _sized(resolved, edges)
+    size, resize_mode = sizing(image, params)
+    inputs = GPUInputs(None if params.controls else edge_map(image, params))
+    if params.controls:
+        given = control_pictures or [None] * len(params.controls)
+        inputs.controls = np.stack(
+            [
+                # A picture of its own meets the output as init_image does.
+                control_image(picture, control, params, size, params.resize_mode, field)
+                if picture is not None
+                else control_image(image, control, params, size, resize_mode, "image")
+                for field, control, picture in zip(
+                    control_fields(len(given)), params.controls, given, strict=True
+                )
+            ]
+        )
+    if resolved.mode != "text-to-image":
+        # The start picture and its mask meet the output as the control image did, or as asked.
+        fitting = (size, resize_mode if restyle else params.resize_mode)
+        inputs.init_image = start_picture(image if restyle else init_image, *fitting)
+        inputs.mask = None if mask is None else repaint_mask(mask, *fitting)
+    return inputs, resolved.model_copy(update={"width": size[0], "height": size[1]})
 
 
-def _sized(params: Params, edges: np.ndarray) -> Params:
-    height, width = edges.shape
-    return params.model_copy(update={"width": width, "height": height})
+def control_fields(count: int) -> list[str]:
+    """How errors name the images of ``params.controls``."""
+    return [f"params.controls[{index}].image" for index in range(count)]

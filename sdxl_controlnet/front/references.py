@@ -7,6 +7,12 @@ sees it, into the file an upload would have been, so that every guard of an uplo
 applies after it (size from the header, decompression bombs). BentoML's own downloader
 (``MultipartSerde.ensure_file``, for a form text field in a file's place) is never reached:
 every text in a file's place is resolved here or refused.
+
+The images of ``params.controls`` are references, resolved when the request is prepared
+for the GPU (``control_pictures``; for a job, when it runs), under the same policy and
+guards. In a form, an entry may instead name a file part of its own (``"image": "depth"``
+with ``-F depth=@depth.png``): such a part becomes a data URI in ``params`` here, past the
+1 MiB that a form's text field may hold.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.requests import Request
 
-from ..errors import ServiceBusy, sentence
+from ..errors import InvalidRequest, ServiceBusy, sentence
 from ..metrics import OUTBOUND_FAILURES
 from ..middleware import RETRY_AFTER
+from ..schemas import Control
 from ..settings import settings
-from . import fetching
+from . import fetching, preprocessing
 from .fetching import Policy, Refused
 from .request_errors import field_error
 
@@ -134,11 +141,12 @@ def _params_checked(model: type[BaseModel], data: t.Mapping[str, t.Any], in_form
 
 
 @contextlib.contextmanager
-def _fetch_slots(request: Request, count: int) -> t.Iterator[None]:
+def _fetch_slots(count: int, request: Request | None = None) -> t.Iterator[None]:
     """Hold ``count`` of this worker's fetch slots, or refuse the request at once."""
     global _fetching
     if _fetching + count > settings.max_concurrent_fetches:
-        request.scope[RETRY_AFTER] = BUSY_RETRY_AFTER_S
+        if request is not None:  # read before BentoML's handler, which sets the header
+            request.scope[RETRY_AFTER] = BUSY_RETRY_AFTER_S
         raise ServiceBusy(
             "image URLs: this server is fetching all the pictures it can at once; "
             f"retry in {BUSY_RETRY_AFTER_S} s",
@@ -192,15 +200,16 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
         return None
     if media_type in FORMS:
         form = await request.form()
-        items = form.multi_items()
+        items = await _control_parts(form.multi_items())
+        request._form = FormData(items)
         names = [k for k, _ in items if k in file_fields]
         if repeated := sorted({k for k in names if names.count(k) > 1}):
             raise field_error(title, repeated[0], "sent more than once: one picture per field")
         texts = [v for k, v in items if k in file_fields and isinstance(v, str)]
         if not texts:
             return None
-        _params_checked(model, form, in_form=True)
-        with _fetch_slots(request, _urls(texts)):
+        _params_checked(model, request._form, in_form=True)
+        with _fetch_slots(_urls(texts), request):
             values = await _all(
                 [
                     _as_upload(request, title, k, v, in_form=True)
@@ -221,7 +230,7 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
     if not texts:
         return None
     _params_checked(model, data, in_form=False)
-    with _fetch_slots(request, _urls(texts.values())):
+    with _fetch_slots(_urls(texts.values()), request):
         files = await _all(
             [_as_upload(request, title, k, v, in_form=False) for k, v in texts.items()]
         )
@@ -230,3 +239,63 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
 
 async def _same(value: t.Any) -> t.Any:
     return value
+
+
+async def _control_parts(items: list[tuple[str, t.Any]]) -> list[tuple[str, t.Any]]:
+    """``items`` with each file part that an entry of ``params.controls`` names as its
+    image moved into that entry, as a data URI."""
+    files = {k: v for k, v in items if isinstance(v, UploadFile)}
+    texts = [v for k, v in items if k == "params" and isinstance(v, str)]
+    try:
+        params = json.loads(texts[0]) if len(texts) == 1 and files else None
+    except (ValueError, RecursionError):
+        return items  # BentoML reads it, and reports what is wrong
+    controls = params.get("controls") if isinstance(params, dict) else None
+    if not isinstance(controls, list):
+        return items
+    named = set()
+    for control in controls:
+        name = control.get("image") if isinstance(control, dict) else None
+        if isinstance(name, str) and name in files:
+            data = base64.b64encode(await files[name].read()).decode()
+            control["image"] = f"data:image/upload;base64,{data}"
+            named.add(name)
+    if not named:
+        return items
+    return [
+        ("params", json.dumps(params)) if k == "params" else (k, v)
+        for k, v in items
+        if k not in named
+    ]
+
+
+async def control_pictures(controls: list[Control]) -> list[Image.Image | None]:
+    """The images ``controls`` give, opened with only their header read (None where the
+    upload stands in); all fetched at once, and the first that fails stops the rest."""
+    values = [control.image for control in controls]
+    fields = preprocessing.control_fields(len(controls))
+    with _fetch_slots(_urls(values)):
+        return await _all(
+            [
+                _control_picture(f, v) if v is not None else _same(None)
+                for f, v in zip(fields, values, strict=True)
+            ]
+        )
+
+
+async def _control_picture(field: str, value: str) -> Image.Image:
+    if not is_reference(value):
+        raise InvalidRequest(
+            f"{field}: {value[:64]!r} is not an https:// URL, a data:image/…;base64, URI or, "
+            "in a form, the name of a file part of the request"
+        )
+    try:
+        data = await resolve(value)
+    except Refused as exc:
+        raise InvalidRequest(f"{field}: {exc.reason}") from None
+    try:
+        return preprocessing.check_image_size(Image.open(io.BytesIO(data)))
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{field}: {exc.message}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"{field}: could not be read: {exc}") from None

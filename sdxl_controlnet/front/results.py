@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+import typing as t
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,16 +34,18 @@ class Timings(dict[str, float]):
 class Generation:
     """What one request produced, and the settings that produced it."""
 
-    edges: np.ndarray
+    edges: np.ndarray  # the control image that steers first
     images: np.ndarray
     params: Params  # seed, width and height resolved
     timings_ms: Timings = field(default_factory=Timings)
 
     def headers(self) -> dict[str, str]:
-        # Prompts stay out: they can be long, and the client sent them anyway.
-        settings_used = self.params.model_dump(
-            exclude={"prompt", "prompt_2", "negative_prompt", "negative_prompt_2"}
+        # Prompts and control images stay out: they can be long, and the client sent them.
+        left_out: dict[str, t.Any] = {"controls": {"__all__": {"image"}}}
+        left_out |= dict.fromkeys(
+            ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"), True
         )
+        settings_used = self.params.model_dump(exclude=left_out)
         return {
             "X-Seed": str(self.params.seed),
             "X-Params": json.dumps(settings_used, separators=(",", ":")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from diffusers.models import MultiControlNetModel
 
 # What the pipelines unpack as (down residuals, mid residual): none, as without a ControlNet.
 NOTHING = (None, None)
@@ -31,3 +32,36 @@ def skip_when_unscaled(controlnet: torch.nn.Module) -> None:
         return NOTHING if adds_nothing(kwargs) else forward(*args, **kwargs)
 
     controlnet.forward = skipping
+
+
+class Combined(MultiControlNetModel):
+    """diffusers' MultiControlNetModel, leaving out of the sum each ControlNet that adds
+    nothing: theirs adds what each returns, and a skipped one returns no residuals."""
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: list[torch.Tensor],
+        conditioning_scale: list[float],
+        **kwargs: object,
+    ) -> tuple:
+        down, mid = NOTHING
+        for image, scale, net in zip(controlnet_cond, conditioning_scale, self.nets, strict=True):
+            net_down, net_mid = net(
+                sample=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=image,
+                conditioning_scale=scale,
+                **kwargs,
+            )
+            if net_down is None:
+                continue
+            if down is None:
+                down, mid = net_down, net_mid
+            else:
+                down = [total + residual for total, residual in zip(down, net_down, strict=True)]
+                mid = mid + net_mid
+        return down, mid

@@ -16,6 +16,8 @@ import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..controls import UNION
+
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -45,6 +47,9 @@ BASE_INCLUDE = [
     # No vae/: the pipeline is given the fp16-fix VAE instead.
 ]
 CONTROLNET_INCLUDE = ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+# xinsir/controlnet-union-sdxl-1.0 ships its weights in fp16 under the plain name (2.5 GB);
+# not its ProMax file, which from_pretrained does not load.
+UNION_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 # The repository has no fp16 file: the fix is in the weights, kept in fp32 (335 MB).
 VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 # TAESD's diffusers files (10 MB); not its .pth encoder and decoder, which are the same weights.
@@ -100,8 +105,27 @@ def optional_reference(value: str, include: list[str]) -> HuggingFaceModel | str
 
 # BentoML collects the models of a Service from its class attributes, one Model instance
 # each (_bentoml_sdk/service/factory.py scans dir() of the class); a dict of them would
-# not be collected, so each adapter gets an attribute of its own.
+# not be collected, so each ControlNet and each adapter gets an attribute of its own.
+CONTROLNET_ATTRIBUTE = "controlnet__{}"
 ADAPTER_ATTRIBUTE = "lora_adapter__{}"
+
+
+def with_controlnets(controlnets: Mapping[str, str]) -> Callable[[type], type]:
+    """A class decorator, under ``@bentoml.service``, that declares each ControlNet of
+    SDXL_CONTROLNETS (controls.py) like the base models."""
+
+    def declare(cls: type) -> type:
+        for name, value in controlnets.items():
+            include = UNION_INCLUDE if name == UNION else CONTROLNET_INCLUDE
+            setattr(cls, CONTROLNET_ATTRIBUTE.format(name), reference(value, include))
+        return cls
+
+    return declare
+
+
+def controlnet_sources(service: object, controlnets: Mapping[str, str]) -> dict[str, str]:
+    """Each ControlNet's directory on this instance, by name, downloaded if a reference."""
+    return {name: getattr(service, CONTROLNET_ATTRIBUTE.format(name)) for name in controlnets}
 
 
 def with_adapters(adapters: Mapping[str, LoraAdapter]) -> Callable[[type], type]:

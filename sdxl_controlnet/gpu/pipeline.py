@@ -4,8 +4,10 @@ so torch and diffusers never load in the front Service's processes."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
+import typing as t
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -24,11 +27,16 @@ from diffusers import (
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.models import MultiControlNetUnionModel
 from PIL import Image
 
 from .. import metrics
+from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
 from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
 from ..settings import Settings, settings
@@ -59,6 +67,46 @@ class AdapterError(RuntimeError):
     """A declared LoRA adapter is missing or does not fit the base model."""
 
 
+class ControlNetError(RuntimeError):
+    """A declared ControlNet is not what SDXL_CONTROLNETS names it."""
+
+
+# Text-to-image, image-to-image and inpainting, for ControlNets and for a ControlNet Union.
+PIPELINES = (
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+)
+UNION_PIPELINES = (
+    StableDiffusionXLControlNetUnionPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
+)
+
+
+def load_controlnets(
+    controlnets: Mapping[str, str], dtype: torch.dtype
+) -> dict[str, torch.nn.Module]:
+    """Each declared ControlNet, by name, as its own config says it is: a ControlNet Union
+    (named ``union``) or a ControlNet (named for the type it serves)."""
+    loaded = {}
+    for name, path in controlnets.items():
+        config = json.loads((Path(path) / "config.json").read_text())
+        union = config.get("_class_name") == ControlNetUnionModel.__name__
+        if union != (name == UNION):
+            what = "a ControlNet Union: name it union" if union else "not a ControlNet Union"
+            raise ControlNetError(f"SDXL_CONTROLNETS: {name}={path} is {what}")
+        model_class = ControlNetUnionModel if union else ControlNetModel
+        model = model_class.from_pretrained(path, dtype=dtype, variant=_variant(path))
+        if union and model.config.num_control_type < UNION_MODE_COUNT:
+            raise ControlNetError(
+                f"SDXL_CONTROLNETS: {name}={path} has {model.config.num_control_type} control "
+                f"types; the Union this serves has {UNION_MODE_COUNT} (controls.UNION_MODES)"
+            )
+        loaded[name] = model
+    return loaded
+
+
 def select_device(allow_cpu: bool, worker_index: int | None) -> str:
     """The device this worker generates on: with several GPUs, worker i (from 1, as
     BentoML counts) takes GPU i-1, since BentoML shows every worker all of them."""
@@ -86,7 +134,7 @@ def _variant(path: str) -> str | None:
 
 
 class ControlNetPipeline:
-    """SDXL + Canny ControlNet: an edge map and parameters in, uint8 RGB images out.
+    """SDXL + ControlNets: control images and parameters in, uint8 RGB images out.
 
     All of its work runs on one thread of its own (``submit``), so compiled graphs
     are recorded once and reused, and one generation runs at a time.
@@ -96,7 +144,7 @@ class ControlNetPipeline:
     def from_settings(
         cls,
         base: str,
-        controlnet: str,
+        controlnets: Mapping[str, str],
         vae: str,
         preview: str | None,
         settings: Settings,
@@ -105,7 +153,7 @@ class ControlNetPipeline:
         """The pipeline as the operator configured it, on this worker's own GPU."""
         return cls(
             base,
-            controlnet,
+            controlnets,
             vae,
             device=select_device(settings.allow_cpu, bentoml.server_context.worker_index),
             channels_last=settings.channels_last,
@@ -120,7 +168,7 @@ class ControlNetPipeline:
     def __init__(
         self,
         base: str,
-        controlnet: str,
+        controlnets: str | Mapping[str, str],
         vae: str,
         *,
         device: str = "cpu",
@@ -135,20 +183,25 @@ class ControlNetPipeline:
         self.device = device
         # fp16 halves memory and time on a GPU; the fp16-fix VAE keeps it from overflowing.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        logger.info("loading %s + %s + %s on %s (%s)", base, controlnet, vae, device, dtype)
-        self.pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        if isinstance(controlnets, str):  # a path: the one Canny ControlNet
+            controlnets = {"canny": controlnets}
+        logger.info("loading %s + %s + %s on %s (%s)", base, controlnets, vae, device, dtype)
+        self.controlnets = load_controlnets(controlnets, dtype)
+        self.union = UNION in self.controlnets
+        text_to_image, image_to_image, inpainting = UNION_PIPELINES if self.union else PIPELINES
+        self.pipe = text_to_image.from_pretrained(
             base,
-            controlnet=ControlNetModel.from_pretrained(
-                controlnet, dtype=dtype, variant=_variant(controlnet)
-            ),
+            controlnet=next(iter(self.controlnets.values())),
             vae=AutoencoderKL.from_pretrained(vae, dtype=dtype, variant=_variant(vae)),
             dtype=dtype,
             variant=_variant(base),
         ).to(device)
+        for controlnet in self.controlnets.values():
+            controlnet.to(device)
         # Image-to-image and inpainting: the same modules in other pipelines, no weight copied.
         # from_pipe casts every module to its dtype, float32 unless told (diffusers 0.42.1).
-        self.img2img = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(self.pipe, dtype=dtype)
-        self.inpaint = StableDiffusionXLControlNetInpaintPipeline.from_pipe(self.pipe, dtype=dtype)
+        self.img2img = image_to_image.from_pipe(self.pipe, dtype=dtype)
+        self.inpaint = inpainting.from_pipe(self.pipe, dtype=dtype)
         for pipe in (self.pipe, self.img2img, self.inpaint):
             pipe.set_progress_bar_config(disable=True)
         # Decode a batch one image at a time: four 1024² images at once overflow a 24 GB L4.
@@ -173,10 +226,12 @@ class ControlNetPipeline:
             self.pipe.disable_lora()  # until a request asks for one
         if channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
-            self.pipe.controlnet.to(memory_format=torch.channels_last)
+            for controlnet in self.controlnets.values():
+                controlnet.to(memory_format=torch.channels_last)
         if fuse_qkv:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
-        control_skip.skip_when_unscaled(self.pipe.controlnet)
+        for controlnet in self.controlnets.values():
+            control_skip.skip_when_unscaled(controlnet)
         self._prompts = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         # The pipeline holds the eager modules except during a compiled call, so that
@@ -243,22 +298,25 @@ class ControlNetPipeline:
 
     def runs_compiled(self, height: int, width: int, params: GenerationParams) -> bool:
         """Whether a request runs the compiled models: compiling is on, its shape was
-        warmed, and no adapter is on (the graphs are traced with the adapters off)."""
+        warmed, it has one control, and no adapter is on (the graphs are traced with the
+        adapters off)."""
         return (
             self._compiled is not None
             and graph_key(height, width, params) in self._compiled.warmed
+            and len(params.controls) <= 1
             and not active_adapters(params.loras)
         )
 
     def submit(
         self,
-        edges: np.ndarray,
+        edges: np.ndarray | None,
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> concurrent.futures.Future[np.ndarray]:
         """Run ``generate`` on the pipeline's own thread."""
@@ -270,21 +328,24 @@ class ControlNetPipeline:
             cancelled,
             init_image=init_image,
             mask=mask,
+            controls=controls,
             on_preview=on_preview,
         )
 
     def generate(
         self,
-        edges: np.ndarray,
+        edges: np.ndarray | None,
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
-        """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8),
+        """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8, the one
+        Canny control) or of ``controls`` (K×H×W×3 uint8, one per ``params.controls``),
         returned as an N×H×W×3 uint8 array: from noise, or from ``init_image`` (H×W×3
         uint8) at ``params.strength``, repainting only where ``mask`` (H×W uint8) is white.
 
@@ -297,19 +358,66 @@ class ControlNetPipeline:
         """
         with without_compiling():
             return self._generate(
-                edges, params, on_step, cancelled, init_image, mask, on_preview=on_preview
+                edges,
+                params,
+                on_step,
+                cancelled,
+                init_image,
+                mask,
+                controls=controls,
+                on_preview=on_preview,
             )
+
+    def _steering(
+        self, edges: np.ndarray | None, controls: np.ndarray | None, params: GenerationParams
+    ) -> tuple[torch.nn.Module, list[torch.Tensor], dict]:
+        """The ControlNet module a request's controls run, their images as 1×3×H×W tensors
+        in [0, 1], and the pipeline's arguments for their scales and windows: one
+        ControlNet, or several combined, each with its own."""
+        # torch.tensor copies: the arrays BentoML unpickles are read-only.
+        if edges is not None:  # the one Canny control crosses the wire as one channel
+            height, width = edges.shape
+            control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
+            images = [control.expand(1, 3, height, width)]
+            one = params.controlnet_conditioning_scale, params.control_guidance_start
+            steering = [("canny", *one, params.control_guidance_end)]
+        else:
+            stack = torch.tensor(controls, device=self.device).permute(0, 3, 1, 2)
+            stack = stack.to(self.pipe.dtype).div_(255)
+            images = list(stack.split(1))
+            steering = [(c.type, c.scale, c.start, c.end) for c in params.controls]
+        kinds, scales, starts, ends = (list(values) for values in zip(*steering, strict=True))
+        arguments: dict[str, t.Any] = {}
+        if self.union:
+            nets = [self.controlnets[UNION]] * len(kinds)
+            arguments["control_mode"] = [UNION_MODES[kind] for kind in kinds]
+        else:
+            nets = [self.controlnets[kind] for kind in kinds]
+        if len(nets) == 1:
+            module = nets[0]
+            scales, starts, ends = scales[0], starts[0], ends[0]
+        elif self.union:
+            module = MultiControlNetUnionModel(nets)
+        else:
+            module = control_skip.Combined(nets)
+        arguments |= {
+            "controlnet_conditioning_scale": scales,
+            "control_guidance_start": starts,
+            "control_guidance_end": ends,
+        }
+        return module, images, arguments
 
     @torch.inference_mode()
     def _generate(
         self,
-        edges: np.ndarray,
+        edges: np.ndarray | None,
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None,
         cancelled: Callable[[], bool],
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         *,
+        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
         assert params.seed is not None, "the caller resolves the seed"
@@ -325,7 +433,7 @@ class ControlNetPipeline:
                 on_preview(step + 1, pipe.num_timesteps, self.previews.webp(tensors["latents"]))
             return tensors
 
-        height, width = edges.shape
+        height, width = edges.shape if edges is not None else controls.shape[1:3]
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
         if self._compiled is not None:
@@ -339,16 +447,16 @@ class ControlNetPipeline:
             }
         else:
             prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
-        # The edge map crosses the wire as one channel; ControlNet wants RGB in [0, 1].
-        # torch.tensor copies: the array BentoML unpickles is read-only.
-        control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
-        control = control.expand(1, 3, height, width)
+        controlnet, images, steering = self._steering(edges, controls, params)
+        # A Union's pipelines take a list of control images, with a mode for each.
+        control = images if self.union else (images[0] if len(images) == 1 else images)
         generators = [
             torch.Generator(self.device).manual_seed(params.seed + i)
             for i in range(params.num_images)
         ]
         if init_image is None:
-            pipe, pictures = self.pipe, {"image": control}
+            pipe = self.pipe
+            pictures = {"control_image" if self.union else "image": control}
         else:
             pictures = {
                 "image": Image.fromarray(init_image),
@@ -359,8 +467,7 @@ class ControlNetPipeline:
             if mask is not None:
                 pipe, pictures["mask_image"] = self.inpaint, Image.fromarray(mask)
         pipe.scheduler = self.schedulers[params.scheduler]
-        if compiled:
-            pipe.unet, pipe.controlnet = self._compiled.modules
+        pipe.unet, pipe.controlnet = self._compiled.modules if compiled else (pipe.unet, controlnet)
         try:
             images = pipe(
                 **prompts,
@@ -369,9 +476,7 @@ class ControlNetPipeline:
                 width=width,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
-                controlnet_conditioning_scale=params.controlnet_conditioning_scale,
-                control_guidance_start=params.control_guidance_start,
-                control_guidance_end=params.control_guidance_end,
+                **steering,
                 guess_mode=params.guess_mode,
                 num_images_per_prompt=params.num_images,
                 generator=generators,
@@ -400,7 +505,12 @@ class ControlNetPipeline:
         slower, uncompiled models: chosen beforehand, or where the graphs did not fit."""
         fallbacks = self._compiled.take_fallbacks()
         if not compiled:
-            reason = "adapters" if active_adapters(params.loras) else "shape"
+            if active_adapters(params.loras):
+                reason = "adapters"
+            elif len(params.controls) > 1:
+                reason = "controls"
+            else:
+                reason = "shape"
             logger.info(
                 "uncompiled generation (%s): %d×%d, batch of %d",
                 reason,

@@ -30,19 +30,19 @@ class GPUWorker:
 
     async def run(
         self,
-        edges: np.ndarray,
+        edges: np.ndarray | None,
         params: GenerationParams,
         on_step: Callable[[int, int], None] | None = None,
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
-        """The images for ``edges`` (and ``init_image``, ``mask`` and previews, see
-        ``ControlNetPipeline.generate``). If the caller is cancelled, the pipeline stops at
-        its next step, and the GPU is released once it has."""
-        check_gpu_request(edges, params, init_image, mask)
-        height, width = edges.shape
+        """The images for ``edges`` or ``controls`` (and ``init_image``, ``mask`` and
+        previews, see ``ControlNetPipeline.generate``). If the caller is cancelled, the
+        pipeline stops at its next step, and the GPU is released once it has."""
+        height, width = check_gpu_request(edges, params, init_image, mask, controls)
         stop = threading.Event()
         work = Work(
             width * height * params.batch, self.pipeline.runs_compiled(height, width, params)
@@ -62,6 +62,7 @@ class GPUWorker:
                     stop.is_set,
                     init_image=init_image,
                     mask=mask,
+                    controls=controls,
                     on_preview=on_preview,
                 )
             )
@@ -84,11 +85,12 @@ class GPUWorker:
 
     async def stream(
         self,
-        edges: np.ndarray,
+        edges: np.ndarray | None,
         params: GenerationParams,
         *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        controls: np.ndarray | None = None,
     ) -> AsyncIterator[str]:
         """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
         each step, a preview every ``params.preview_every`` steps, then the images, or the
@@ -104,10 +106,9 @@ class GPUWorker:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
         yield streaming.progress_line(0, params.steps)
+        pictures = {"init_image": init_image, "mask": mask, "controls": controls}
         job = asyncio.ensure_future(
-            self.run(
-                edges, params, on_step, init_image=init_image, mask=mask, on_preview=on_preview
-            )
+            self.run(edges, params, on_step, **pictures, on_preview=on_preview)
         )
         # After any line already sent: call_soon queues behind call_soon_threadsafe.
         job.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))

@@ -37,19 +37,36 @@ from devtools.harness import (
     tiny_model_env,
 )
 from devtools.hub import Hub
-from devtools.hub_repos import BASE_REPO, CONTROLNET_REPO, PREVIEW_REPO, VAE_REPO, lay_out
+from devtools.hub_repos import (
+    BASE_REPO,
+    CONTROLNET_REPO,
+    DEPTH_REPO,
+    PREVIEW_REPO,
+    UNION_REPO,
+    VAE_REPO,
+    lay_out,
+)
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.schemas import GenerationParams
 
+# The models the default configuration declares.
 INCLUDE = {
     BASE_REPO: model_refs.BASE_INCLUDE,
     CONTROLNET_REPO: model_refs.CONTROLNET_INCLUDE,
     VAE_REPO: model_refs.VAE_INCLUDE,
     PREVIEW_REPO: model_refs.PREVIEW_INCLUDE,
 }
-# What no include pattern may ever fetch: other formats, duplicates, checkpoints, pictures.
+# The ControlNets SDXL_CONTROLNETS may declare beside the Canny one: a depth one, a Union.
+MORE_CONTROLNETS = {
+    DEPTH_REPO: model_refs.CONTROLNET_INCLUDE,
+    UNION_REPO: model_refs.UNION_INCLUDE,
+}
+EVERY_REPO = INCLUDE | MORE_CONTROLNETS
+# What no include pattern may ever fetch: other formats, duplicates, checkpoints, pictures,
+# other models (the Union's ProMax).
 NEVER = ["*.bin", "*.pth", "*.onnx", "*.onnx_data", "*.msgpack", "*.png", "*.md", ".gitattributes"]
 NEVER += ["sd_xl_base_1.0.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors", "vae/*"]
+NEVER += ["images/*", "config_promax.json", "diffusion_pytorch_model_promax.safetensors"]
 
 
 # A LoRA repository like ByteDance/SDXL-Lightning: several weight files, one per variant.
@@ -95,7 +112,7 @@ def reference(hub: Hub, repo_id: str, revision: str | None = None) -> HuggingFac
         repo_id,
         revision=revision or commit(hub, repo_id),
         endpoint=hub.url,
-        include=INCLUDE[repo_id],
+        include=EVERY_REPO[repo_id],
     )
 
 
@@ -115,7 +132,7 @@ def requested_paths(hub: Hub, repo_id: str) -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize("repo_id", list(INCLUDE))
+@pytest.mark.parametrize("repo_id", list(EVERY_REPO))
 def test_resolving_downloads_exactly_the_included_files(
     hub: Hub, caches: Path, repo_id: str
 ) -> None:
@@ -131,7 +148,8 @@ def test_resolving_downloads_exactly_the_included_files(
         assert not fnmatch.filter(files, pattern), f"{pattern} must stay on the hub"
     weights = [p for p in files if p.endswith(".safetensors")]
     assert weights
-    if repo_id not in (VAE_REPO, PREVIEW_REPO):  # these have only their fp32 file
+    # The VAE and TAESD have only their fp32 file; the Union has fp16 under the plain name.
+    if repo_id not in (VAE_REPO, PREVIEW_REPO, UNION_REPO):
         assert all(p.endswith(".fp16.safetensors") for p in weights)
 
 
@@ -169,6 +187,25 @@ def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) ->
         np.zeros((64, 64), np.uint8), params, on_preview=lambda step, *_: previews.append(step)
     )
     assert images.shape == (1, 64, 64, 3) and previews == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "repo_id", "said"),
+    [
+        ("depth", UNION_REPO, "is a ControlNet Union: name it union"),
+        ("union", DEPTH_REPO, "is not a ControlNet Union"),
+    ],
+)
+def test_a_downloaded_controlnet_declared_as_what_it_is_not_stops_start_up(
+    hub: Hub, name: str, repo_id: str, said: str
+) -> None:
+    from sdxl_controlnet.gpu.pipeline import ControlNetError, ControlNetPipeline
+
+    path = reference(hub, repo_id).resolve()
+
+    with pytest.raises(ControlNetError) as error:
+        ControlNetPipeline(str(TINY_MODEL / "base"), {name: path}, str(TINY_MODEL / "vae"))
+    assert str(error.value) == f"SDXL_CONTROLNETS: {name}={path} {said}"
 
 
 def test_a_second_resolve_downloads_nothing(hub: Hub) -> None:
@@ -295,6 +332,81 @@ def test_declared_hub_adapters_are_models_of_the_gpu_service() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str([(LORA_REPO, "a" * 40, [LORA_WEIGHTS])])
+
+
+# The GPU Service started as each of its workers starts it: its models resolved (downloaded
+# where not cached) and the pipeline loaded from them; then one generation with two of the
+# controls it offers. Prints, as JSON, what `bentoml build` records of its models (each
+# one's to_info(): _bentoml_sdk/service/factory.py collects them, bento.py writes them) and
+# which ControlNets the pipeline loaded.
+START_GPU_SERVICE = """
+import json
+
+import numpy as np
+
+import service
+from sdxl_controlnet.schemas import ControlSettings, GenerationParams
+from sdxl_controlnet.settings import settings
+
+gpu = service.SDXLControlNetService()
+controls = [ControlSettings(type=kind) for kind in settings.control_types[:2]]
+params = GenerationParams(prompt="x", num_inference_steps=1, seed=1, controls=controls)
+pipeline = gpu.worker.pipeline
+images = pipeline.generate(None, params, controls=np.zeros((2, 64, 64, 3), np.uint8))
+print(json.dumps({
+    "models": [m.to_info().metadata for m in service.SDXLControlNetService.models],
+    "loaded": {name: type(net).__name__ for name, net in pipeline.controlnets.items()},
+    "images": images.shape,
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{"union": UNION_REPO}, {"canny": CONTROLNET_REPO, "depth": DEPTH_REPO}],
+    ids=["union", "canny+depth"],
+)
+def test_each_declared_controlnet_is_a_model_of_the_gpu_service_downloaded_and_loaded(
+    hub: Hub, declared: dict[str, str]
+) -> None:
+    """SDXL_CONTROLNETS=union=… or canny=…,depth=… with pinned hub references: one model
+    reference each, which downloads exactly its include patterns (not the Union's ProMax
+    files) and loads through from_pretrained, the Union as a ControlNetUnionModel."""
+    controlnets = ",".join(f"{name}={repo}@{commit(hub, repo)}" for name, repo in declared.items())
+    env = {
+        **tiny_model_env(),  # the base, VAE and preview from local directories
+        "SDXL_CONTROLNETS": controlnets,
+        "HF_ENDPOINT": hub.url,
+        "LORA_ADAPTERS": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", START_GPU_SERVICE],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    started = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert started["models"] == [
+        {
+            "model_id": repo,
+            "revision": commit(hub, repo),
+            "endpoint": hub.url,
+            "include": EVERY_REPO[repo],
+            "exclude": None,
+        }
+        for repo in declared.values()
+    ]
+    for repo in declared.values():
+        assert hub.served_paths(repo) == sorted(EVERY_REPO[repo])
+    assert len(hub.served) == len(set(hub.served)), "a file left the stand-in twice"
+    assert started["loaded"] == {
+        name: "ControlNetUnionModel" if name == "union" else "ControlNetModel" for name in declared
+    }
+    assert started["images"] == [1, 64, 64, 3]
 
 
 # What the GPU Service will declare, in a Service of its own so the build is quick.
