@@ -4,6 +4,7 @@ const form = document.querySelector("#studio");
 const paramInputs = [...form.querySelectorAll("[data-param]")];
 const $ = (selector) => document.querySelector(selector);
 let image = null;
+let uploadUrl = null; // the upload, shown by the layers that take it as it is
 let running = null; // the AbortController of the generation in progress
 
 // Limits and defaults live in the Service's request model; read them, never copy them.
@@ -23,6 +24,7 @@ async function applySchema() {
     if (field.description) input.title = field.description;
   }
   applyAdapterSchema(spec.components.schemas, fields);
+  applyControlSchema(spec.components.schemas, fields);
   previews = fields.preview_every["x-available"] === true;
   const strength = fields.strength.anyOf.find((option) => option.type !== "null");
   $("#strength").max = strength.maximum;
@@ -75,12 +77,133 @@ function params(names) {
   for (const input of paramInputs) {
     if (names && !names.includes(input.name)) continue;
     if (input.value === "") continue;
+    // With layers, each has its own scale and preprocessor: the API refuses the one-control fields.
+    if (layers.length && ONE_CONTROL.includes(input.name)) continue;
     values[input.name] = input.type === "text" || input.tagName !== "INPUT" ? input.value : Number(input.value);
   }
   if (!names && $("#lora").value) {
     values.loras = [{ name: $("#lora").value, scale: Number($("#lora_scale").value) }];
   }
+  if (!names && layers.length) values.controls = layers.map(controlOf);
   return values;
+}
+
+// Control layers: several controls, each with its type, its image, its scale and its window.
+// With none, a request keeps the one Canny control of the upload, as it always did.
+const ONE_CONTROL = ["preprocessor", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"];
+// What the front derives from the upload, by type (sdxl_controlnet/controls.py, DERIVED): the
+// schema's preprocessor enum names every type, most only so that the server can refuse them.
+const DERIVED = { canny: "the upload's edges", tile: "the upload, blurred" };
+const layers = []; // {element, picture}: picture is the layer's own image file
+let control = null; // the schema's Control: the offered types, each setting's bounds and default
+let maxLayers = 0;
+let edgesUrl = null; // the upload's Canny edges as last previewed, which canny layers show too
+
+function applyControlSchema(schemas, fields) {
+  if (!fields.controls) return; // a server from before layers
+  control = schemas[fields.controls.items.$ref.split("/").pop()].properties;
+  maxLayers = fields.controls.maxItems;
+  $("#controls").title = fields.controls.description;
+  $("#controls").hidden = false;
+  showLayers();
+}
+
+// A number input held to a schema rule; an exclusive bound becomes the nearest step inside it.
+function bound(input, rule) {
+  const step = Number(input.step);
+  if (rule.minimum !== undefined) input.min = rule.minimum;
+  if (rule.exclusiveMinimum !== undefined) input.min = rule.exclusiveMinimum + step;
+  if (rule.maximum !== undefined) input.max = rule.maximum;
+  if (rule.exclusiveMaximum !== undefined) input.max = rule.exclusiveMaximum - step;
+  input.value = rule.default;
+  input.title = rule.description;
+}
+
+const part = (layer, name) => layer.element.querySelector(`.${name}`);
+
+function addLayer() {
+  const layer = { element: $("#layer").content.firstElementChild.cloneNode(true), picture: null };
+  part(layer, "type").replaceChildren(...control.type.enum.map((kind) => new Option(kind)));
+  part(layer, "type").title = control.type.description;
+  for (const name of ["scale", "start", "end"]) bound(part(layer, name), control[name]);
+  offerSources(layer);
+  part(layer, "type").addEventListener("change", () => {
+    offerSources(layer);
+    showLayers();
+  });
+  part(layer, "source").addEventListener("change", showLayers);
+  part(layer, "picture").addEventListener("change", (event) => readPicture(layer, event.target.files[0]));
+  part(layer, "remove").addEventListener("click", () => {
+    layers.splice(layers.indexOf(layer), 1);
+    layer.element.remove();
+    showLayers();
+    schedulePreview(); // the edge map follows the preprocessor select again
+  });
+  layers.push(layer);
+  $("#layers").append(layer.element);
+  showLayers();
+  schedulePreview();
+}
+
+// Where a layer's image comes from: derived from the upload where its type allows, the upload
+// as it is, or a picture of its own (sent as it is).
+function offerSources(layer) {
+  const kind = part(layer, "type").value;
+  const source = part(layer, "source");
+  const chosen = source.value;
+  source.replaceChildren(
+    ...(kind in DERIVED ? [new Option(DERIVED[kind], kind)] : []),
+    new Option("the upload as it is", "none"),
+    new Option("its own picture", "own"),
+  );
+  // A type with nothing derived here wants its own picture: an upload is seldom a depth map.
+  const kept = [...source.options].some((option) => option.value === chosen);
+  source.value = kept ? chosen : kind in DERIVED ? kind : "own";
+}
+
+function readPicture(layer, file) {
+  if (!file) return;
+  layer.picture = file;
+  layer.pictureUrl = URL.createObjectURL(file);
+  showLayers();
+}
+
+// A layer's own picture goes as a file part of the form, which its control names: a form's
+// text field, params included, holds at most 1 MiB.
+const partOf = (layer) => `control_${layers.indexOf(layer)}`;
+
+function controlPictures() {
+  const own = layers.filter((layer) => part(layer, "source").value === "own" && layer.picture);
+  return Object.fromEntries(own.map((layer) => [partOf(layer), layer.picture]));
+}
+
+function controlOf(layer) {
+  const values = { type: part(layer, "type").value };
+  for (const name of ["scale", "start", "end"]) {
+    if (part(layer, name).value !== "") values[name] = Number(part(layer, name).value);
+  }
+  const source = part(layer, "source").value;
+  if (source === "own") return { ...values, image: partOf(layer), preprocessor: "none" };
+  return { ...values, preprocessor: source };
+}
+
+function showLayers() {
+  for (const input of paramInputs) {
+    if (ONE_CONTROL.includes(input.name)) input.disabled = layers.length > 0;
+  }
+  $("#add_layer").disabled = !control || layers.length >= maxLayers;
+  $("#add_layer").title = `At most ${maxLayers} layers.`;
+  for (const layer of layers) {
+    const source = part(layer, "source").value;
+    part(layer, "own").hidden = source !== "own";
+    // Tile shows the upload itself: its blur only softens what the preview would show.
+    const url = source === "own" ? layer.pictureUrl : source === "canny" ? edgesUrl : uploadUrl;
+    const preview = layer.element.querySelector("img");
+    if (url) preview.src = url;
+    preview.hidden = !url;
+    preview.closest("figure").classList.toggle("empty", !url);
+  }
+  showSliders();
 }
 
 function request(path, values, signal, pictures = {}) {
@@ -205,7 +328,9 @@ function markStale(id, stale) {
 }
 
 function showSliders() {
-  const edgeDetection = $("#preprocessor").value !== "none";
+  const edgeDetection = layers.length
+    ? layers.some((layer) => part(layer, "source").value === "canny")
+    : $("#preprocessor").value !== "none";
   $("#low_threshold").disabled = $("#high_threshold").disabled = !edgeDetection;
   for (const output of form.querySelectorAll("output")) {
     output.value = $(`#${output.htmlFor}`).value;
@@ -226,13 +351,18 @@ async function preview() {
   previewRequest?.abort();
   previewRequest = new AbortController();
   try {
-    const response = await request("/canny", params(["low_threshold", "high_threshold", "preprocessor"]), previewRequest.signal);
+    const values = params(["low_threshold", "high_threshold", "preprocessor"]);
+    if (layers.length) values.preprocessor = "canny"; // the edges that canny layers get
+    const response = await request("/canny", values, previewRequest.signal);
     if (!response.ok) {
       markStale("edges", true);
       return showError(await errorMessage(response));
     }
     showError("");
-    showImage("edges", URL.createObjectURL(await response.blob()));
+    const url = URL.createObjectURL(await response.blob());
+    showImage("edges", url);
+    edgesUrl = values.preprocessor === "none" ? null : url;
+    showLayers();
   } catch (error) {
     if (error.name === "AbortError") return;
     markStale("edges", true);
@@ -243,6 +373,8 @@ async function preview() {
 function chooseImage(file) {
   if (!file) return;
   image = file;
+  uploadUrl = URL.createObjectURL(file);
+  showLayers();
   $("#drop span").textContent = file.name;
   if ($("#use_start").checked && !startFile) showStartPicture();
   preview();
@@ -290,6 +422,8 @@ async function generate(event) {
   event.preventDefault();
   if (running) return running.abort(); // the button reads "Stop": leaving stops the GPU too
   if (!image) return showError("Choose an image first.");
+  const unpictured = layers.findIndex((layer) => part(layer, "source").value === "own" && !layer.picture);
+  if (unpictured >= 0) return showError(`Layer ${unpictured + 1}: choose its picture, or make it from the upload.`);
   showError("");
   running = new AbortController();
   $("#generate").textContent = "Stop";
@@ -301,7 +435,7 @@ async function generate(event) {
   try {
     const values = params();
     if (previews) values.preview_every = previewEvery(values.num_inference_steps);
-    const pictures = await startPictures(values);
+    const pictures = { ...(await startPictures(values)), ...controlPictures() };
     const response = await request("/generate_stream", values, running.signal, pictures);
     if (!response.ok) return showError(await errorMessage(response));
     for await (const { event: kind, data } of serverSentEvents(response)) {
@@ -340,6 +474,7 @@ $("#low_threshold").addEventListener("input", schedulePreview);
 $("#high_threshold").addEventListener("input", schedulePreview);
 $("#preprocessor").addEventListener("change", schedulePreview);
 $("#lora").addEventListener("change", choosePreset);
+$("#add_layer").addEventListener("click", addLayer);
 $("#use_start").addEventListener("change", useStart);
 $("#init_image").addEventListener("change", (event) => {
   startFile = event.target.files[0] ?? null;

@@ -8,9 +8,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image
 
-from devtools.harness import ROOT, Server, encode, shapes_image
+from devtools.harness import ROOT, Server, encode, serving, shapes_image, tiny_controlnets
 
 pytestmark = pytest.mark.browser
 
@@ -37,8 +39,7 @@ def browser() -> Iterator:
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server: Server, tmp_path: Path) -> Iterator[Page]:
+def open_studio(browser, server: Server, tmp_path: Path) -> Page:
     """The studio on a phone-sized screen, with a picture uploaded."""
     page = browser.new_page(viewport={"width": 390, "height": 1100})
     page.goto(f"{server.url}/studio")
@@ -48,6 +49,12 @@ def page(browser, server: Server, tmp_path: Path) -> Iterator[Page]:
     picture.write_bytes(encode(shapes_image(160, 120)))
     page.set_input_files("#image", picture)
     expect(page.locator("#edges")).to_have_attribute("src", re.compile("^blob:"))
+    return page
+
+
+@pytest.fixture
+def page(browser, server: Server, tmp_path: Path) -> Iterator[Page]:
+    page = open_studio(browser, server, tmp_path)
     yield page
     page.close()
 
@@ -230,3 +237,82 @@ def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
     page.click("#clear_mask")
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("image-to-image", timeout=120_000)
+
+
+@pytest.fixture(scope="module")
+def canny_and_depth() -> Iterator[Server]:
+    """A server whose ControlNets serve two control types, canny and depth."""
+    with serving(tiny_controlnets("canny+depth")) as srv:
+        yield srv
+
+
+# Chromium tells Playwright nothing of a multipart body with a file in it, so the page's
+# own fetch keeps each request's params for the test to read.
+RECORD_PARAMS = """() => {
+    const send = window.fetch;
+    window.sentParams = {};
+    window.sentParts = {};
+    window.fetch = (url, init) => {
+        window.sentParams[url] = JSON.parse(init.body.get("params"));
+        window.sentParts[url] = [...init.body.keys()];
+        return send(url, init);
+    };
+}"""
+
+
+def test_two_control_layers_are_sent_as_controls_and_generate(
+    browser, canny_and_depth: Server, tmp_path: Path
+) -> None:
+    page = open_studio(browser, canny_and_depth, tmp_path)
+    spec = httpx.get(f"{canny_and_depth.url}/docs.json", timeout=10).json()
+    control = spec["components"]["schemas"]["Control"]["properties"]
+    offered = control["type"]["enum"]
+    assert offered == ["canny", "depth"]
+    most = spec["components"]["schemas"]["Params"]["properties"]["controls"]["maxItems"]
+
+    # As many layers as the schema allows, then one fewer.
+    for _ in range(most):
+        page.click("#add_layer")
+    expect(page.locator("#add_layer")).to_be_disabled()
+    page.locator("#layers > li").nth(most - 1).locator(".remove").click()
+    expect(page.locator("#layers > li")).to_have_count(2)
+    expect(page.locator("#add_layer")).to_be_enabled()
+    canny, depth = page.locator("#layers > li").nth(0), page.locator("#layers > li").nth(1)
+    expect(canny.locator(".type option")).to_have_text(offered)
+    # The one-control fields give way to each layer's own.
+    expect(page.locator("[name=controlnet_conditioning_scale]")).to_be_disabled()
+    expect(page.locator("#preprocessor")).to_be_disabled()
+
+    # Canny, derived from the upload: its preview is the upload's edges.
+    expect(canny.locator(".source")).to_have_value("canny")
+    expect(canny.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    # Depth, from a picture of its own: a near-to-far gradient, as a depth map looks.
+    depth.locator(".type").select_option("depth")
+    expect(depth.locator(".source")).to_have_value("own")
+    depth_map = tmp_path / "depth.png"
+    depth_map.write_bytes(encode(Image.linear_gradient("L").resize((160, 120)).convert("RGB")))
+    depth.locator(".picture").set_input_files(depth_map)
+    expect(depth.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    depth.locator(".scale").fill("0.8")
+    screenshot(page, "9-layers")
+
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "2")
+    page.evaluate(RECORD_PARAMS)
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    screenshot(page, "10-layers-generated")
+
+    params = page.evaluate("window.sentParams['../generate_stream']")
+    assert not {"preprocessor", "controlnet_conditioning_scale"} & params.keys()
+    # A layer left as added: the schema's defaults, sent as the page showed them.
+    defaults = {name: control[name]["default"] for name in ("scale", "start", "end")}
+    assert params["controls"][0] == {"type": "canny", **defaults, "preprocessor": "canny"}
+    assert params["controls"][1]["type"] == "depth"
+    assert params["controls"][1]["scale"] == 0.8
+    # Its picture goes as a file part, which the control names.
+    assert params["controls"][1]["image"] == "control_1"
+    parts = page.evaluate("window.sentParts['../generate_stream']")
+    assert sorted(parts) == ["control_1", "image", "params"]
+    page.close()
