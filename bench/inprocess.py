@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import statistics
 import tempfile
 import typing as t
+from collections.abc import Iterator
 from functools import partial
 
 import cv2
@@ -19,13 +21,20 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 
-from bench.report import Row, cpu_ms, interleaved, timed_ms
-from devtools.harness import photo
+from bench.report import Row, cpu_ms, interleaved, p95, timed_ms
+from devtools.harness import photo, tiny_controlnets, tiny_model_env
+from sdxl_controlnet.controls import parse_controlnets
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.front.encoding import encode_image
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.gpu.previews import PreviewDecoder
-from sdxl_controlnet.schemas import GenerationParams, LoraChoice, OutputFormat, Params
+from sdxl_controlnet.schemas import (
+    ControlSettings,
+    GenerationParams,
+    LoraChoice,
+    OutputFormat,
+    Params,
+)
 from service import ControlNet, SDXLControlNetService
 
 # In a `bentoml serve`, Services call each other with BentoML's pickle serde.
@@ -335,4 +344,55 @@ def lever_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
         Row("levers", "prompt cache: text encoding, repeat vs first", "ms", repeat, first,
             target=0.2, note=f"both text encoders, prompt and negative; {cache.size} kept")
     )  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside: OpenMP's threads spin while they wait for a core, so on a
+    shared machine a neighbour swings even the CPU time of a generation (tests/conftest.py);
+    on one thread, CPU time is the work alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def control_rows(runs: int, side: int = 256, steps: int = 10) -> list[Row]:
+    """The cost of a second control, per image: canny + depth against canny alone, interleaved,
+    on each way the tiny model serves several: a ControlNet per type, and one ControlNet Union.
+    Either way each control runs its own ControlNet forward per step. Torch on one thread:
+    the ratio is the work's, and a busy neighbour swings it least so."""
+    start = photo(side, side)
+    edges = preprocessing.edge_map(start, Params(prompt="bench"))
+    # The Canny edges, and the picture itself standing in for a depth map: the cost is the same.
+    images = np.stack([np.repeat(edges[..., None], 3, axis=2), np.asarray(start.convert("RGB"))])
+    # Built as a server declaring canny and depth takes them: this process's settings serve
+    # the one Canny ControlNet, and a control's type is validated against them.
+    canny, depth = (ControlSettings.model_construct(type=kind) for kind in ("canny", "depth"))
+    one = GenerationParams(prompt="bench", num_inference_steps=steps, seed=1, controls=[canny])
+    two = one.model_copy(update={"controls": [canny, depth]})
+    model = tiny_model_env()
+    rows = []
+    ways = {"canny+depth": "a ControlNet each", "union": "one ControlNet Union"}
+    for configuration, way in ways.items():
+        declared = tiny_controlnets(configuration)["SDXL_CONTROLNETS"]
+        pipeline = ControlNetPipeline(
+            model["SDXL_BASE_MODEL"], parse_controlnets(declared, ""), model["SDXL_VAE_MODEL"]
+        )
+        calls = (
+            partial(pipeline.generate, None, two, controls=images),
+            partial(pipeline.generate, None, one, controls=images[:1]),
+        )
+        with one_thread():
+            for call in calls:  # first calls set up kernels: not counted
+                call()
+            both, alone = interleaved(runs, *calls, timer=cpu_ms)
+        rows.append(
+            Row("controls", f"canny + depth vs canny alone, {way}, {side}² {steps} steps, "
+                "CPU ms per image on one thread", "ms", both, alone,
+                note=f"canny alone p95 {p95(alone):,.0f}; a second ControlNet forward per step"),
+        )  # fmt: skip
     return rows

@@ -58,6 +58,8 @@ def measure(quick: bool) -> list[Row]:
     rows += inprocess.preview_rows(pipeline, runs=3 if quick else 5)
     section("speed levers: the ControlNet skipped, the prompt cache")
     rows += inprocess.lever_rows(pipeline, runs=3 if quick else 5)
+    section("a second control: ControlNets for canny and depth, and a ControlNet Union")
+    rows += inprocess.control_rows(runs=3 if quick else 5)
     section("cold start")
     server, cold_start = served.start_server()
     try:
