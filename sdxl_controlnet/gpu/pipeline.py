@@ -307,30 +307,9 @@ class ControlNetPipeline:
             and not active_adapters(params.loras)
         )
 
-    def submit(
-        self,
-        edges: np.ndarray | None,
-        params: GenerationParams,
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
-        *,
-        init_image: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-        controls: np.ndarray | None = None,
-        on_preview: Callable[[int, int, bytes], None] | None = None,
-    ) -> concurrent.futures.Future[np.ndarray]:
-        """Run ``generate`` on the pipeline's own thread."""
-        return self._thread.submit(
-            self.generate,
-            edges,
-            params,
-            on_step,
-            cancelled,
-            init_image=init_image,
-            mask=mask,
-            controls=controls,
-            on_preview=on_preview,
-        )
+    def submit(self, *args: t.Any, **kwargs: t.Any) -> concurrent.futures.Future[np.ndarray]:
+        """Run ``generate`` with these arguments on the pipeline's own thread."""
+        return self._thread.submit(self.generate, *args, **kwargs)
 
     def generate(
         self,

@@ -45,15 +45,15 @@ def union() -> Iterator[Server]:
         yield srv
 
 
-def batch(server: Server, params: dict, **pictures) -> httpx.Response:
+def form(params: dict, **pictures) -> dict:
+    """A form of the upload, ``pictures`` as file parts of their names, and ``params``."""
     files = {"image": ("photo.png", encode(shapes_image(96, 64)), "image/png")}
     files |= {name: (f"{name}.png", encode(p), "image/png") for name, p in pictures.items()}
-    return httpx.post(
-        f"{server.url}/generate_batch",
-        files=files,
-        data={"params": json.dumps(params)},
-        timeout=120,
-    )
+    return {"files": files, "data": {"params": json.dumps(params)}}
+
+
+def batch(server: Server, params: dict, **pictures) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate_batch", **form(params, **pictures), timeout=120)
 
 
 def two_controls(**second: object) -> list[dict]:
@@ -88,12 +88,8 @@ def test_every_mode_generates_with_two_controls_and_the_seed_holds(
 
 def test_a_job_and_a_stream_take_controls(canny_and_depth: Server) -> None:
     params = {**FAST, "controls": two_controls()}
-    image = {"image": ("photo.png", encode(shapes_image(96, 64)), "image/png")}
     submitted = httpx.post(
-        f"{canny_and_depth.url}/generate_task/submit",
-        files=image,
-        data={"params": json.dumps(params)},
-        timeout=30,
+        f"{canny_and_depth.url}/generate_task/submit", **form(params), timeout=30
     )
     assert submitted.status_code == 200, submitted.text
     task = submitted.json()["task_id"]
@@ -104,11 +100,7 @@ def test_a_job_and_a_stream_take_controls(canny_and_depth: Server) -> None:
     assert status.json()["status"] == "completed", status.text
     job = httpx.get(f"{canny_and_depth.url}/generate_task/get", params={"task_id": task}).json()
     with httpx.stream(
-        "POST",
-        f"{canny_and_depth.url}/generate_stream",
-        files=image,
-        data={"params": json.dumps(params)},
-        timeout=120,
+        "POST", f"{canny_and_depth.url}/generate_stream", **form(params), timeout=120
     ) as stream:
         events = stream.read().decode()
     result = json.loads(re.search(r"event: result\ndata: (.*)", events)[1])
@@ -119,20 +111,11 @@ def test_a_control_image_may_be_a_file_part_past_what_a_text_field_holds(
     canny_and_depth: Server,
 ) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
-    depth = encode(Image.fromarray(noise))  # 1.4 MB: past a form text field's 1 MiB
+    depth = Image.fromarray(noise)  # 1.4 MB as a PNG: past a form text field's 1 MiB
     params = {**FAST, "controls": [{"type": "depth", "image": "depth"}]}
-    files = {
-        "image": ("photo.png", encode(shapes_image(96, 64)), "image/png"),
-        "depth": ("depth.png", depth, "image/png"),
-    }
-    as_part = httpx.post(
-        f"{canny_and_depth.url}/generate_batch",
-        files=files,
-        data={"params": json.dumps(params)},
-        timeout=120,
-    )
+    as_part = batch(canny_and_depth, params, depth=depth)
     assert as_part.status_code == 200, as_part.text
-    inline = {"controls": [{"type": "depth", "image": data_uri(Image.fromarray(noise))}]}
+    inline = {"controls": [{"type": "depth", "image": data_uri(depth)}]}
     as_uri = batch(canny_and_depth, {**FAST, **inline})
     assert as_uri.status_code == 400
     assert "1024KB" in as_uri.json()["error"]
