@@ -44,6 +44,7 @@ Preprocessor = t.Literal["canny", "none"]
 ControlPreprocessor = t.Literal[ControlType, "none"]
 # From noise; from a start picture; repainting where a mask is white.
 Mode = t.Literal["text-to-image", "image-to-image", "inpainting"]
+CONTROL_SCALE, MAX_CONTROL_SCALE = 0.5, 2.0  # every control's, the one or each of several
 IMAGE_TO_IMAGE_STRENGTH = 0.8  # diffusers' default, as A1111's and Replicate's are near it
 INPAINTING_STRENGTH = 1.0  # the masked area repainted from noise
 
@@ -185,7 +186,9 @@ class ControlSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: OfferedType = Field(description="What the control image shows.")
-    scale: float = Field(default=0.5, ge=0.0, le=2.0, description="How strongly it steers.")
+    scale: float = Field(
+        default=CONTROL_SCALE, ge=0.0, le=MAX_CONTROL_SCALE, description="How strongly it steers."
+    )
     start: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Fraction of the steps at which it starts."
     )
@@ -258,7 +261,10 @@ class GenerationParams(BaseModel):
         description="Negative prompt for the second text encoder; defaults to `negative_prompt`.",
     )
     controlnet_conditioning_scale: float = Field(
-        default=0.5, ge=0.0, le=2.0, description="How strongly the edge map steers the image."
+        default=CONTROL_SCALE,
+        ge=0.0,
+        le=MAX_CONTROL_SCALE,
+        description="How strongly the edge map steers the image.",
     )
     control_guidance_start: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Fraction of the steps at which ControlNet starts."
