@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -219,6 +220,13 @@ class Control(ControlSettings):
         "`none` takes the image as it is. Defaults to the type where it is derived here, "
         "else `none`. Other types need a model of their own: send their image.",
     )
+
+    @field_serializer("image", when_used="json")
+    def _abbreviated(self, image: str | None) -> str | None:
+        # Echoed whole, a data URI would send the picture back with every result and webhook.
+        if image is None or not image.startswith("data:") or "," not in image:
+            return image
+        return f"{image[: image.index(',') + 1]}… ({len(image)} characters)"
 
     @model_validator(mode="after")
     def _derivable(self) -> t.Self:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_the_gpu_gets_each_control_without_its_image_reference() -> None:
     assert [c.model_dump() for c in sent.controls] == [
         {"type": "canny", "scale": 0.7, "start": 0.0, "end": 1.0}
     ]
+    # Results and webhooks echo the settings, not the picture.
+    echoed = json.loads(params.model_dump_json())["controls"][0]["image"]
+    assert echoed == f"data:image/png;base64,… ({len(data_uri)} characters)"
 
 
 def test_a_canny_control_of_the_upload_is_the_one_control_edge_map_in_rgb() -> None:
