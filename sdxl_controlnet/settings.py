@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import json
 import os
@@ -309,12 +310,12 @@ class Settings(BaseModel):
         pairs = (size.split("x") for size in self.torch_compile_sizes.split(","))
         return [(int(width), int(height)) for width, height in pairs]
 
-    @property
+    @functools.cached_property  # read by every request's validation
     def controlnets(self) -> dict[str, str]:
         """{name: model reference} of the ControlNets the GPU Service loads."""
         return controls.parse_controlnets(self.sdxl_controlnets, self.sdxl_controlnet_model)
 
-    @property
+    @functools.cached_property
     def control_types(self) -> list[str]:
         """The control types requests may ask for."""
         return controls.offered(self.controlnets)

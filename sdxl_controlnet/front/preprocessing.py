@@ -346,8 +346,10 @@ def prepare(
     if restyle:  # the upload is the start picture too: decoded once, in colour, full size
         image = upright_rgb(image, min_side=None)
     size, resize_mode = sizing(image, params)
-    inputs = GPUInputs(None if params.controls else edge_map(image, params))
-    if params.controls:
+    inputs = GPUInputs(None)
+    if not params.controls:
+        inputs.edges = edge_map(image, params)
+    else:
         given = control_pictures or [None] * len(params.controls)
         inputs.controls = np.stack(
             [

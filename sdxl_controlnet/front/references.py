@@ -200,7 +200,7 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
         return None
     if media_type in FORMS:
         form = await request.form()
-        items = await _control_parts(form.multi_items())
+        items = await _control_parts(form.multi_items(), file_fields)
         request._form = FormData(items)
         names = [k for k, _ in items if k in file_fields]
         if repeated := sorted({k for k in names if names.count(k) > 1}):
@@ -241,10 +241,12 @@ async def _same(value: t.Any) -> t.Any:
     return value
 
 
-async def _control_parts(items: list[tuple[str, t.Any]]) -> list[tuple[str, t.Any]]:
+async def _control_parts(
+    items: list[tuple[str, t.Any]], file_fields: list[str]
+) -> list[tuple[str, t.Any]]:
     """``items`` with each file part that an entry of ``params.controls`` names as its
-    image moved into that entry, as a data URI."""
-    files = {k: v for k, v in items if isinstance(v, UploadFile)}
+    image moved into that entry, as a data URI; the API's own picture fields stay theirs."""
+    files = {k: v for k, v in items if isinstance(v, UploadFile) and k not in file_fields}
     texts = [v for k, v in items if k == "params" and isinstance(v, str)]
     try:
         params = json.loads(texts[0]) if len(texts) == 1 and files else None

@@ -123,6 +123,10 @@ def test_a_control_image_may_be_a_file_part_past_what_a_text_field_holds(
     missing = batch(canny_and_depth, unnamed)
     assert missing.status_code == 400
     assert "'elsewhere' is not an https:// URL" in missing.json()["error"]
+    # The API's own picture fields are not a control's to take.
+    upload = batch(canny_and_depth, {**params, "controls": [{"type": "depth", "image": "image"}]})
+    assert upload.status_code == 400
+    assert "'image' is not an https:// URL" in upload.json()["error"]
 
 
 @pytest.mark.parametrize(
