@@ -15,6 +15,10 @@ Handled with BentoML's public hooks, named here so that the list is whole:
 - Connection recycling fails requests in flight (``SessionManager``,
   ``_bentoml_impl/client/proxy2.py``): ``connections.NEVER_RECYCLE``, the GPU Service's
   ``runner_connection``.
+- A dependency Service's workers close an idle connection after 5 s, its client after 15 s
+  (``create_dependency_watcher``, ``_bentoml_impl/server/serving.py``), so a call can be
+  written onto a connection being closed: ``connections.resend`` sends a call the GPU
+  Service never read once more.
 - An upload whose Content-Type names no Pillow plugin (``image/jpg``) raises KeyError in
   ``PILImageEncoder.decode`` (``_bentoml_sdk/validators.py``): ``preprocessing._open``
   opens it from its bytes instead.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .. import streaming
+from ..bentoml_compat import connections
 from ..cancellation import cancel_on_disconnect
 from ..errors import from_gpu_failure, gpu_call_errors, raise_for_answer
 from ..schemas import Params
@@ -56,10 +57,13 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
     with prepared.timings.stage("generate"), gpu_call_errors(timeout_s):
         if progress is None:
             async with asyncio.timeout(timeout_s):
-                answer = await cancel_on_disconnect(gpu.generate(**arguments))
+                answer = await cancel_on_disconnect(
+                    connections.resend(lambda: gpu.generate(**arguments))
+                )
             images = raise_for_answer(answer)
         else:
-            async for kind, data in streaming.relay(gpu.generate_stream(**arguments), timeout_s):
+            stream = connections.resend_stream(lambda: gpu.generate_stream(**arguments))
+            async for kind, data in streaming.relay(stream, timeout_s):
                 if kind == "images":
                     images = data
                 else:

@@ -6,14 +6,23 @@ names, and this test with it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import os
 import sqlite3
-from collections.abc import AsyncIterator
+import tempfile
+import threading
+import time
+import typing as t
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import httpx
 import pytest
+import uvicorn
 from _bentoml_impl.client.proxy2 import AsyncClient, SessionManager
 from _bentoml_impl.tasks import ResultStatus
 from _bentoml_impl.tasks.result import Sqlite3Store
@@ -128,6 +137,146 @@ def test_defect_connections_are_recycled_after_100_requests_or_300_s() -> None:
     assert upstream["max_age"].default == 300
     manager = SessionManager("http://gpu", 60, {}, **connections.NEVER_RECYCLE)
     assert (manager.max_requests, manager.max_age) == (connections.NEVER, connections.NEVER)
+
+
+@pytest.fixture
+def gpu_socket() -> Iterator[str]:
+    """A Unix socket path short enough for AF_UNIX, as BentoML gives a dependency Service."""
+    with tempfile.TemporaryDirectory() as folder:
+        yield os.path.join(folder, "gpu.sock")
+
+
+@contextlib.contextmanager
+def _gpu_service(path: str, keep_alive_s: int) -> Iterator[list[bytes]]:
+    """uvicorn on ``path`` in a thread of its own, answering each request with its body;
+    yields the bodies it read."""
+    bodies: list[bytes] = []
+
+    async def app(scope: dict, receive: t.Callable, send: t.Callable) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    config = uvicorn.Config(app, uds=path, timeout_keep_alive=keep_alive_s, log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield bodies
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+async def _idle_past_keep_alive(session: aiohttp.ClientSession) -> None:
+    """One call, then the client busy (its event loop blocked) while the server closes the
+    idle connection: the next call takes that connection from the pool."""
+    async with session.post("/", data=b"first") as response:
+        assert await response.read() == b"first"
+    time.sleep(1.5)
+
+
+async def _post(session: aiohttp.ClientSession, body: bytes) -> bytes:
+    async with session.post("/", data=body) as response:
+        return await response.read()
+
+
+@pytest.mark.anyio
+async def test_defect_a_dependency_service_closes_idle_connections_before_its_client(
+    gpu_socket: str,
+) -> None:
+    """connections.resend: the GPU Service's workers keep an idle connection 5 s, the
+    Service-to-Service client 15 s."""
+    from _bentoml_impl.server.serving import create_dependency_watcher
+    from _bentoml_impl.worker.service import main
+
+    keep_alive = next(option for option in main.params if option.name == "timeout_keep_alive")
+    assert keep_alive.default == 5
+    assert "keep_alive" not in inspect.getsource(create_dependency_watcher)
+    session = await SessionManager(f"file://{gpu_socket}", 10, {}).get_session()
+    try:
+        assert session.connector._keepalive_timeout == 15  # aiohttp's default
+    finally:
+        await session.close()
+
+
+@pytest.mark.anyio
+async def test_defect_a_call_on_a_connection_the_server_closed_fails_unread(
+    gpu_socket: str,
+) -> None:
+    with _gpu_service(gpu_socket, keep_alive_s=1) as bodies:
+        manager = SessionManager(f"file://{gpu_socket}", 10, {})
+        session = await manager.get_session()
+        try:
+            await _idle_past_keep_alive(session)
+            with pytest.raises(aiohttp.ClientOSError):
+                await _post(session, b"second")
+        finally:
+            await session.close()
+    assert bodies == [b"first"]
+
+
+@pytest.mark.anyio
+async def test_a_call_the_gpu_service_never_read_is_sent_once_more(gpu_socket: str) -> None:
+    with _gpu_service(gpu_socket, keep_alive_s=1) as bodies:
+        session = await SessionManager(f"file://{gpu_socket}", 10, {}).get_session()
+        try:
+            await _idle_past_keep_alive(session)
+            assert await connections.resend(lambda: _post(session, b"second")) == b"second"
+        finally:
+            await session.close()
+    assert bodies == [b"first", b"second"]
+
+
+@pytest.mark.anyio
+async def test_a_stream_the_gpu_service_never_read_is_opened_once_more(gpu_socket: str) -> None:
+    async def stream(session: aiohttp.ClientSession) -> AsyncIterator[str]:
+        async with session.post("/", data=b"1\n2\n3\n") as response:
+            async for line in response.content:
+                yield line.decode()
+
+    with _gpu_service(gpu_socket, keep_alive_s=1) as bodies:
+        session = await SessionManager(f"file://{gpu_socket}", 10, {}).get_session()
+        try:
+            await _idle_past_keep_alive(session)
+            lines = [line async for line in connections.resend_stream(lambda: stream(session))]
+        finally:
+            await session.close()
+    assert lines == ["1\n", "2\n", "3\n"]
+    assert bodies == [b"first", b"1\n2\n3\n"]
+
+
+@pytest.mark.anyio
+async def test_a_call_the_gpu_service_read_before_it_went_away_is_not_sent_again(
+    gpu_socket: str,
+) -> None:
+    """A worker that dies mid-generation closes its connection cleanly: the call fails,
+    once, and the request that may have killed it does not reach the next worker."""
+    reads = []
+
+    async def read_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_unix_server(read_and_close, gpu_socket)
+    session = await SessionManager(f"file://{gpu_socket}", 10, {}).get_session()
+    try:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await connections.resend(lambda: _post(session, b"x"))
+    finally:
+        await session.close()
+        server.close()
+    assert len(reads) == 1
 
 
 async def _receive() -> dict:
