@@ -7,8 +7,6 @@ TINY_MODEL := models/tiny
 CONTAINER := scripts/container.sh
 CPU_IMAGE := sdxl-controlnet-cpu:latest
 TORCH_CPU_WHEEL := wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
-# A local wheel directory to take the CPU wheel from before downloading it.
-WHEELHOUSE ?= /opt/wheels
 
 # The offline demo model; unset these (or run `bentoml serve` directly) for the real SDXL models.
 export SDXL_BASE_MODEL ?= $(TINY_MODEL)/base
@@ -92,11 +90,10 @@ image: | $(BIN)/bentoml
 image-cpu: $(TORCH_CPU_WHEEL) | $(BIN)/bentoml
 	$(CONTAINER) build-image cpu
 
+# PyTorch's CPU build, from wherever the host's pip configuration finds it: an index or a
+# find-links folder that carries PyTorch's CPU wheels (PyPI has only the CUDA build).
 $(TORCH_CPU_WHEEL): | $(BIN)/bentoml
-	mkdir -p $(@D)
-	if [ -f $(WHEELHOUSE)/$(@F) ]; then cp $(WHEELHOUSE)/$(@F) $@; \
-	else $(BIN)/pip download --no-deps --dest $(@D) torch==2.13.0 \
-		--index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip download --no-deps --dest $(@D) torch==2.13.0+cpu
 
 # save_pretrained writes weights as 0600, and the image runs as a non-root user.
 readable-model: tiny-model
