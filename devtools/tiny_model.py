@@ -32,6 +32,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sdxl_controlnet.controls import UNION_MODE_COUNT
+
 # Where the three model paths live under the output directory; the service
 # loads them exactly like the three Hugging Face repositories they stand in for.
 BASE_SUBDIR = "base"
@@ -167,12 +169,12 @@ def steering(controlnet: ControlNetModel | ControlNetUnionModel) -> torch.nn.Mod
 
 def build_controls(output_dir: Path, seed: int = 0) -> Path:
     """A second tiny ControlNet (the depth one of ``SDXL_CONTROLNETS=canny=…,depth=…``) and
-    a tiny ControlNet Union with the six control types of xinsir's, under ``output_dir``."""
+    a tiny ControlNet Union with the control types of xinsir's, under ``output_dir``."""
     torch.manual_seed(seed + 1)
     tiny_controlnet().save_pretrained(Path(output_dir) / DEPTH_SUBDIR)
     union = ControlNetUnionModel(
         conditioning_embedding_out_channels=(8, 8, 8, 8),
-        num_control_type=6,
+        num_control_type=UNION_MODE_COUNT,
         # Its condition transformer works at the first block's width, as SDXL's at 320.
         num_trans_channel=UNET_KWARGS["block_out_channels"][0],
         num_trans_head=2,
