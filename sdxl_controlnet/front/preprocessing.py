@@ -153,15 +153,25 @@ def _resize(gray: np.ndarray, width: int, height: int) -> np.ndarray:
 def fit_size(
     width: int, height: int, size: tuple[int, int] | None, resize_mode: ResizeMode
 ) -> tuple[int, int]:
-    """The size a ``width``×``height`` picture is resized to before Canny; crop
-    or padding then make it ``size``."""
+    """The size a ``width``×``height`` picture is resized to before Canny, never larger
+    than the output: ``size`` itself where it is stretched, or cropped first
+    (``crop_cover``); where it is fitted inside, the padding then makes it ``size``."""
     if size is None:
         return snapped_size(width, height)
-    if resize_mode == "resize":
+    if resize_mode != "resize_and_fill":
         return size
-    cover = resize_mode == "crop_and_resize"
-    scale = (max if cover else min)(size[0] / width, size[1] / height)
+    scale = min(size[0] / width, size[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def crop_cover(width: int, height: int, size: tuple[int, int]) -> tuple[slice, slice]:
+    """The centred part of a ``width``×``height`` picture with ``size``'s aspect ratio, as
+    (rows, columns): what ``crop_and_resize`` keeps. Cropped before it is resized, a thin
+    picture makes no array larger than itself or the output."""
+    crop_w = min(width, max(1, round(height * size[0] / size[1])))
+    crop_h = min(height, max(1, round(width * size[1] / size[0])))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return slice(top, top + crop_h), slice(left, left + crop_w)
 
 
 def sizing(image: Image.Image, params: EdgeParams) -> tuple[tuple[int, int], ResizeMode]:
@@ -260,17 +270,16 @@ def fit(
     detect: t.Callable[[np.ndarray], np.ndarray],
     border: int = cv2.BORDER_CONSTANT,
 ) -> np.ndarray:
-    """``gray`` (or an H×W×3 picture) resized for ``size``, run through ``detect``, then
-    cropped or padded (with black, or as ``border`` says) to exactly ``size``."""
+    """``gray`` (or an H×W×3 picture) cropped, resized for ``size`` and run through
+    ``detect``, then padded (with black, or as ``border`` says) to exactly ``size``."""
     in_h, in_w = gray.shape[:2]
+    if size is not None and resize_mode == "crop_and_resize":
+        gray = gray[crop_cover(in_w, in_h, size)]
     fit_w, fit_h = fit_size(in_w, in_h, size, resize_mode)
     edges = detect(_resize(gray, fit_w, fit_h))
     width, height = size or (fit_w, fit_h)
     if (fit_w, fit_h) == (width, height):
         return edges
-    if resize_mode == "crop_and_resize":
-        top, left = (fit_h - height) // 2, (fit_w - width) // 2
-        return np.ascontiguousarray(edges[top : top + height, left : left + width])
     # Pad the edges, not the picture: a padded border would itself be an edge.
     top, left = (height - fit_h) // 2, (width - fit_w) // 2
     return cv2.copyMakeBorder(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import resource
+import tracemalloc
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
@@ -136,6 +141,50 @@ def test_explicit_size_in_every_resize_mode(mode: str) -> None:
     gray = preprocessing.to_grayscale(shapes_image(160, 120))
     edges = preprocessing.canny(gray, 100, 200, (96, 128), mode)
     assert edges.shape == (128, 96) and edges.any()
+
+
+@contextlib.contextmanager
+def address_space_bound(headroom: int = 2**29) -> Iterator[None]:
+    """This process may map ``headroom`` more bytes: a regression fails the test with a
+    MemoryError instead of taking the machine's memory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[list[int]]:
+    """The peak of what NumPy allocated within the block, in the list yielded."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        yield peak
+    finally:
+        peak.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop_and_resize", "resize_and_fill"])
+@pytest.mark.parametrize(("width", "height"), [(1, 16384), (16384, 1), (3, 4096)])
+def test_fitting_a_thin_picture_makes_no_array_larger_than_the_output(
+    mode: str, width: int, height: int
+) -> None:
+    # Resized to cover 1024² before it was cropped, a 1×16384 picture made a 16 GiB array.
+    thin = np.full((height, width, 3), 255, dtype=np.uint8)
+    with address_space_bound(), traced() as peak:
+        fitted = preprocessing.fit(thin, (1024, 1024), mode, lambda pixels: pixels)
+    assert fitted.shape == (1024, 1024, 3)
+    assert peak[0] <= 2 * fitted.nbytes
+
+
+def test_crop_and_resize_keeps_the_centre_at_the_output_s_aspect_ratio() -> None:
+    rows, columns = preprocessing.crop_cover(400, 100, (256, 128))
+    assert (rows, columns) == (slice(0, 100), slice(100, 300))
+    rows, columns = preprocessing.crop_cover(1, 4096, (1024, 1024))
+    assert (rows, columns) == (slice(2047, 2048), slice(0, 1))
 
 
 def test_resize_and_fill_pads_with_no_edges() -> None:
