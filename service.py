@@ -17,7 +17,7 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from sdxl_controlnet import bentoml_compat, schemas
+from sdxl_controlnet import bentoml_compat, middleware, schemas
 from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
@@ -101,6 +101,7 @@ class SDXLControlNetService:
     workers=settings.front_workers,
     traffic={"timeout": settings.front_timeout_s},
     runner_probe=readiness.NO_RUNNER_PROBE,  # __is_ready__ asks the GPU Service instead
+    logging=middleware.ACCESS_LOG,  # without the request's Content-Type, which it can't print
 )
 class ControlNet:
     """The public CPU front; the name is the original example's, which clients use."""

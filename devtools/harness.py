@@ -251,6 +251,14 @@ class Server:
     def process_info(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
 
+    def workers(self, service: str) -> list[psutil.Process]:
+        """The worker processes of ``service`` (``ControlNet`` or ``SDXLControlNetService``)."""
+        return [
+            process
+            for process in self.process_info().children(recursive=True)
+            if service in process.cmdline()
+        ]
+
 
 def stop_process_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
     """SIGTERM to ``process`` and all its descendants, SIGKILL to what is left after

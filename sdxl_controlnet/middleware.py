@@ -12,6 +12,7 @@ from .errors import (
     ClientErrorTraces,
     InvalidRequest,
     PayloadTooLarge,
+    UnsupportedMediaType,
     in_shape,
 )
 
@@ -22,11 +23,31 @@ Send = t.Callable[[Message], t.Awaitable[None]]
 ASGIApp = t.Callable[[Scope, Receive, Send], t.Awaitable[None]]
 
 
+# The media types the public APIs read (docs/api.md). Anything else, in any spelling, is a
+# 415 before the body is read: BentoML would unpickle application/vnd.bentoml+pickle.
+READABLE_MEDIA_TYPES = (
+    b"application/json",
+    b"multipart/form-data",
+    b"application/x-www-form-urlencoded",
+)
+# BentoML 1.4.40's access log decodes a request's Content-Type as UTF-8 after the answer
+# has started (``AccessLogMiddleware``, ``bentoml/_internal/server/http/access.py``): any
+# other byte there breaks the answer off. The front's access log leaves the type out.
+ACCESS_LOG = {"access": {"request_content_type": False}}
+# HTTP's optional whitespace, the only bytes around a media type that a client may add.
+# Python's str.strip() would also remove \xa0, \x85 and \x1c-\x1f, which a server accepts.
+OWS = b" \t"
+
+
 class BodyGuard:
     """Refuse request bodies that must not be read: over ``max_bytes`` by their
     Content-Length before a byte of them is read, or, sent without one (chunked), as
-    soon as what arrived passes it; and multipart without a boundary (which BentoML
-    would answer with a 500)."""
+    soon as what arrived passes it; in a media type the APIs do not read; and multipart
+    without a boundary (which BentoML would answer with a 500).
+
+    A body's Content-Type is checked once, then written back in the one spelling that
+    was checked (the media type in lower case, nothing around it), so that BentoML and
+    the application act on exactly the value the check accepted."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -35,6 +56,10 @@ class BodyGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        try:
+            scope = {**scope, "headers": _one_spelling(scope["headers"])}
+        except ClientError as refusal:
+            return await refusal.response()(scope, receive, send)
         headers = dict(scope["headers"])
         if refusal := self.refusal(headers):
             return await refusal.response()(scope, receive, send)
@@ -81,10 +106,41 @@ class BodyGuard:
             )
         media_type, *parameters = headers.get(b"content-type", b"").split(b";")
         boundary = (p.split(b"=", 1) for p in parameters if b"=" in p)
-        has_boundary = any(k.strip().lower() == b"boundary" and v.strip() for k, v in boundary)
-        if media_type.strip().lower().startswith(b"multipart/") and not has_boundary:
+        has_boundary = any(
+            k.strip(OWS).lower() == b"boundary" and v.strip(OWS) for k, v in boundary
+        )
+        if media_type == b"multipart/form-data" and not has_boundary:
             return InvalidRequest("multipart Content-Type needs a boundary")
         return None
+
+
+def _one_spelling(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the Content-Type in the spelling that is checked and acted on;
+    raises the client's error for a body that must not be read: two Content-Types or
+    Content-Lengths (each reader would take another one), or a media type outside
+    ``READABLE_MEDIA_TYPES``. A request without a Content-Type is read as JSON, by
+    BentoML as by the application."""
+    for name in (b"content-type", b"content-length"):
+        if sum(n.lower() == name for n, _ in headers) > 1:
+            raise InvalidRequest(f"send one {name.decode().title()} header, not several")
+    declared = next((v for n, v in headers if n.lower() == b"content-type"), None)
+    if declared is None or not _has_body(headers):
+        return headers
+    media_type, separator, parameters = declared.partition(b";")
+    media_type = media_type.strip(OWS).lower()
+    if media_type not in READABLE_MEDIA_TYPES or not declared.isascii():
+        raise UnsupportedMediaType(
+            f"Content-Type {ascii(declared.decode('latin-1'))[:100]} is not read here: send "
+            + ", ".join(m.decode() for m in READABLE_MEDIA_TYPES[:-1])
+            + f" or {READABLE_MEDIA_TYPES[-1].decode()}"
+        )
+    spelled = media_type + separator + parameters
+    return [(n, spelled if n.lower() == b"content-type" else v) for n, v in headers]
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    names = {n.lower(): v for n, v in headers}
+    return names.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in names
 
 
 # A request's scope key for the Retry-After of an error raised where BentoML builds the

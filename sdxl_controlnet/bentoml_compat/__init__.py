@@ -27,6 +27,14 @@ Handled with BentoML's public hooks, named here so that the list is whole:
   errors with ``errors.answers_errors``.
 - A multipart Content-Type without a boundary is a 500 inside BentoML's form parser:
   ``middleware.BodyGuard`` answers it with a 400 before BentoML reads the body.
+- The main server refuses a pickled body only where its media type, stripped by
+  ``str.strip()``, is exactly BentoML's pickle type (``api_endpoint``), and its readers
+  pick their serde from the same stripped value: ``middleware.BodyGuard`` lets only the
+  media types the API reads through, rewritten in the one spelling it checked.
+- The access log decodes a request's Content-Type as UTF-8 while the answer is being sent
+  (``AccessLogMiddleware``, ``bentoml/_internal/server/http/access.py``), and breaks the
+  answer off on any other byte: the front's access log leaves the type out
+  (``middleware.ACCESS_LOG``).
 - ``api_endpoint_wrapper`` answers a 4xx ``BentoMLException`` with a list,
   ``[{"error": ...}]``, logging a stack trace: ``middleware.ErrorBodies`` puts every error
   answer into one shape (``errors.in_shape``).

@@ -23,6 +23,8 @@ import typing as t
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from ..middleware import READABLE_MEDIA_TYPES
+
 UPSTREAM = {
     ("_bentoml_sdk.io_models", "IOMixin.from_http_request"): (
         "(request: 'Request', serde: 'Serde') -> 'IODescriptor'"
@@ -65,8 +67,10 @@ async def read_input(service: t.Any, api: str, request: Request) -> t.Any:
     what it fetched there), its files are closed afterwards."""
     from _bentoml_impl.serde import ALL_SERDE
 
-    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    serde = ALL_SERDE.get(media_type, ALL_SERDE["application/json"])()
+    # The type in the spelling middleware.BodyGuard checked: never the pickle reader.
+    media_type = request.headers.get("content-type", "application/json").partition(";")[0]
+    readable = media_type.encode() in READABLE_MEDIA_TYPES
+    serde = ALL_SERDE[media_type if readable else "application/json"]()
     try:
         return await service.apis[api].input_spec.from_http_request(request, serde)
     finally:

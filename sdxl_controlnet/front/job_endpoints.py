@@ -32,11 +32,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..bentoml_compat import request_reading
-from ..errors import UnsupportedMediaType, error_response, validation_body
+from ..errors import error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
 from . import webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, Job, JobStore
-from .references import PICKLE  # never unpickled on the public front
 
 
 class JobEndpoints:
@@ -66,10 +65,8 @@ class JobEndpoints:
         await answer(scope, receive, send)
 
     async def submit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # middleware.BodyGuard, outside this one, lets only the media types the API reads by.
         request = Request(scope, receive)
-        if request.headers.get("content-type", "").startswith(PICKLE):
-            refusal = UnsupportedMediaType(f"{PICKLE} is not accepted").response()
-            return await refusal(scope, receive, send)
         body = await request.body()
         try:
             read = await request_reading.read_input(

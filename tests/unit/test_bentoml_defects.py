@@ -391,3 +391,39 @@ def test_upstream_still_has_the_faults_the_public_hooks_answer() -> None:
     probe = inspect.getsource(AsyncClient.is_ready)
     assert "except aiohttp.ServerTimeoutError" in probe
     assert "except (aiohttp.ClientError" not in probe
+
+
+@pytest.mark.anyio
+async def test_defect_the_access_log_breaks_an_answer_off_on_a_non_utf8_content_type() -> None:
+    """When this fails, drop ``middleware.ACCESS_LOG`` from the front's Service config."""
+    from bentoml._internal.server.http.access import AccessLogMiddleware
+
+    async def app(scope: dict, receive: t.Any, send: t.Any) -> None:
+        await JSONResponse({"error": "refused"}, status_code=415)(scope, receive, send)
+
+    logged = AccessLogMiddleware(
+        app,
+        has_request_content_length=True,
+        has_request_content_type=True,
+        has_response_content_length=True,
+        has_response_content_type=True,
+    )
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/canny",
+        "scheme": "http",
+        "client": ("127.0.0.1", 1),
+        "headers": [(b"content-type", b"\xa0application/json")],
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with pytest.raises(UnicodeDecodeError):
+        await logged(scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start"]  # the body never left
