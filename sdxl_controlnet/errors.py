@@ -19,9 +19,11 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
+from . import logs
+
 T = t.TypeVar("T")
 
-logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
+logger = logs.logger(__name__)  # shown in the server log
 
 ONE_IMAGE = "params.num_images: /generate returns one image; ask /generate_batch for {}"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for an answer nobody is left to read

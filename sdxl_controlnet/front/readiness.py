@@ -8,10 +8,11 @@ the 5 s it hard-codes, and never releases the answer (``bentoml_compat/__init__.
 from __future__ import annotations
 
 import asyncio
-import logging
 import typing as t
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+from .. import logs
+
+logger = logs.logger(__name__)
 
 # How long the front waits for the GPU Service's /readyz: well inside the 5 s a load
 # balancer's or Kubernetes' probe allows, and the 1 s Kubernetes sets by default is the

@@ -13,7 +13,6 @@ sent as text never reaches BentoML: ``references.py`` resolves or refuses it fir
 from __future__ import annotations
 
 import json
-import logging
 import typing as t
 
 from pydantic import ValidationError
@@ -22,9 +21,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from .. import logs
 from ..errors import BODY
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+logger = logs.logger(__name__)
 
 
 class PartTooLarge(MultiPartException):

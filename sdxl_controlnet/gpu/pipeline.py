@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import logging
 import os
 import typing as t
 import warnings
@@ -35,7 +34,7 @@ from diffusers import (
 from diffusers.models import MultiControlNetUnionModel
 from PIL import Image
 
-from .. import metrics
+from .. import logs, metrics
 from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
 from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
@@ -45,7 +44,7 @@ from .compilation import CompiledModels, graph_key, without_compiling
 from .previews import PreviewDecoder
 from .prompt_cache import PromptEmbeddings
 
-logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
+logger = logs.logger(__name__)  # shown in the server log
 
 SCHEDULERS: dict[Scheduler, tuple[type, dict]] = {
     "euler": (EulerDiscreteScheduler, {}),

@@ -5,16 +5,16 @@ thread between two denoising steps, so a preview never races the step that follo
 from __future__ import annotations
 
 import io
-import logging
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 from PIL import Image
 
+from .. import logs
 from ..streaming import PREVIEW_MAX_SIDE
 
-logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
+logger = logs.logger(__name__)  # shown in the server log
 
 # Enough to see the picture form, at a few KB a preview.
 WEBP_QUALITY = 70

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 import typing as t
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from .. import metrics, streaming
+from .. import logs, metrics, streaming
 from ..errors import ClientError, GenerationCancelled
 from ..schemas import GenerationParams, check_gpu_request
 from .queue import GPUQueue, Work
@@ -20,7 +19,7 @@ from .queue import GPUQueue, Work
 if t.TYPE_CHECKING:
     from .pipeline import ControlNetPipeline
 
-logger = logging.getLogger("bentoml").getChild(__name__)  # shown in the server log
+logger = logs.logger(__name__)  # shown in the server log
 
 
 class GPUWorker:
