@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import re
 import socket
 import typing as t
@@ -37,16 +36,17 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from .. import logs
 from ..metrics import OUTBOUND_FAILURES
 from ..settings import AllowEntry, Settings, parse_allow_list, settings
+from .addresses import Address, refused_because, unmapped
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+logger = logs.logger(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECTS = {301, 302, 303, 307, 308}
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "sdxl-controlnet"
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Why a fetch can fail: the policy refused it, the URL is not one, or what came back.
 Kind = t.Literal["policy", "url", "too_large", "timeout", "network", "status", "not_image"]
 RETRYABLE: frozenset[Kind] = frozenset({"timeout", "network"})
@@ -65,20 +65,6 @@ class Refused(Exception):
         self.kind = kind
         self.reason = reason
         self.detail = detail
-
-
-def _unmapped(address: Address) -> Address:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def _refused_because(address: Address) -> str | None:
-    """What makes ``address`` one a client must not reach through this server, if anything."""
-    for name in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
-        if getattr(address, f"is_{name}"):
-            return name.replace("_", "-")
-    return None if address.is_global else "non-public"
 
 
 def _literal(host: str) -> Address | None:
@@ -139,7 +125,7 @@ class Policy:
     def allowed(self, host: str | None, address: Address | None, port: int) -> bool:
         """Whether the allow-list lets a connection to ``host`` (a name), ``address``, on
         ``port``: what is then allowed even if private, and over http."""
-        address = None if address is None else _unmapped(address)
+        address = None if address is None else unmapped(address)
         for entry in self.allow:
             if entry.port is not None and entry.port != port:
                 continue
@@ -163,7 +149,7 @@ class Policy:
         if self.allowed(host, address, port):
             return
         shown = f"{host} ({address}):{port}" if host else f"{address}:{port}"
-        if why := _refused_because(_unmapped(address)):
+        if why := refused_because(address):
             raise self.refused("address", f"{shown} is a {why} address")
         if http:
             raise self.refused("http", f"http to {shown}, which {self.name} does not list")
@@ -199,7 +185,7 @@ def _as_network(entry: AllowEntry) -> AllowEntry:
         address = ipaddress.ip_address(entry.host or "")
     except ValueError:
         return entry
-    return AllowEntry(None, ipaddress.ip_network(_unmapped(address)), entry.port)
+    return AllowEntry(None, ipaddress.ip_network(unmapped(address)), entry.port)
 
 
 @dataclass
