@@ -24,7 +24,6 @@ import contextlib
 import functools
 import io
 import json
-import logging
 import re
 import typing as t
 
@@ -33,6 +32,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.requests import Request
 
+from .. import logs
 from ..errors import InvalidRequest, ServiceBusy, sentence
 from ..metrics import OUTBOUND_FAILURES
 from ..middleware import RETRY_AFTER
@@ -42,13 +42,15 @@ from . import fetching, preprocessing
 from .fetching import Policy, Refused
 from .request_errors import field_error
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+logger = logs.logger(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SCHEMES = ("https://", "http://")
 # Fetched once per request, by field and reference: a task's request is read at submit
 # and again when it runs, and must not be fetched twice (nor change in between).
 RESOLVED = "sdxl_controlnet.resolved_images"
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+# The most a form's text field holds (starlette's limit), params sent as a file part too.
+PARAMS_MAX_BYTES = 1024 * 1024
 # When this worker fetches all it may (MAX_CONCURRENT_FETCHES), how soon to try again.
 BUSY_RETRY_AFTER_S = 1
 _fetching = 0  # URL fetches under way in this worker (one event loop: no lock needed)
@@ -200,7 +202,7 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
         return None
     if media_type in FORMS:
         form = await request.form()
-        items = await _control_parts(form.multi_items(), file_fields)
+        items = await _control_parts(await _params_as_text(title, form.multi_items()), file_fields)
         request._form = FormData(items)
         names = [k for k, _ in items if k in file_fields]
         if repeated := sorted({k for k in names if names.count(k) > 1}):
@@ -241,6 +243,26 @@ async def _same(value: t.Any) -> t.Any:
     return value
 
 
+async def _params_as_text(title: str, items: list[tuple[str, t.Any]]) -> list[tuple[str, t.Any]]:
+    """``items`` with ``params`` sent as a file part made the text field it stands for,
+    under a text field's limit, so that it is checked as one; ``params`` sent twice is
+    refused (each reader would take another one)."""
+    if sum(k == "params" for k, _ in items) > 1:
+        raise field_error(title, "params", "sent more than once: send one params field")
+    as_text = []
+    for k, v in items:
+        if k == "params" and isinstance(v, UploadFile):
+            data = await v.read(PARAMS_MAX_BYTES + 1)
+            if len(data) > PARAMS_MAX_BYTES:
+                raise field_error(title, "params", f"over {PARAMS_MAX_BYTES} bytes")
+            try:
+                v = data.decode()
+            except UnicodeDecodeError:
+                raise field_error(title, "params", "not UTF-8 text") from None
+        as_text.append((k, v))
+    return as_text
+
+
 async def _control_parts(
     items: list[tuple[str, t.Any]], file_fields: list[str]
 ) -> list[tuple[str, t.Any]]:
@@ -255,13 +277,13 @@ async def _control_parts(
     controls = params.get("controls") if isinstance(params, dict) else None
     if not isinstance(controls, list):
         return items
-    named = set()
+    named: dict[str, str] = {}  # each part read once, however many controls name it
     for control in controls:
         name = control.get("image") if isinstance(control, dict) else None
         if isinstance(name, str) and name in files:
-            data = base64.b64encode(await files[name].read()).decode()
-            control["image"] = f"data:image/upload;base64,{data}"
-            named.add(name)
+            if name not in named:
+                named[name] = base64.b64encode(await files[name].read()).decode()
+            control["image"] = f"data:image/upload;base64,{named[name]}"
     if not named:
         return items
     return [

@@ -107,6 +107,15 @@ def test_a_job_and_a_stream_take_controls(canny_and_depth: Server) -> None:
     assert result["images"] == job["images"]
 
 
+def test_several_controls_may_name_one_file_part(canny_and_depth: Server) -> None:
+    # The part is read once: a second read of it was empty, "data URI: not an image".
+    shared = {"type": "canny", "image": "shared"}
+    params = {**FAST, "controls": [shared, {**shared, "type": "depth"}]}
+    answer = batch(canny_and_depth, params, shared=photo(96, 64))
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["images"]) == 1
+
+
 def test_a_control_image_may_be_a_file_part_past_what_a_text_field_holds(
     canny_and_depth: Server,
 ) -> None:
