@@ -171,7 +171,7 @@ class ControlNet:
             generated = gpu_call.generate(self.gpu, image, params, init_image, mask, progress)
             return await (await generated).batch_result()
 
-        on_end = webhooks.on_job_end(params)
+        on_end = webhooks.on_job_end(params, JOBS)
         return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
 
     @bentoml.api

@@ -69,7 +69,7 @@ WEBHOOK_PENDING = Gauge(
 WEBHOOK_DELIVERIES = Counter(
     "sdxl_controlnet_webhook_deliveries",
     "Webhook messages, by result: delivered; failed after the last try or an answer that "
-    "retrying cannot change; gone (a 410); dropped (WEBHOOK_MAX_PENDING reached); error (a "
-    "fault of the server's, in its log).",
+    "retrying cannot change; gone (a 410); dropped (WEBHOOK_MAX_PENDING or "
+    "WEBHOOK_MAX_PENDING_PER_HOST reached); error (a fault of the server's, in its log).",
     ["result"],
 )

@@ -246,12 +246,17 @@ class Settings(BaseModel):
     # receiver's Retry-After, up to WEBHOOK_MAX_BACKOFF_S.
     webhook_tries: int = Field(default=8, ge=1, le=50)
     webhook_backoff_s: float = Field(default=2.0, ge=0)
-    webhook_max_backoff_s: float = Field(default=3600.0, ge=0, le=24 * 3600)
+    # Minutes, not hours: a receiver's Retry-After cannot hold a delivery, and its place
+    # among the pending ones, for longer.
+    webhook_max_backoff_s: float = Field(default=300.0, ge=0, le=24 * 3600)
     # One webhook try, connecting included, in seconds.
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
     # Deliveries one front worker holds at once; a job that ends past that is delivered
     # nothing (logged and counted).
     webhook_max_pending: int = Field(default=1000, ge=1)
+    # Of those, the most for one receiving host: a receiver that never answers cannot take
+    # the places of everyone else's.
+    webhook_max_pending_per_host: int = Field(default=50, ge=1)
 
     @field_validator("url_fetch_allow", "webhook_allow")
     @classmethod

@@ -36,6 +36,7 @@ from ..errors import error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
 from . import webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, Job, JobStore
+from .references import FORMS
 
 
 class JobEndpoints:
@@ -68,16 +69,18 @@ class JobEndpoints:
         # middleware.BodyGuard, outside this one, lets only the media types the API reads by.
         request = Request(scope, receive)
         body = await request.body()
+        reading = Request(scope, _replay(body))
         try:
-            read = await request_reading.read_input(
-                self.service, self.api, Request(scope, _replay(body))
-            )
+            read = await request_reading.read_input(self.service, self.api, reading)
         except ValidationError as exc:
             refusal = JSONResponse(validation_body(exc), status_code=400)
         except BentoMLException as exc:
             refusal = error_response(exc.error_code, exc.message)
         else:
-            body = webhooks.held_apart(body, read.params)
+            media_type = request.headers.get("content-type", "").partition(";")[0]
+            form = await reading.form() if media_type in FORMS else None  # as read: cached
+            params_as_sent = form.get("params") if form is not None else None
+            body = webhooks.held_apart(body, media_type, params_as_sent, read.params)
             return await self.app(scope, _replay(body, then=receive), self._recording(send))
         await refusal(scope, receive, send)
 

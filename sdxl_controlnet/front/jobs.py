@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import sqlite3
 import time
@@ -32,10 +31,11 @@ from pathlib import Path
 import bentoml
 from pydantic import BaseModel
 
+from .. import logs
 from ..errors import ClientError, JobCanceled
 from ..streaming import Progress
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+logger = logs.logger(__name__)
 
 T = t.TypeVar("T", bound=BaseModel)
 
@@ -60,11 +60,12 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS job (
     completed_at REAL,
     outcome TEXT,
     preview_step INTEGER,
-    preview TEXT
+    preview TEXT,
+    webhook TEXT
 )"""
 _COLUMNS = (
     "task_id, status, step, total, created_at, executed_at, completed_at, outcome, "
-    "preview_step, preview"
+    "preview_step, preview, webhook"
 )
 
 
@@ -84,6 +85,7 @@ class Job:
     outcome: str | None  # JSON: a completed job's result, or a failed one's failure
     preview_step: int | None = None
     preview: str | None = None  # the latest preview: a WebP, base64-encoded
+    webhook: str | None = None  # the state of its webhook's delivery (webhooks.py)
 
     def status_body(self) -> dict[str, t.Any]:
         """What ``/status`` answers: BentoML's fields, and a running job's ``progress`` and
@@ -99,6 +101,8 @@ class Job:
             body["progress"] = {"step": self.step or 0, "total": self.total}
         if self.status == IN_PROGRESS and self.preview is not None:
             body["preview"] = {"step": self.preview_step, "image": self.preview}
+        if self.webhook is not None:
+            body["webhook"] = {"state": self.webhook}
         return body
 
 
@@ -121,6 +125,7 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self.path.touch(mode=0o600)  # for the server's user only, as SQLite's own files after it
         with self._connection() as db:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
 
@@ -186,6 +191,9 @@ class JobStore:
             IN_PROGRESS,
         )
 
+    async def record_webhook(self, task_id: str, state: str) -> None:
+        await self._write("UPDATE job SET webhook = ? WHERE task_id = ?", state, task_id)
+
     async def end(self, task_id: str, status: str, outcome: t.Any = None) -> bool:
         """Move a job in progress to ``status`` with its ``outcome`` (JSON-able); False if
         it had already ended: canceled."""
@@ -232,7 +240,7 @@ async def run(
     store: JobStore,
     task_id: str | None,
     work: Callable[[Progress | None], Awaitable[T]],
-    on_end: Callable[[Outcome], None] | None = None,
+    on_end: Callable[[Outcome], Awaitable[None]] | None = None,
 ) -> T:
     """Run job ``task_id``'s ``work`` (given where to report its steps), stopping it when
     the job is canceled; ``on_end`` hears how it ended. A canceled job raises
@@ -258,7 +266,7 @@ async def run(
             status = CANCELED  # canceled meanwhile: a cancel that answered holds
         if on_end is not None:
             final = await store.get(task_id) or job
-            on_end(Outcome(final, result if status == COMPLETED else None, failure))
+            await on_end(Outcome(final, result if status == COMPLETED else None, failure))
         if status == CANCELED:
             raise JobCanceled(f"task {task_id} was canceled: it has no result")
 

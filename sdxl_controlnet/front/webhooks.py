@@ -12,8 +12,12 @@ Standard Webhooks specification recommends (https://www.standardwebhooks.com).
   ``WEBHOOK_TRIES`` tries, after the receiver's ``Retry-After`` or a random wait up to
   ``WEBHOOK_BACKOFF_S`` × 2^(n − 1) (full jitter), both capped at ``WEBHOOK_MAX_BACKOFF_S``.
   A 410 stops for good; any other answer ends it. A delivery never changes the job.
-- At most ``WEBHOOK_MAX_PENDING`` deliveries wait in a worker, each holding its body once;
-  at a graceful stop they go to the outbox (``Outbox``), and the next start resumes them.
+- At most ``WEBHOOK_MAX_PENDING`` deliveries wait in a worker, and at most
+  ``WEBHOOK_MAX_PENDING_PER_HOST`` for one receiving host, each holding its body once; at a
+  graceful stop they go to the outbox (``Outbox``), and the next start resumes them.
+- A job's ``/status`` shows its delivery's state (``DELIVERY_STATES``), and the metric
+  ``sdxl_controlnet_webhook_deliveries`` counts each ending: a dropped or abandoned delivery
+  is never silent.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import functools
 import json
-import logging
 import random
 import secrets
 import sqlite3
 import time
 import typing as t
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,13 +43,14 @@ from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 from standardwebhooks import Webhook
 
+from .. import logs
 from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
 from ..schemas import TaskParams
 from ..settings import settings
 from . import fetching
-from .jobs import Outcome, default_path
+from .jobs import JobStore, Outcome, default_path
 
-logger = logging.getLogger("bentoml").getChild(__name__)
+logger = logs.logger(__name__)
 
 GONE = 410  # the receiver says the endpoint is gone: never try it again
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
@@ -80,20 +86,35 @@ _pending: dict[str, tuple[Message, asyncio.Task[None]]] = {}
 _held: dict[str, str] = {}
 
 
-def held_apart(body: bytes, params: TaskParams) -> bytes:
-    """``body``, a job's request, with its ``webhook_secret`` swapped for a stand-in of the
-    same length that this worker, which runs the job, swaps back: BentoML's task store keeps
-    the request as it came, and the secret must not rest there. A secret the body spells
-    otherwise (JSON escapes) is left as sent."""
+def held_apart(
+    body: bytes, media_type: str, params_as_sent: str | None, params: TaskParams
+) -> bytes:
+    """``body``, a job's request, with its ``webhook_secret`` swapped for a stand-in that
+    this worker, which runs the job, swaps back: BentoML's task store keeps the request,
+    and the secret must not rest there. The secret is replaced in the parsed ``params``, in
+    whatever encoding the body carried it (JSON escapes, a URL-encoded form), and the body
+    written again: ``params_as_sent`` is a form's params text, as it stands in the body."""
     if params.webhook_secret is None:
         return body
     secret = params.webhook_secret.get_secret_value()
-    if secret.encode() not in body:
-        return body
     key_bytes = len(base64.b64decode(secret.removeprefix("whsec_")))
     stand_in = "whsec_" + base64.b64encode(secrets.token_bytes(key_bytes)).decode()
     _held[stand_in] = secret
-    return body.replace(secret.encode(), stand_in.encode())
+
+    def swapped(params: dict[str, t.Any]) -> dict[str, t.Any]:
+        return {**params, "webhook_secret": stand_in}
+
+    if media_type == "application/x-www-form-urlencoded":
+        fields = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True)
+        return urllib.parse.urlencode(
+            [(k, json.dumps(swapped(json.loads(v))) if k == "params" else v) for k, v in fields]
+        ).encode()
+    if media_type == "multipart/form-data" and params_as_sent is not None:
+        # A form part is sent as it is: the params text stands in the body byte for byte.
+        with_stand_in = json.dumps(swapped(json.loads(params_as_sent)))
+        return body.replace(params_as_sent.encode(), with_stand_in.encode(), 1)
+    data = json.loads(body)
+    return json.dumps({**data, "params": swapped(data["params"])}).encode()
 
 
 def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
@@ -113,36 +134,50 @@ def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
     }
 
 
-def on_job_end(params: TaskParams) -> t.Callable[[Outcome], None]:
+# A delivery's state, as a job's /status shows it: under way, or how it ended.
+DELIVERY_STATES = ("pending", "delivered", "failed", "gone", "dropped", "error")
+# Where a delivery reports its state (a job store's ``record_webhook`` for that job).
+Report = t.Callable[[str], t.Awaitable[None]]
+
+
+def on_job_end(params: TaskParams, store: JobStore) -> t.Callable[[Outcome], t.Awaitable[None]]:
     """What a job calls when it ends: start delivering its outcome to ``params.webhook``
-    if its state is one of ``params.webhook_events``; returns at once."""
+    if its state is one of ``params.webhook_events``, the delivery's state kept in
+    ``store``; returns at once."""
     url, events = params.webhook, params.webhook_events
     given = params.webhook_secret.get_secret_value() if params.webhook_secret else None
     secret = _held.pop(given, given) if given else None
 
-    def ended(outcome: Outcome) -> None:
+    async def ended(outcome: Outcome) -> None:
         if url is None or outcome.job.status not in events:
             return
         body = payload(outcome, thin=params.webhook_payload == "thin")
         message_id = f"msg_{outcome.job.task_id}_{outcome.job.status}"
         encoded = json.dumps(body, separators=(",", ":")).encode()
-        start(Message(message_id, url, encoded, secret or settings.webhook_secret))
+        message = Message(message_id, url, encoded, secret or settings.webhook_secret)
+        report = functools.partial(store.record_webhook, outcome.job.task_id)
+        await report("pending" if start(message, report) else "dropped")
 
     return ended
 
 
-def start(message: Message) -> bool:
-    """Deliver ``message`` on a task of its own, from its ``next_at``; False if this worker
-    already holds ``WEBHOOK_MAX_PENDING`` deliveries (logged and counted as dropped)."""
+def start(message: Message, report: Report | None = None) -> bool:
+    """Deliver ``message`` on a task of its own, from its ``next_at``, telling ``report``
+    how it ended; False if this worker already holds ``WEBHOOK_MAX_PENDING`` deliveries, or
+    ``WEBHOOK_MAX_PENDING_PER_HOST`` for its host (logged and counted as dropped)."""
+    receiver = fetching.host(message.url)
+    for_host = sum(fetching.host(held.url) == receiver for held, _ in _pending.values())
     if len(_pending) >= settings.webhook_max_pending:
+        why = f"{len(_pending)} deliveries already pending (WEBHOOK_MAX_PENDING)"
+    elif for_host >= settings.webhook_max_pending_per_host:
+        why = f"{for_host} deliveries to its host pending (WEBHOOK_MAX_PENDING_PER_HOST)"
+    else:
+        why = None
+    if why is not None:
         WEBHOOK_DELIVERIES.labels(result="dropped").inc()
-        logger.error(
-            "webhook %s dropped: %d deliveries already pending (WEBHOOK_MAX_PENDING)",
-            message.message_id,
-            len(_pending),
-        )
+        logger.error("webhook %s dropped: %s", message.message_id, why)
         return False
-    task = asyncio.create_task(_delivering(message))
+    task = asyncio.create_task(_delivering(message, report))
     _pending[message.message_id] = (message, task)
     WEBHOOK_PENDING.inc()
 
@@ -154,16 +189,20 @@ def start(message: Message) -> bool:
     return True
 
 
-async def _delivering(message: Message) -> None:
-    """``deliver``, whatever goes wrong logged and counted: no delivery dies silently."""
+async def _delivering(message: Message, report: Report | None) -> None:
+    """``deliver``, whatever goes wrong logged, counted and reported: no delivery dies
+    silently."""
     try:
         await asyncio.sleep(max(0.0, message.next_at - time.time()))
-        await deliver(message)
+        result = await deliver(message)
     except asyncio.CancelledError:
         raise
     except Exception:
         WEBHOOK_DELIVERIES.labels(result="error").inc()
         logger.exception("webhook %s: delivery failed on the server", message.message_id)
+        result = "error"
+    if report is not None:
+        await report(result)
 
 
 def wait_s(tries: int, retry_after: str | None = None) -> float:
@@ -179,7 +218,7 @@ def _seconds(retry_after: str | None) -> float | None:
     if retry_after is None:
         return None
     text = retry_after.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # not "²", which str.isdigit() also takes
         return float(text)
     try:
         moment = email.utils.parsedate_to_datetime(text)
@@ -199,8 +238,9 @@ def _headers(message: Message) -> dict[str, str]:
     }
 
 
-async def deliver(message: Message) -> bool:
-    """POST ``message`` until it is taken or retrying cannot help; whether it was."""
+async def deliver(message: Message) -> str:
+    """POST ``message`` until it is taken or retrying cannot help; how it ended:
+    ``delivered``, ``failed`` or ``gone``."""
     result, outcome = "failed", "none"
     while message.tries < settings.webhook_tries:
         message.tries += 1
@@ -220,7 +260,7 @@ async def deliver(message: Message) -> bool:
                 logger.info(
                     "webhook %s: try %d delivered (%d)", message.message_id, message.tries, status
                 )
-                return True
+                return "delivered"
             if status == GONE:
                 result = "gone"
         WEBHOOK_TRIES.labels(outcome=outcome).inc()
@@ -246,7 +286,7 @@ async def deliver(message: Message) -> bool:
         outcome,
         "; the receiver is gone, never tried again" if result == "gone" else "",
     )
-    return False
+    return result
 
 
 class Outbox:

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -121,6 +122,71 @@ def test_refusals_are_400s_naming_the_field_within_the_time_cap(
     assert time.monotonic() - start < FETCH_TIMEOUT_S + 2
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        (
+            json.dumps({**FAST, "num_inference_steps": 10**6}).encode(),
+            "params: num_inference_steps",
+        ),
+        (b'{"prompt": "' + b"x" * 1024 * 1024 + b'"}', "params: over 1048576 bytes"),
+        (b"\xff\xfe", "params: not UTF-8 text"),
+    ],
+)
+def test_params_sent_as_a_file_part_is_checked_as_the_text_field_before_any_fetch(
+    outbound_server: Server, receiver: Receiver, params: bytes, error: str
+) -> None:
+    fetched = len(receiver.fetches)
+    response = httpx.post(
+        f"{outbound_server.url}/generate",
+        files={
+            "image": (None, f"{receiver.url}/picture"),
+            "params": ("params.json", params, "application/json"),
+        },
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(error)
+    assert len(receiver.fetches) == fetched
+
+
+def test_params_sent_twice_is_refused(outbound_server: Server) -> None:
+    response = httpx.post(
+        f"{outbound_server.url}/generate",
+        files=[
+            ("image", ("in.png", encode(shapes_image(64, 64)), "image/png")),
+            ("params", (None, json.dumps(FAST))),
+            ("params", ("params.json", json.dumps(FAST).encode(), "application/json")),
+        ],
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "params: sent more than once: send one params field"
+
+
+def test_params_as_a_file_part_generates_as_the_text_field_does(
+    outbound_server: Server, receiver: Receiver
+) -> None:
+    as_part = httpx.post(
+        f"{outbound_server.url}/generate",
+        files={
+            "image": (None, f"{receiver.url}/picture"),
+            "params": ("params.json", json.dumps({**FAST, "seed": 3}).encode(), "text/plain"),
+        },
+        timeout=120,
+    )
+    as_text = httpx.post(
+        f"{outbound_server.url}/generate",
+        files={
+            "image": (None, f"{receiver.url}/picture"),
+            "params": (None, json.dumps({**FAST, "seed": 3})),
+        },
+        timeout=120,
+    )
+    assert as_part.status_code == 200, as_part.text
+    assert as_part.content == as_text.content
 
 
 def test_loopback_other_than_the_allowed_address_is_refused(outbound_server: Server) -> None:
@@ -235,12 +301,43 @@ def test_a_job_s_own_secret_signs_a_thin_message(outbound_server: Server) -> Non
     assert result.status_code == 200 and JOB_SECRET not in result.text
     assert JOB_SECRET not in outbound_server.log.read_text()
     # BentoML's task store keeps the request (its content in base64), not the secret.
-    home = outbound_server.log.parent / f"bentoml-home-{outbound_server.port}"
-    with contextlib.closing(sqlite3.connect(home / "task_result.db")) as db:
-        (stored,) = db.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
-    body = base64.b64decode(json.loads(stored)["content"])
+    body = stored_request(outbound_server, task_id)
     assert b'"webhook_payload": "thin"' in body and b"whsec_" in body
     assert JOB_SECRET.encode() not in body
+
+
+def stored_request(server: Server, task_id: str) -> bytes:
+    """The request BentoML's task store keeps for ``task_id`` (its content in base64)."""
+    home = server.log.parent / f"bentoml-home-{server.port}"
+    with contextlib.closing(sqlite3.connect(home / "task_result.db")) as db:
+        (stored,) = db.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
+    return base64.b64decode(json.loads(stored)["content"])
+
+
+def test_a_secret_in_a_url_encoded_job_rests_nowhere_and_its_delivery_shows(
+    outbound_server: Server,
+) -> None:
+    # Percent-encoded, its + / = escaped the search for it in the raw body.
+    key = JOB_SECRET.removeprefix("whsec_")
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        params = {**FAST, "webhook": f"{receiver.url}/hook", "webhook_secret": JOB_SECRET}
+        answer = httpx.post(
+            f"{outbound_server.url}/generate_task/submit",
+            data={"image": f"{receiver.url}/picture", "params": json.dumps(params)},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        task_id = answer.json()["task_id"]
+        (delivery,) = receiver.wait_for(1)
+    assert Webhook(JOB_SECRET).verify(delivery.body, delivery.headers)["data"]["task_id"] == task_id
+    body = stored_request(outbound_server, task_id)
+    assert b"webhook_secret" in body
+    for spelled in (key, quote_plus(key), quote(key, safe="")):
+        assert spelled.encode() not in body
+    deadline = time.monotonic() + 10
+    while task_status(outbound_server, task_id).get("webhook") != {"state": "delivered"}:
+        assert time.monotonic() < deadline, task_status(outbound_server, task_id)
+        time.sleep(0.1)
 
 
 def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import fetching, webhooks
-from sdxl_controlnet.front.jobs import Job, Outcome
+from sdxl_controlnet.front.jobs import Job, JobStore, Outcome
 from sdxl_controlnet.front.webhooks import JobParams, Message
 from sdxl_controlnet.settings import Settings
 
@@ -68,12 +69,22 @@ def message(receiver: Receiver, name: str = "a", secret: str = JOB_SECRET) -> Me
     return Message(f"msg_{name}", f"{receiver.url}/hook", body, secret)
 
 
+class NoJobs(JobStore):
+    """A job store that keeps no job: deliveries report to it, and nothing shows."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, str]] = []
+
+    async def record_webhook(self, task_id: str, state: str) -> None:
+        self.reports.append((task_id, state))
+
+
 def verified(delivery: object, secret: str) -> dict:
     return Webhook(secret).verify(delivery.body, delivery.headers)  # type: ignore[attr-defined]
 
 
 async def test_a_message_is_signed_with_the_job_s_own_secret(receiver: Receiver) -> None:
-    assert await webhooks.deliver(message(receiver))
+    assert await webhooks.deliver(message(receiver)) == "delivered"
     (delivery,) = receiver.deliveries
     assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "a"
     with pytest.raises(WebhookVerificationError):
@@ -111,7 +122,7 @@ SLACK_S = 0.75
 
 async def test_retry_after_is_honoured_and_a_410_ends_it_for_good(receiver: Receiver) -> None:
     receiver.answers = [503, (429, {"Retry-After": "1"}), 408, 410, 200]
-    assert not await webhooks.deliver(message(receiver))
+    assert await webhooks.deliver(message(receiver)) == "gone"
     deliveries = receiver.deliveries
     assert [d.status for d in deliveries] == [503, 429, 408, 410]  # nothing after the 410
     gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
@@ -125,7 +136,7 @@ async def test_retry_after_is_honoured_and_a_410_ends_it_for_good(receiver: Rece
 
 async def test_other_client_errors_are_not_tried_again(receiver: Receiver) -> None:
     receiver.answers = [400]
-    assert not await webhooks.deliver(message(receiver))
+    assert await webhooks.deliver(message(receiver)) == "failed"
     assert len(receiver.deliveries) == 1
 
 
@@ -138,6 +149,26 @@ def test_waits_are_full_jitter_and_capped(monkeypatch: pytest.MonkeyPatch) -> No
     assert webhooks.wait_s(1, "86400") == 6  # a receiver cannot stall it past the cap
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 4))
     assert 2.5 < webhooks.wait_s(1, date) <= 4
+
+
+@pytest.mark.parametrize("retry_after", ["²", "١٢", "１２", "1.5", "-1", "soon", ""])
+def test_a_retry_after_that_is_neither_ascii_digits_nor_a_date_counts_as_absent(
+    monkeypatch: pytest.MonkeyPatch, retry_after: str
+) -> None:
+    configure(monkeypatch, WEBHOOK_BACKOFF_S="1", WEBHOOK_MAX_BACKOFF_S="6")
+    assert all(0 <= webhooks.wait_s(1, retry_after) <= 1 for _ in range(50))
+
+
+async def test_an_unreadable_retry_after_leaves_the_delivery_to_its_schedule(
+    receiver: Receiver,
+) -> None:
+    receiver.answers = [(503, {"Retry-After": "²"}), 200]
+    assert await webhooks.deliver(message(receiver)) == "delivered"
+    assert [d.status for d in receiver.deliveries] == [503, 200]
+
+
+def test_a_receiver_s_retry_after_is_capped_at_minutes_by_default() -> None:
+    assert Settings.from_env({}).webhook_max_backoff_s == 300
 
 
 def test_a_thin_payload_leaves_the_images_out() -> None:
@@ -197,19 +228,96 @@ async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
     assert JOB_SECRET not in caplog.text
 
 
-async def test_a_job_s_secret_is_held_apart_from_the_request_bentoml_stores(
-    receiver: Receiver,
+def _as_sent(secret: str) -> dict[str, tuple[str, bytes, str | None]]:
+    """A job's request in each media type the API reads, the secret spelled as it is there:
+    (media type, body, the params text as it stands in a form)."""
+    params = {"prompt": "x", "webhook_secret": secret}
+    escaped = json.dumps(params).replace("whsec_", "\\u0077hsec_")  # a JSON escape
+    boundary = "b0undary"
+    multipart = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
+        f"{escaped}\r\n--{boundary}--\r\n"
+    )
+    return {
+        "json": ("application/json", json.dumps({"params": params}).encode(), None),
+        "json, escaped": (
+            "application/json",
+            ('{"params": ' + escaped + "}").encode(),
+            None,
+        ),
+        "url-encoded": (
+            "application/x-www-form-urlencoded",
+            urllib.parse.urlencode({"params": json.dumps(params)}).encode(),
+            None,
+        ),
+        "multipart, escaped": ("multipart/form-data", multipart.encode(), escaped),
+    }
+
+
+@pytest.mark.parametrize("encoding", list(_as_sent(JOB_SECRET)))
+async def test_a_job_s_secret_is_held_apart_in_any_encoding_of_the_request(
+    receiver: Receiver, encoding: str
 ) -> None:
+    media_type, body, params_as_sent = _as_sent(JOB_SECRET)[encoding]
     params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
-    body = json.dumps({"params": {"webhook_secret": JOB_SECRET, "prompt": "x"}}).encode()
-    stored = webhooks.held_apart(body, params)
-    assert JOB_SECRET.encode() not in stored and len(stored) == len(body)
-    stand_in = json.loads(stored)["params"]["webhook_secret"]
+    stored = webhooks.held_apart(body, media_type, params_as_sent, params)
+    key = JOB_SECRET.removeprefix("whsec_")
+    spellings = {key, urllib.parse.quote_plus(key), urllib.parse.quote(key, safe="")}
+    assert not any(spelled.encode() in stored for spelled in spellings), stored
+    if media_type == "application/x-www-form-urlencoded":
+        stand_in = json.loads(urllib.parse.parse_qs(stored.decode())["params"][0])
+    elif media_type == "multipart/form-data":
+        stand_in = json.loads(stored.split(b"\r\n\r\n")[1].split(b"\r\n")[0])
+    else:
+        stand_in = json.loads(stored)["params"]
+    stand_in = stand_in["webhook_secret"]
     # The job's body reads the stored request: the stand-in, which it swaps back.
     as_run = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=stand_in)
     job = Job("t2", "completed", None, None, 0.0, 1.0, 2.0, None)
-    webhooks.on_job_end(as_run)(Outcome(job))
+    store = NoJobs()
+    await webhooks.on_job_end(as_run, store)(Outcome(job))
     await settled()
     (delivery,) = receiver.deliveries
     assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "t2"
     assert stand_in not in webhooks._held
+    assert store.reports == [("t2", "pending"), ("t2", "delivered")]
+
+
+async def test_one_receiving_host_cannot_take_every_pending_place(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+) -> None:
+    configure(monkeypatch, WEBHOOK_MAX_PENDING="3", WEBHOOK_MAX_PENDING_PER_HOST="2")
+    stalled = [message(receiver, name) for name in "xyz"]
+    for held in stalled:
+        held.next_at = time.time() + 3600  # a receiver that asked to be tried in an hour
+    assert webhooks.start(stalled[0]) and webhooks.start(stalled[1])
+    with caplog.at_level(logging.ERROR):
+        assert not webhooks.start(stalled[2])
+    assert "msg_z dropped: 2 deliveries to its host pending" in caplog.text
+    other = message(receiver, "other")
+    other.url = other.url.replace("127.0.0.1", "localhost")  # another client's receiver
+    assert webhooks.start(other)
+    await webhooks.save_pending(webhooks.Outbox(tmp_path / "outbox.db"))
+
+
+async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    configure(monkeypatch, WEBHOOK_MAX_PENDING="1")
+    store = JobStore(tmp_path / "jobs.db")
+    store.reset()
+    params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
+    receiver.answers = [400]
+    for task_id in ("failed", "dropped"):
+        await store.submitted(task_id)
+        await store.end(task_id, "completed")
+    stalled = message(receiver, "stalled")
+    stalled.next_at = time.time() + 3600
+    ended = webhooks.on_job_end(params, store)
+    await ended(Outcome(await store.get("failed")))
+    await settled()
+    assert webhooks.start(stalled)  # the one place is taken
+    await ended(Outcome(await store.get("dropped")))
+    for task_id in ("failed", "dropped"):
+        assert (await store.get(task_id)).status_body()["webhook"] == {"state": task_id}
+    await webhooks.save_pending(webhooks.Outbox(tmp_path / "outbox.db"))
