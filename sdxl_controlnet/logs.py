@@ -1,6 +1,6 @@
 """The application's loggers, under BentoML's (whose handlers print them). Every message
-has its control characters and lone surrogates escaped: a value a client sent (a URL, a field, a header) can
-never start a line of its own in the log and pass for the server's."""
+has its control characters and lone surrogates escaped: a value a client sent (a URL, a
+field, a header) can never start a line of its own in the log and pass for the server's."""
 
 from __future__ import annotations
 
