@@ -21,7 +21,7 @@ from sdxl_controlnet import bentoml_compat, middleware, schemas
 from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
-from sdxl_controlnet.front import gpu_call, jobs, preprocessing, readiness, webhooks
+from sdxl_controlnet.front import admission, gpu_call, jobs, preprocessing, readiness, webhooks
 from sdxl_controlnet.front.job_endpoints import JobEndpoints
 from sdxl_controlnet.front.preprocessing import ImageUpload
 from sdxl_controlnet.gpu import model_refs
@@ -194,7 +194,8 @@ class ControlNet:
     async def canny(self, image: ImageUpload, params: EdgeParams | None = None) -> Image.Image:
         """The control image ``/generate`` would send the GPU, as a PNG, made here on the
         CPU: tune thresholds, or check a ready-made one, without spending GPU time."""
-        png = await asyncio.to_thread(preprocessing.edge_map_png, image, params or EdgeParams())
+        with admission.DECODING.held(admission.pixels(image)):
+            png = await asyncio.to_thread(preprocessing.edge_map_png, image, params or EdgeParams())
         return Response(png, media_type="image/png")
 
 

@@ -238,6 +238,9 @@ class Settings(BaseModel):
     url_fetch_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # Image fetches one front worker runs at once; past that a request is a 503 at once.
     max_concurrent_fetches: int = Field(default=32, ge=1)
+    # Pixels of uploaded pictures one front worker decodes at once (by their headers; about
+    # 12 bytes each while decoded): four 4096² pictures. Past that a request is a 503 at once.
+    max_decoding_pixels: int = Field(default=4 * 4096 * 4096, ge=64 * 64)
     # The key that signs webhooks of jobs that bring none (params.webhook_secret); none
     # refuses those jobs. Standard Webhooks: whsec_ and base64.
     webhook_secret: str = Field(default="", repr=False)

@@ -19,6 +19,7 @@ from ..schemas import Params
 from ..settings import settings
 from ..streaming import Progress
 from . import preprocessing, references
+from .admission import DECODING, pixels
 from .preprocessing import GPUInputs
 from .results import Generation, Timings
 
@@ -42,9 +43,10 @@ async def prepare(
     timings = Timings()
     with timings.stage("preprocess"):
         pictures = await references.control_pictures(params.controls)
-        inputs, resolved = await asyncio.to_thread(
-            preprocessing.prepare, image, params, init_image, mask, pictures
-        )
+        with DECODING.held(pixels(image, init_image, mask, *pictures)):
+            inputs, resolved = await asyncio.to_thread(
+                preprocessing.prepare, image, params, init_image, mask, pictures
+            )
     return Prepared(inputs, resolved, timings)
 
 

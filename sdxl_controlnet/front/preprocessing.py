@@ -110,22 +110,23 @@ def to_grayscale(
     with _decoding():
         image.draft("L", (min_side, min_side) if min_side else None)
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-        image = _flattened(image, background)
-        if image.mode != "L":
-            image = image.convert("L")
-        return np.asarray(image)
+        return np.asarray(_flattened(image, background, "L"))
 
 
 def _transparent(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
-def _flattened(image: Image.Image, background: str) -> Image.Image:
-    """``image`` with any transparency composited onto ``background``."""
+def _flattened(image: Image.Image, background: str, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ("L" or "RGB"), any transparency composited onto
+    ``background``: pasted through its alpha onto a plain picture of ``mode``, so that no
+    RGBA copy is made beside the decoded picture (a 4096² one is 64 MB)."""
     if not _transparent(image):
-        return image
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+        return image if image.mode == mode else image.convert(mode)
+    with_alpha = image if image.mode in ("RGBA", "LA") else image.convert("RGBA")
+    flat = Image.new(mode, image.size, background)
+    flat.paste(with_alpha.convert(mode), mask=with_alpha.getchannel("A"))
+    return flat
 
 
 def snapped_size(width: int, height: int) -> tuple[int, int]:
@@ -229,9 +230,8 @@ def upright_rgb(image: Image.Image, min_side: int | None, field: str = "image") 
     with _decoding(field):
         image.draft("RGB", (min_side, min_side) if min_side else None)
         ImageOps.exif_transpose(image, in_place=True)
-        image = _flattened(image, "white")
         # Already RGB (a JPEG, or the upload decoded once for two uses): no copy.
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _flattened(image, "white", "RGB")
 
 
 def start_picture(

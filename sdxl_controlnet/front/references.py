@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import functools
 import io
 import json
@@ -33,12 +32,11 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.requests import Request
 
 from .. import logs
-from ..errors import InvalidRequest, ServiceBusy, sentence
+from ..errors import InvalidRequest, sentence
 from ..metrics import OUTBOUND_FAILURES
-from ..middleware import RETRY_AFTER
 from ..schemas import Control
-from ..settings import settings
 from . import fetching, preprocessing
+from .admission import FETCHES
 from .fetching import Policy, Refused
 from .request_errors import field_error
 
@@ -51,9 +49,6 @@ RESOLVED = "sdxl_controlnet.resolved_images"
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 # The most a form's text field holds (starlette's limit), params sent as a file part too.
 PARAMS_MAX_BYTES = 1024 * 1024
-# When this worker fetches all it may (MAX_CONCURRENT_FETCHES), how soon to try again.
-BUSY_RETRY_AFTER_S = 1
-_fetching = 0  # URL fetches under way in this worker (one event loop: no lock needed)
 
 
 def is_reference(value: str) -> bool:
@@ -141,25 +136,6 @@ def _params_checked(model: type[BaseModel], data: t.Mapping[str, t.Any], in_form
         raise field_error(model.__name__, "params", "; ".join(map(sentence, detail))) from None
 
 
-@contextlib.contextmanager
-def _fetch_slots(count: int, request: Request | None = None) -> t.Iterator[None]:
-    """Hold ``count`` of this worker's fetch slots, or refuse the request at once."""
-    global _fetching
-    if _fetching + count > settings.max_concurrent_fetches:
-        if request is not None:  # read before BentoML's handler, which sets the header
-            request.scope[RETRY_AFTER] = BUSY_RETRY_AFTER_S
-        raise ServiceBusy(
-            "image URLs: this server is fetching all the pictures it can at once; "
-            f"retry in {BUSY_RETRY_AFTER_S} s",
-            retry_after_s=BUSY_RETRY_AFTER_S,
-        )
-    _fetching += count
-    try:
-        yield
-    finally:
-        _fetching -= count
-
-
 async def _all(work: list[t.Coroutine[t.Any, t.Any, t.Any]]) -> list[t.Any]:
     """Run ``work`` at once; the first failure stops the rest, and is raised."""
     try:
@@ -211,7 +187,7 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
         if not texts:
             return None
         _params_checked(model, request._form, in_form=True)
-        with _fetch_slots(_urls(texts), request):
+        with FETCHES.held(_urls(texts), request):
             values = await _all(
                 [
                     _as_upload(request, title, k, v, in_form=True)
@@ -232,7 +208,7 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
     if not texts:
         return None
     _params_checked(model, data, in_form=False)
-    with _fetch_slots(_urls(texts.values()), request):
+    with FETCHES.held(_urls(texts.values()), request):
         files = await _all(
             [_as_upload(request, title, k, v, in_form=False) for k, v in texts.items()]
         )
@@ -298,7 +274,7 @@ async def control_pictures(controls: list[Control]) -> list[Image.Image | None]:
     upload stands in); all fetched at once, and the first that fails stops the rest."""
     values = [control.image for control in controls]
     fields = preprocessing.control_fields(len(controls))
-    with _fetch_slots(_urls(values)):
+    with FETCHES.held(_urls(values)):
         return await _all(
             [
                 _control_picture(f, v) if v is not None else _same(None)

@@ -19,7 +19,7 @@ from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.bentoml_compat import request_reading
 from sdxl_controlnet.errors import validation_body
-from sdxl_controlnet.front import references
+from sdxl_controlnet.front import admission, references
 from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
 from sdxl_controlnet.settings import AllowEntry, Settings
 
@@ -384,7 +384,7 @@ async def test_when_one_fetch_fails_its_siblings_are_cancelled(
     await asyncio.sleep(0)
     left = [t for t in asyncio.all_tasks() if "_as_upload" in repr(t.get_coro())]
     assert left == []  # and none of them goes on
-    assert references._fetching == 0
+    assert admission.FETCHES.in_use == 0
 
 
 async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
@@ -394,7 +394,7 @@ async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
     from sdxl_controlnet.middleware import RETRY_AFTER
     from sdxl_controlnet.settings import settings
 
-    monkeypatch.setattr(references, "_fetching", settings.max_concurrent_fetches - 1)
+    monkeypatch.setattr(admission.FETCHES, "in_use", settings.max_concurrent_fetches - 1)
     fetched = len(receiver.fetches)
     request = bentoml_request(
         image=f"{receiver.url}/picture", mask=f"{receiver.url}/picture", params={"prompt": "x"}
@@ -405,7 +405,7 @@ async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
     assert "fetching all the pictures it can at once" in busy.value.message
     assert request.scope[RETRY_AFTER] == 1  # ErrorBodies sends it as Retry-After
     assert receiver.fetches[fetched:] == []
-    assert references._fetching == settings.max_concurrent_fetches - 1
+    assert admission.FETCHES.in_use == settings.max_concurrent_fetches - 1
 
 
 async def test_error_bodies_sends_the_retry_after_of_an_answer_bentoml_built() -> None:
