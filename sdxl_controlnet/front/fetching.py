@@ -213,13 +213,21 @@ class _Guard:
         return socket.socket(family=family, type=type_, proto=proto)
 
 
+def _lookups() -> AbstractResolver:
+    """Name lookups on c-ares, one channel per worker, configured as the host's resolver
+    (resolv.conf): a name that never answers holds up no other lookup, where the threaded
+    resolver's could take all of libuv's four threads, the GPU Service's lookup's too. The
+    fetch gives up on it at ``timeout_s``, as on any stage of the exchange."""
+    return aiohttp.AsyncResolver()
+
+
 class _CheckedResolver(AbstractResolver):
     """The connection's resolver: every address of a name is checked, and only checked
     addresses are handed to the connector, which connects to them and to nothing else."""
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
-        self.resolver = aiohttp.ThreadedResolver()
+        self.resolver = _lookups()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

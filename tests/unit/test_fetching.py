@@ -4,6 +4,7 @@ refusal with its reason, each within the time cap."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -11,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import aiohttp
 import httpx
 import pytest
 from starlette.requests import Request
@@ -19,7 +21,7 @@ from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.bentoml_compat import request_reading
 from sdxl_controlnet.errors import validation_body
-from sdxl_controlnet.front import admission, references
+from sdxl_controlnet.front import admission, fetching, references
 from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
 from sdxl_controlnet.settings import AllowEntry, Settings
 
@@ -424,3 +426,36 @@ async def test_error_bodies_sends_the_retry_after_of_an_answer_bentoml_built() -
     await ErrorBodies(bentoml_answer)({"type": "http"}, None, send)
     assert (b"retry-after", b"1") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"] == "busy"
+
+
+@contextlib.contextmanager
+def silent_nameserver() -> Iterator[str]:
+    """A DNS server that reads every query and never answers: ``ip:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+async def test_names_that_never_answer_hold_up_no_other_lookup(
+    receiver: Receiver, monkeypatch
+) -> None:
+    with silent_nameserver() as nameserver:
+        # The fault: every lookup that leaves the host goes to a server that never answers
+        # (c-ares gives up on it before the fetch's own cap, and before the test ends).
+        monkeypatch.setattr(
+            fetching,
+            "_lookups",
+            lambda: aiohttp.AsyncResolver(nameservers=[nameserver], timeout=CAP_S / 2, tries=1),
+        )
+        stalled = [fetch(f"https://stalled-{i}.example/picture", LOOPBACK) for i in range(16)]
+        pending = [asyncio.ensure_future(lookup) for lookup in stalled]
+        await asyncio.sleep(0.2)  # every one of them waiting on the silent server
+        start = time.monotonic()
+        # A name the host itself knows (/etc/hosts), while sixteen lookups hang.
+        local = f"http://localhost:{receiver.url.rsplit(':', 1)[1]}/picture"
+        by_name = Policy.from_settings(Settings.from_env({"URL_FETCH_ALLOW": "localhost"}))
+        assert await fetch(local, by_name) == PICTURE
+        assert time.monotonic() - start < 0.5
+        failures = await asyncio.gather(*pending, return_exceptions=True)
+    assert {type(f) for f in failures} == {Refused}
+    assert {f.kind for f in failures} <= {"timeout", "network"}
