@@ -22,7 +22,10 @@ class EscapeControls(logging.Filter):
     """Escape control characters in the message as it will be printed (arguments merged)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted: the handler reports it
+            return True
         if (safe := escaped(message)) != message:
             record.msg, record.args = safe, None
         return True

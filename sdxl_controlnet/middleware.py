@@ -6,6 +6,9 @@ import json
 import logging
 import typing as t
 
+from starlette.responses import JSONResponse
+
+from . import logs
 from .errors import (
     BENTOML_EXCEPTION_LOGGER,
     ClientError,
@@ -13,8 +16,14 @@ from .errors import (
     InvalidRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
+    error_body,
     in_shape,
 )
+
+logger = logs.logger(__name__)
+
+# What a client reads of a failure the log explains.
+SERVER_FAILURE = "the request failed on the server; see its log"
 
 Scope = dict[str, t.Any]
 Message = dict[str, t.Any]
@@ -63,7 +72,9 @@ class BodyGuard:
         headers = dict(scope["headers"])
         if refusal := self.refusal(headers):
             return await refusal.response()(scope, receive, send)
-        if b"content-length" in headers:  # the server reads no more than it declares
+        # The server reads no more than a Content-Length declares, unless the body is also
+        # chunked: then the chunks count, whatever the length says.
+        if b"content-length" in headers and b"transfer-encoding" not in headers:
             return await self.app(scope, receive, send)
         await self._counting(scope, receive, send)
 
@@ -165,9 +176,11 @@ class ErrorBodies:
             return await self.app(scope, receive, send)
         start: Message | None = None
         chunks: list[bytes] = []
+        started = False  # whether an answer began to leave
 
         async def reshape(message: Message) -> None:
-            nonlocal start
+            nonlocal start, started
+            started = started or message["type"] == "http.response.start"
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 start = message
                 return
@@ -191,4 +204,12 @@ class ErrorBodies:
             await send({**start, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        await self.app(scope, receive, reshape)
+        try:
+            await self.app(scope, receive, reshape)
+        except Exception:
+            if started:
+                raise
+            # Unanswered, BentoML's timeout middleware would hold the client for the whole
+            # timeout, and report nothing.
+            logger.exception("%s %s failed on the server", scope["method"], scope["path"])
+            await JSONResponse(error_body(SERVER_FAILURE), status_code=500)(scope, receive, send)

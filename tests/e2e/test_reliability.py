@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import socket
 import struct
 import time
 import zlib
@@ -272,6 +273,25 @@ def test_a_chunked_upload_past_the_limit_is_refused_as_it_arrives(strict_server:
     assert response.json() == {
         "error": "request body is over 1048576 bytes, the most this server reads"
     }
+
+
+def test_a_chunked_upload_that_also_declares_a_length_is_counted(strict_server: Server) -> None:
+    # The server reads the chunks, whatever Content-Length says: the length passed the
+    # check, and 300 MiB of chunks were read before.
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part)
+        for part in (multipart_body(b"x", GOOD_IMAGE[1] + b"\0" * (2 * 1024 * 1024)),)
+    )
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 0\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=60) as sock:
+        # Past the limit, and no further: the server answers and closes as soon as it is.
+        sock.sendall(head + chunks[: 1536 * 1024])
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
 
 
 def test_the_boundary_parameter_is_read_whatever_its_case(strict_server: Server) -> None:

@@ -459,3 +459,21 @@ async def test_names_that_never_answer_hold_up_no_other_lookup(
         failures = await asyncio.gather(*pending, return_exceptions=True)
     assert {type(f) for f in failures} == {Refused}
     assert {f.kind for f in failures} <= {"timeout", "network"}
+
+
+async def test_a_failure_inside_the_front_s_middleware_is_a_json_500_at_once(caplog) -> None:
+    from sdxl_controlnet.middleware import SERVER_FAILURE, ErrorBodies
+
+    async def broken(scope: dict, receive: object, send: object) -> None:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/generate_task/submit"}
+    await ErrorBodies(broken)(scope, None, send)
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {"error": SERVER_FAILURE}
+    assert "POST /generate_task/submit failed on the server" in caplog.text

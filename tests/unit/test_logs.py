@@ -25,3 +25,10 @@ def test_every_control_character_and_line_separator_is_escaped() -> None:
     text = "".join(map(chr, [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029, 0xDCB2])) + "é ok"
     assert logs.escaped(text).isprintable()
     assert logs.escaped(text).endswith("\\x85\\u2028\\u2029\\udcb2é ok")
+
+
+def test_a_record_that_cannot_be_formatted_is_left_to_the_handler() -> None:
+    # Escaping formats the message first: a wrong format must not raise at the call site.
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "%d steps", ("many",), None)
+    assert logs.EscapeControls().filter(record)
+    assert record.args == ("many",)  # as it was, for the handler to report
