@@ -23,15 +23,15 @@ from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
 from sdxl_controlnet.front import admission, gpu_call, jobs, preprocessing, readiness, webhooks
 from sdxl_controlnet.front.job_endpoints import JobEndpoints
+from sdxl_controlnet.front.job_runner import JobRunner
 from sdxl_controlnet.front.preprocessing import ImageUpload
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params
 from sdxl_controlnet.settings import settings
-from sdxl_controlnet.streaming import Progress
 
-JOBS = jobs.JobStore(jobs.default_path())  # the front's jobs, shared by its workers
+JOBS = jobs.SQLiteJobStore(jobs.default_path())  # the front's jobs, shared by its workers
 
 
 @bentoml.service(
@@ -112,15 +112,18 @@ class ControlNet:
         bentoml_compat.apply_to_front(allow_untested=settings.allow_untested_bentoml)
 
     @bentoml.on_deployment  # once per `bentoml serve`, before the workers start
-    def empty_job_store() -> None:
-        JOBS.reset()
+    def open_job_store() -> None:
+        JOBS.open()
 
-    @bentoml.on_startup  # each worker: what a graceful stop left in the outbox is delivered
-    async def resume_webhooks(self) -> None:
+    @bentoml.on_startup  # each worker runs jobs, and delivers what a stop left in the outbox
+    async def start_jobs(self) -> None:
+        self.jobs = JobRunner(JOBS, self.gpu, ControlNet.apis["generate_task"].input_spec)
+        self.jobs.start()
         await webhooks.resume_pending()
 
-    @bentoml.on_shutdown  # each worker, at a graceful stop: pending deliveries to the outbox
-    async def keep_webhooks(self) -> None:
+    @bentoml.on_shutdown  # each worker, at a graceful stop: its jobs back in line, its
+    async def stop_jobs(self) -> None:  # pending deliveries to the outbox
+        await self.jobs.stop()
         await webhooks.save_pending()
 
     async def __is_ready__(self) -> bool:  # /readyz: whether the GPU Service answers ready
@@ -152,8 +155,7 @@ class ControlNet:
         mask: ImageUpload | None = None,
     ) -> BatchResult:
         """``params.num_images`` images, base64, with their seeds, settings and timings."""
-        generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
-        return await generation.batch_result()
+        return await gpu_call.batch_result(self.gpu, image, params, init_image, mask)
 
     @bentoml.task
     @answers_errors
@@ -165,14 +167,11 @@ class ControlNet:
         mask: ImageUpload | None = None,
     ) -> BatchResult:
         """``/generate_batch`` as a job: ``/submit`` answers a ``task_id`` for ``/status``,
-        ``/get`` and ``/cancel``; ``params.webhook`` is told how it ended. See docs/api.md."""
-
-        async def work(progress: Progress | None) -> BatchResult:
-            generated = gpu_call.generate(self.gpu, image, params, init_image, mask, progress)
-            return await (await generated).batch_result()
-
-        on_end = webhooks.on_job_end(params, JOBS)
-        return await jobs.run(JOBS, jobs.current_task_id(), work, on_end)
+        ``/get``, ``/cancel`` and ``/retry``; ``params.webhook`` is told how it ended. Jobs
+        wait in the job store and run on any worker (front/job_endpoints.py, docs/api.md)."""
+        work = gpu_call.batch_result(self.gpu, image, params, init_image, mask)
+        # Called directly (BentoCloud's queue calls it so), it tells the webhook itself.
+        return await webhooks.told(params, JOBS, work)
 
     @bentoml.api
     async def generate_stream(

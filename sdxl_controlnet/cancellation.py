@@ -17,16 +17,13 @@ POLL_S = 0.25
 async def cancel_on_disconnect(awaitable: t.Awaitable[T]) -> T:
     """Await ``awaitable``, cancelling it if the current request's client disconnects.
 
-    Outside a request (an in-process call) it simply awaits, and so does a task
-    (``@bentoml.task``): its client left once it had the task id, and it is stopped
-    through ``/cancel`` (``front/jobs.py``).
+    Outside a request (an in-process call, or a job's runner: a job is stopped through
+    ``/cancel``, ``front/job_runner.py``) it simply awaits.
     """
     task = asyncio.ensure_future(awaitable)
     try:
         request = bentoml.Context().request
     except LookupError:
-        request = None
-    if getattr(getattr(request, "state", None), "task_id", None) is not None:
         request = None
     try:
         while request is not None:

@@ -178,6 +178,26 @@ class GPUOutOfMemory(ClientError):
     error_code = HTTPStatus.INSUFFICIENT_STORAGE
 
 
+class QueueFull(ClientError):
+    """``JOB_QUEUE_MAX`` jobs already wait for the GPU: retry after ``retry_after_s``.
+
+    Its status is set per instance: a class-level 429 would become what BentoML's client
+    raises for the GPU Service's own 429 (``BentoMLException.error_mapping``)."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(
+            message, retry_after_s=retry_after_s, error_code=HTTPStatus.TOO_MANY_REQUESTS
+        )
+
+
+class StoreFull(ClientError):
+    """The job store holds ``JOB_STORE_MAX_BYTES`` of jobs' inputs already (per instance,
+    as ``QueueFull``: the class-level 507 is ``GPUOutOfMemory``'s)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=HTTPStatus.INSUFFICIENT_STORAGE)
+
+
 class JobCanceled(ClientError):
     """A job canceled through ``/cancel``: it has no result."""
 

@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializationInfo,
     ValidationError,
     field_serializer,
     model_validator,
@@ -37,6 +38,8 @@ OptionalMask = t.Optional[Mask]  # noqa: UP045
 OptionalEdgeMap = t.Optional[EdgeMap]  # noqa: UP045
 OptionalControlImages = t.Optional[ControlImages]  # noqa: UP045
 __all__ = ["Scheduler"]  # re-exported: declared in settings, where adapter presets name one
+# The serialization context under which a control keeps its data URI whole.
+WHOLE_IMAGES = "whole_images"
 ResizeMode = t.Literal["resize", "crop_and_resize", "resize_and_fill"]
 OutputFormat = t.Literal["png", "jpeg", "webp"]
 Preprocessor = t.Literal["canny", "none"]
@@ -222,9 +225,11 @@ class Control(ControlSettings):
     )
 
     @field_serializer("image", when_used="json")
-    def _abbreviated(self, image: str | None) -> str | None:
-        # Echoed whole, a data URI would send the picture back with every result and webhook.
-        if image is None or not image.startswith("data:") or "," not in image:
+    def _abbreviated(self, image: str | None, info: SerializationInfo) -> str | None:
+        # Echoed whole, a data URI would send the picture back with every result and webhook;
+        # a job's stored input (context WHOLE_IMAGES) keeps it.
+        whole = (info.context or {}).get(WHOLE_IMAGES, False)
+        if whole or image is None or not image.startswith("data:") or "," not in image:
             return image
         return f"{image[: image.index(',') + 1]}… ({len(image)} characters)"
 

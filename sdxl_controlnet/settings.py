@@ -229,6 +229,21 @@ class Settings(BaseModel):
         t.Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w-]{0,63}$")], LoraAdapter
     ] = Field(default_factory=dict)
 
+    # Jobs (/generate_task/…), in the job store (front/jobs.py): durable, FIFO, leased.
+    # Jobs waiting for the GPU at once; past that a submit is a 429 with Retry-After.
+    job_queue_max: int = Field(default=1000, ge=1)
+    # GPU calls jobs make at once, counted across every front worker sharing the store:
+    # interactive requests keep the rest of the GPU Service's queue.
+    job_concurrency: int = Field(default=1, ge=1)
+    # A running job's lease: its worker renews it every third of it; a worker that died lets
+    # it lapse, and another worker runs the job again, up to JOB_MAX_ATTEMPTS runs in all.
+    job_lease_s: float = Field(default=30.0, ge=1, le=3600)
+    job_max_attempts: int = Field(default=3, ge=1, le=20)
+    # What the job store holds of jobs' inputs at most, in bytes; past it a submit is a 507.
+    job_store_max_bytes: int = Field(default=2 * 2**30, ge=2**20)
+    # Where the job store lives: empty for $BENTOML_HOME/sdxl_controlnet_jobs.db.
+    job_store_path: str = ""
+
     # Outbound requests, each under its own allow-list: https to public addresses only, except
     # for the hosts or networks listed (comma-separated, each optionally with :port), which
     # may also be http and private. URL_FETCH_ALLOW: images by URL; WEBHOOK_ALLOW: receivers.

@@ -41,10 +41,11 @@ Handled with BentoML's public hooks, named here so that the list is whole:
 - ``ServiceAppFactory.readyz`` probes a dependency with ``AsyncClient.is_ready``, which lets
   its own timeout and a refused connection escape as a 500: the front turns
   ``runner_probe`` off and asks itself (``front/readiness.py``).
-- The local task server stores a job's request unread, cannot cancel, and lets a late
-  result overwrite a cancel (``ServiceAppFactory.submit_task``, ``cancel_task``,
-  ``Sqlite3Store.set_result``): jobs are the application's own (``front/jobs.py``,
-  ``front/job_endpoints.py``), in front of BentoML's task endpoints as ASGI middleware.
+- The local task server stores a job's request unread, runs it in the worker that took it,
+  cannot cancel, keeps nothing across a restart, and lets a late result overwrite a cancel
+  (``ServiceAppFactory.submit_task``, ``cancel_task``, ``Sqlite3Store``): jobs are the
+  application's own (``front/jobs.py``, ``front/job_runner.py``, ``front/job_endpoints.py``),
+  in front of BentoML's task routes as ASGI middleware.
 """
 
 from __future__ import annotations

@@ -11,9 +11,6 @@ The wrapper is also where images given by reference are resolved under the outbo
 (``front/references.py``), before BentoML reads the request: BentoML 1.4.40 downloads a form
 text field in a file's place itself (``MultipartSerde.ensure_file``), with no size or time
 limit, following redirects.
-
-``read_input`` reads a request as an API endpoint does, for a job's submit, which BentoML's
-local task server stores unread (``ServiceAppFactory.submit_task``).
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ import typing as t
 
 from pydantic import ValidationError
 from starlette.requests import Request
-
-from ..middleware import READABLE_MEDIA_TYPES
 
 UPSTREAM = {
     ("_bentoml_sdk.io_models", "IOMixin.from_http_request"): (
@@ -58,20 +53,3 @@ def apply() -> None:
     from_http_request.reads_requests_as_field_errors = True  # type: ignore[attr-defined]
     from_http_request.__wrapped__ = read  # type: ignore[attr-defined]
     IOMixin.from_http_request = classmethod(from_http_request)
-
-
-async def read_input(service: t.Any, api: str, request: Request) -> t.Any:
-    """``request``'s input to ``service``'s ``api``, read as its endpoint reads it; raises
-    what the endpoint would answer with (a ValidationError or a BentoMLException).
-    ``request``'s body must have been read; its scope is shared (``references`` keeps
-    what it fetched there), its files are closed afterwards."""
-    from _bentoml_impl.serde import ALL_SERDE
-
-    # The type in the spelling middleware.BodyGuard checked: never the pickle reader.
-    media_type = request.headers.get("content-type", "application/json").partition(";")[0]
-    readable = media_type.encode() in READABLE_MEDIA_TYPES
-    serde = ALL_SERDE[media_type if readable else "application/json"]()
-    try:
-        return await service.apis[api].input_spec.from_http_request(request, serde)
-    finally:
-        await request.close()

@@ -15,7 +15,7 @@ from .. import streaming
 from ..bentoml_compat import connections
 from ..cancellation import cancel_on_disconnect
 from ..errors import from_gpu_failure, gpu_call_errors, raise_for_answer
-from ..schemas import Params
+from ..schemas import BatchResult, Params
 from ..settings import settings
 from ..streaming import Progress
 from . import preprocessing, references
@@ -83,6 +83,19 @@ async def generate(
 ) -> Generation:
     """``prepare`` and ``run``: a request's images, from its upload to the GPU and back."""
     return await run(gpu, await prepare(image, params, init_image, mask), progress)
+
+
+async def batch_result(
+    gpu: t.Any,
+    image: Image.Image,
+    params: Params,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    progress: Progress | None = None,
+) -> BatchResult:
+    """``generate``, answered as ``/generate_batch`` answers."""
+    generation = await generate(gpu, image, params, init_image, mask, progress)
+    return await generation.batch_result()
 
 
 async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:

@@ -1,133 +1,168 @@
-"""BentoML's task endpoints (``/generate_task/…``), answered from the application's job
-store (``jobs.py``): ASGI middleware in front of BentoML's local task server, which still
-accepts each job and runs its body.
+"""The job endpoints (``/generate_task/…``): the application's own, answered from the job
+store (``jobs.py``) by ASGI middleware in front of BentoML's task routes, at BentoML's paths
+and in its shapes, so that BentoML's clients work. Any worker answers for any job.
 
-- ``submit`` reads the input first, and refuses bad input with the 400 ``/generate_batch``
-  would give (BentoML's task server would store it unread, to fail later); an accepted job
-  is in the job store before its ``task_id`` reaches the client, and its own webhook secret
-  is not in what BentoML stores (``webhooks.held_apart``).
-- ``status`` says what the job store says: BentoML's fields, and a running job's
-  ``progress``.
+- ``submit`` reads the input as ``/generate_batch`` would, and refuses bad input with the
+  400 it would give; an accepted job is stored, waiting, before its ``task_id`` leaves: a 429
+  past ``JOB_QUEUE_MAX`` waiting jobs, a 507 past ``JOB_STORE_MAX_BYTES``. With
+  ``Prefer: wait`` (RFC 7240; ``wait=N``, at most ``WAIT_MAX_S``) it answers once the job
+  ended or N seconds passed, with the job's status, and its result once completed.
+- ``status`` says what the store says: BentoML's fields, a waiting job's place in line, a
+  running job's ``attempt``, ``progress`` and latest ``preview``, its webhook's state.
 - ``get`` answers a completed job's result; a job without one is a 409 that says why.
-- ``cancel`` cancels a job in progress, which the worker running it sees within
-  ``jobs.WATCH_S``: 200 with the job's status, 404 for an unknown job, 409 for one already
-  ended.
+- ``cancel`` cancels a waiting or running job (its runner sees it within
+  ``job_runner.WATCH_S``): 200 with the job's status, 404 for an unknown job, 409 for one
+  already ended.
+- ``retry`` submits an ended job's input again, with its own webhook secret: a new job.
 
-None of them reads BentoML's task store: in BentoML 1.4.40 a read leaves its worker's
-connection holding a snapshot, and that worker's next write fails with "database is
-locked" once another worker has written (``tests/unit/test_bentoml_defects.py``).
-
-On BentoCloud these endpoints are served by BentoCloud's task queue, not by this server:
-there, only what the job's body does itself (webhooks) applies (docs/api.md).
+On BentoCloud these routes are served by BentoCloud's task queue, not by this server:
+there, jobs are BentoCloud's (docs/api.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import typing as t
+import uuid
 
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..bentoml_compat import request_reading
-from ..errors import error_response, validation_body
+from ..errors import ClientError, error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
-from . import webhooks
-from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, Job, JobStore
-from .references import FORMS
+from . import job_input, webhooks
+from .jobs import CANCELED, COMPLETED, ENDED, FAILED, PENDING, Job, JobStore
+
+# The longest a submit with ``Prefer: wait`` holds, as Replicate's API allows.
+WAIT_MAX_S = 60
+# How often a waiting submit looks at its job.
+WAIT_POLL_S = 0.1
+
+Endpoint = t.Callable[[Request], t.Awaitable[Response]]
 
 
 class JobEndpoints:
     def __init__(self, app: ASGIApp, service: t.Any, api: str, store: JobStore) -> None:
         self.app = app
-        self.service = service
-        self.api = api
+        self.input_spec = service.apis[api].input_spec
         self.prefix = f"/{api}/"
         self.store = store
-        self.answers = {("GET", "status"): self.status, ("GET", "get"): self.get}
+        self.routes: dict[tuple[str, str], Endpoint] = {
+            ("POST", "submit"): self.submit,
+            ("GET", "status"): self.status,
+            ("GET", "get"): self.get,
+            ("PUT", "cancel"): self.cancel,
+            ("POST", "retry"): self.retry,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not path.startswith(self.prefix):
+        endpoint = self.routes.get((scope.get("method", ""), path.removeprefix(self.prefix)))
+        if not path.startswith(self.prefix) or endpoint is None:
             return await self.app(scope, receive, send)
-        action = (scope["method"], path.removeprefix(self.prefix))
-        if action == ("POST", "submit"):
-            return await self.submit(scope, receive, send)
-        task_id = Request(scope).query_params.get("task_id")
-        if action == ("PUT", "cancel") and task_id is not None:
-            answer = await self.cancel(task_id)
-        elif action in self.answers and task_id is not None:
-            job = await self.store.get(task_id)
-            answer = self.answers[action](job) if job else _not_found(task_id)
-        else:  # no task_id, /retry: BentoML answers as it does
-            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        if endpoint != self.submit and "task_id" not in request.query_params:
+            answer: Response = error_response(400, "task_id is required")
+        else:
+            answer = await endpoint(request)
         await answer(scope, receive, send)
 
-    async def submit(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def submit(self, request: Request) -> Response:
         # middleware.BodyGuard, outside this one, lets only the media types the API reads by.
-        request = Request(scope, receive)
-        body = await request.body()
-        reading = Request(scope, _replay(body))
+        reading = Request(request.scope, _replay(await request.body()))
         try:
-            read = await request_reading.read_input(self.service, self.api, reading)
+            _, stored, secret = await job_input.read(self.input_spec, reading)
         except ValidationError as exc:
-            refusal = JSONResponse(validation_body(exc), status_code=400)
+            return JSONResponse(validation_body(exc), status_code=400)
+        except ClientError as exc:
+            return exc.response()
         except BentoMLException as exc:
-            refusal = error_response(exc.error_code, exc.message)
-        else:
-            media_type = request.headers.get("content-type", "").partition(";")[0]
-            form = await reading.form() if media_type in FORMS else None  # as read: cached
-            params_as_sent = form.get("params") if form is not None else None
-            body = webhooks.held_apart(body, media_type, params_as_sent, read.params)
-            return await self.app(scope, _replay(body, then=receive), self._recording(send))
-        await refusal(scope, receive, send)
+            return error_response(exc.error_code, exc.message)
+        return await self._stored(stored, secret, request)
 
-    def _recording(self, send: Send) -> Send:
-        """``send``, which stores an accepted job before its answer leaves."""
-        start: Message | None = None
+    async def _stored(self, stored: bytes, secret: str | None, request: Request) -> Response:
+        task_id = uuid.uuid4().hex
+        try:
+            job = await self.store.submit(task_id, stored, secret)
+        except ClientError as exc:
+            return exc.response()
+        if (wait_s := _prefer_wait(request.headers.get("prefer", ""))) is None:
+            return JSONResponse({"task_id": task_id, "status": job.status})
+        deadline = time.monotonic() + wait_s
+        while job.status not in ENDED and time.monotonic() < deadline:
+            await asyncio.sleep(WAIT_POLL_S)
+            job = await self.store.get(task_id) or job
+        return JSONResponse(_with_outcome(job))
 
-        async def record_then_send(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            if start is not None and message["type"] == "http.response.body":
-                if start["status"] == 200:
-                    await self.store.submitted(json.loads(message["body"])["task_id"])
-                await send(start)
-                start = None
-            await send(message)
+    async def status(self, request: Request) -> Response:
+        job = await self.store.get(request.query_params["task_id"])
+        return JSONResponse(job.status_body()) if job else _not_found(request)
 
-        return record_then_send
-
-    @staticmethod
-    def status(job: Job) -> Response:
-        return JSONResponse(job.status_body())
-
-    @staticmethod
-    def get(job: Job) -> Response:
+    async def get(self, request: Request) -> Response:
+        job = await self.store.get(request.query_params["task_id"])
+        if job is None:
+            return _not_found(request)
         if job.status == COMPLETED:
             return Response(job.outcome, media_type="application/json")
         failure = json.loads(job.outcome) if job.status == FAILED and job.outcome else None
         return no_result(job.task_id, job.status, failure)
 
-    async def cancel(self, task_id: str) -> Response:
-        job = await self.store.cancel(task_id)
+    async def cancel(self, request: Request) -> Response:
+        task_id = request.query_params["task_id"]
+        job, before = await self.store.cancel(task_id)
         if job is None:
-            return _not_found(task_id)
+            return _not_found(request)
         if job.status != CANCELED:
             return error_response(409, f"task {task_id} is {job.status}: nothing to cancel")
+        if before == PENDING:  # no runner has it: its webhook is told from here
+            source = await self.store.source(task_id)
+            if source is not None:
+                params = job_input.decode(self.input_spec, source.input, source.secret).params
+                await webhooks.on_job_end(params, self.store)(webhooks.Outcome(job))
         return JSONResponse(job.status_body())
 
+    async def retry(self, request: Request) -> Response:
+        source = await self.store.source(request.query_params["task_id"])
+        if source is None:
+            return _not_found(request)
+        if source.job.status not in ENDED:
+            message = f"task {source.job.task_id} is {source.job.status}: retry it once it ended"
+            return error_response(409, message)
+        return await self._stored(source.input, source.secret, request)
 
-def _not_found(task_id: str) -> Response:
-    return error_response(404, f"task {task_id} not found")
+
+def _prefer_wait(prefer: str) -> float | None:
+    """The seconds ``Prefer: wait`` or ``wait=N`` asks for (at most WAIT_MAX_S), or None."""
+    for preference in prefer.split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        seconds = int(value) if value.isascii() and value.isdigit() else WAIT_MAX_S
+        return min(seconds, WAIT_MAX_S)
+    return None
 
 
-def _replay(body: bytes, then: Receive | None = None) -> Receive:
-    """A ``receive`` that gives ``body`` once, then what ``then`` gives (a disconnect)."""
+def _with_outcome(job: Job) -> dict[str, t.Any]:
+    """A job's status, with its result once completed, or its failure once failed."""
+    body = job.status_body()
+    if job.status == COMPLETED and job.outcome:
+        body["result"] = json.loads(job.outcome)
+    elif job.status == FAILED and job.outcome:
+        body["failure"] = json.loads(job.outcome)
+    return body
+
+
+def _not_found(request: Request) -> Response:
+    return error_response(404, f"task {request.query_params['task_id']} not found")
+
+
+def _replay(body: bytes) -> Receive:
+    """A ``receive`` that gives ``body`` once, then a disconnect."""
     given = False
 
     async def receive() -> Message:
@@ -135,9 +170,7 @@ def _replay(body: bytes, then: Receive | None = None) -> Receive:
         if not given:
             given = True
             return {"type": "http.request", "body": body, "more_body": False}
-        if then is None:
-            return {"type": "http.disconnect"}
-        return await then()
+        return {"type": "http.disconnect"}
 
     return receive
 
@@ -151,5 +184,5 @@ def no_result(task_id: str, status: str, failure: dict[str, t.Any] | None) -> JS
         reason = (failure or {}).get("error", "see the server log")
         message = f"task {task_id} failed: {reason}"
     else:
-        message = f"task {task_id} is {IN_PROGRESS}: its result is not ready; poll /status"
+        message = f"task {task_id} is {status}: its result is not ready; poll /status"
     return error_response(409, message, task_status=status, failure=failure)

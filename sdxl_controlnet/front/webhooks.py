@@ -5,9 +5,10 @@ Standard Webhooks specification recommends (https://www.standardwebhooks.com).
   (``standardwebhooks``): ``webhook-id`` (the same on every try), ``webhook-timestamp`` and
   ``webhook-signature``, with the job's ``params.webhook_secret``, or the server's
   ``WEBHOOK_SECRET``. The secret is held in memory with the message and never logged.
-- The job's own body starts it (``jobs.run`` calls ``on_job_end``'s callback), so it is sent
-  wherever the job runs; it goes through the webhook policy (``fetching.WEBHOOK_POLICY``),
-  on a task of its own, so no generation waits for it.
+- The job's runner starts it (``job_runner.py`` calls ``on_job_end``'s callback), or the
+  cancel of a job that had not started, from the worker that ended the job. It goes through
+  the webhook policy (``fetching.WEBHOOK_POLICY``), on a task of its own, so no generation
+  waits for it.
 - A network failure, a timeout, a 408, a 429 or a 5xx is tried again, up to
   ``WEBHOOK_TRIES`` tries, after the receiver's ``Retry-After`` or a random wait up to
   ``WEBHOOK_BACKOFF_S`` × 2^(n − 1) (full jitter), both capped at ``WEBHOOK_MAX_BACKOFF_S``.
@@ -23,35 +24,36 @@ Standard Webhooks specification recommends (https://www.standardwebhooks.com).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import email.utils
 import functools
 import json
 import random
-import secrets
 import sqlite3
 import time
 import typing as t
-import urllib.parse
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bentoml
 from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 from standardwebhooks import Webhook
 
 from .. import logs
+from ..errors import ClientError
 from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
 from ..schemas import TaskParams
 from ..settings import settings
 from . import fetching
-from .jobs import JobStore, Outcome, default_path
+from .jobs import COMPLETED, FAILED, SERVER_FAILURE, Job, JobStore, default_path
 
 logger = logs.logger(__name__)
 
+T = t.TypeVar("T")
 GONE = 410  # the receiver says the endpoint is gone: never try it again
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 
@@ -82,39 +84,15 @@ class Message:
 
 
 _pending: dict[str, tuple[Message, asyncio.Task[None]]] = {}
-# Jobs' own secrets, by the stand-in their stored request holds (``held_apart``).
-_held: dict[str, str] = {}
 
 
-def held_apart(
-    body: bytes, media_type: str, params_as_sent: str | None, params: TaskParams
-) -> bytes:
-    """``body``, a job's request, with its ``webhook_secret`` swapped for a stand-in that
-    this worker, which runs the job, swaps back: BentoML's task store keeps the request,
-    and the secret must not rest there. The secret is replaced in the parsed ``params``, in
-    whatever encoding the body carried it (JSON escapes, a URL-encoded form), and the body
-    written again: ``params_as_sent`` is a form's params text, as it stands in the body."""
-    if params.webhook_secret is None:
-        return body
-    secret = params.webhook_secret.get_secret_value()
-    key_bytes = len(base64.b64decode(secret.removeprefix("whsec_")))
-    stand_in = "whsec_" + base64.b64encode(secrets.token_bytes(key_bytes)).decode()
-    _held[stand_in] = secret
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, for its webhook."""
 
-    def swapped(params: dict[str, t.Any]) -> dict[str, t.Any]:
-        return {**params, "webhook_secret": stand_in}
-
-    if media_type == "application/x-www-form-urlencoded":
-        fields = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True)
-        return urllib.parse.urlencode(
-            [(k, json.dumps(swapped(json.loads(v))) if k == "params" else v) for k, v in fields]
-        ).encode()
-    if media_type == "multipart/form-data" and params_as_sent is not None:
-        # A form part is sent as it is: the params text stands in the body byte for byte.
-        with_stand_in = json.dumps(swapped(json.loads(params_as_sent)))
-        return body.replace(params_as_sent.encode(), with_stand_in.encode(), 1)
-    data = json.loads(body)
-    return json.dumps({**data, "params": swapped(data["params"])}).encode()
+    job: Job
+    result: t.Any = None  # what /get answers, for a completed job
+    failure: dict[str, t.Any] | None = None  # the status and error body, for a failed one
 
 
 def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
@@ -134,6 +112,30 @@ def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
     }
 
 
+async def told(params: TaskParams, store: JobStore, work: t.Awaitable[T]) -> T:
+    """``work``, a job's body called directly (``POST /generate_task``, as BentoCloud's task
+    queue calls it), its outcome delivered to ``params.webhook`` as a queued job's is: under
+    the task id BentoML gives the request, or a new one."""
+    notify = on_job_end(params, store)
+    request = bentoml.Context().request if params.webhook else None
+    task_id = getattr(getattr(request, "state", None), "task_id", None) or uuid.uuid4().hex
+    started = time.time()
+
+    def ended(status: str) -> Job:
+        return Job(task_id, status, started, started, time.time())
+
+    try:
+        result = await work
+    except ClientError as exc:
+        await notify(Outcome(ended(FAILED), failure=exc.body_with_status()))
+        raise
+    except Exception:
+        await notify(Outcome(ended(FAILED), failure=SERVER_FAILURE))
+        raise
+    await notify(Outcome(ended(COMPLETED), result))
+    return result
+
+
 # A delivery's state, as a job's /status shows it: under way, or how it ended.
 DELIVERY_STATES = ("pending", "delivered", "failed", "gone", "dropped", "error")
 # Where a delivery reports its state (a job store's ``record_webhook`` for that job).
@@ -145,8 +147,7 @@ def on_job_end(params: TaskParams, store: JobStore) -> t.Callable[[Outcome], t.A
     if its state is one of ``params.webhook_events``, the delivery's state kept in
     ``store``; returns at once."""
     url, events = params.webhook, params.webhook_events
-    given = params.webhook_secret.get_secret_value() if params.webhook_secret else None
-    secret = _held.pop(given, given) if given else None
+    secret = params.webhook_secret.get_secret_value() if params.webhook_secret else None
 
     async def ended(outcome: Outcome) -> None:
         if url is None or outcome.job.status not in events:

@@ -95,7 +95,7 @@ def test_a_job_and_a_stream_take_controls(canny_and_depth: Server) -> None:
     task = submitted.json()["task_id"]
     for _ in range(240):
         status = httpx.get(f"{canny_and_depth.url}/generate_task/status", params={"task_id": task})
-        if status.json()["status"] != "in_progress":
+        if status.json()["status"] not in ("pending", "in_progress"):
             break
     assert status.json()["status"] == "completed", status.text
     job = httpx.get(f"{canny_and_depth.url}/generate_task/get", params={"task_id": task}).json()

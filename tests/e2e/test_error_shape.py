@@ -72,7 +72,7 @@ def task_result(server: Server, task_id: str) -> httpx.Response:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
-        if status.json()["status"] != "in_progress":
+        if status.json()["status"] not in ("pending", "in_progress"):
             break
         time.sleep(0.2)
     assert status.json()["status"] == "failed", status.text

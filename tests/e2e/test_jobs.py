@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -40,17 +41,17 @@ def client(server: Server):
         yield client
 
 
-def wait_while_in_progress(task, timeout_s: float = 120) -> str:
+def wait_until_ended(task, timeout_s: float = 120) -> str:
     deadline = time.monotonic() + timeout_s
-    while (status := task.get_status().value) == "in_progress":
-        assert time.monotonic() < deadline, "task still in progress"
+    while (status := task.get_status().value) in ("pending", "in_progress"):
+        assert time.monotonic() < deadline, "task still waiting or running"
         time.sleep(0.2)
     return status
 
 
 def test_submit_poll_and_get_the_batch_result(client, photo: Path) -> None:
     task = client.generate_task.submit(image=photo, params={**FAST, "num_images": 2, "seed": 4})
-    assert wait_while_in_progress(task) == "completed"
+    assert wait_until_ended(task) == "completed"
     result = task.get()
     assert [image["seed"] for image in result["images"]] == [4, 5]
     assert decode(base64.b64decode(result["images"][0]["image"])).size == (96, 64)
@@ -61,7 +62,7 @@ def test_submit_poll_and_get_the_batch_result(client, photo: Path) -> None:
 async def test_the_async_client_runs_jobs_too(server: Server, photo: Path) -> None:
     async with bentoml.AsyncHTTPClient(server.url, timeout=120) as client:
         task = await client.generate_task.submit(image=photo, params=FAST)
-        while (await task.get_status()).value == "in_progress":
+        while (await task.get_status()).value in ("pending", "in_progress"):
             time.sleep(0.2)
         assert len((await task.get())["images"]) == 1
 
@@ -90,7 +91,7 @@ def test_a_failed_task_reports_its_status_and_message(client, tmp_path: Path) ->
     sliver = tmp_path / "sliver.png"
     sliver.write_bytes(encode(shapes_image(8000, 8)))
     task = client.generate_task.submit(image=sliver, params=FAST)
-    assert wait_while_in_progress(task) == "failed"
+    assert wait_until_ended(task) == "failed"
     with pytest.raises(BentoMLException) as failure:
         task.get()
     assert failure.value.error_code == 409
@@ -110,7 +111,7 @@ def test_cancel_stops_the_generation_and_frees_the_gpu(server: Server, client, p
 
         start = time.monotonic()
         quick = client.generate_task.submit(image=photo, params={**FAST, "num_inference_steps": 1})
-        assert wait_while_in_progress(quick) == "completed"
+        assert wait_until_ended(quick) == "completed"
         waited_s = time.monotonic() - start
     held_s = LONG["num_inference_steps"] * STEP_S
     assert waited_s < held_s / 4, f"the canceled generation still held the GPU: {waited_s:.1f} s"
@@ -129,7 +130,7 @@ def test_a_running_job_reports_its_progress(server: Server, client, photo: Path)
             image=photo, params={"prompt": "x", "num_inference_steps": 8}
         )
         steps = set()
-        while (status := status_of(server, task.id))["status"] == "in_progress":
+        while (status := status_of(server, task.id))["status"] in ("pending", "in_progress"):
             if "progress" in status:
                 assert status["progress"]["total"] == 8
                 steps.add(status["progress"]["step"])
@@ -145,7 +146,7 @@ def test_a_running_job_shows_its_latest_preview(server: Server, client, photo: P
     with server.slow_steps(0.3):
         task = client.generate_task.submit(image=photo, params=params)
         previews = {}
-        while (status := status_of(server, task.id))["status"] == "in_progress":
+        while (status := status_of(server, task.id))["status"] in ("pending", "in_progress"):
             if "preview" in status:
                 previews[status["preview"]["step"]] = status["preview"]["image"]
             time.sleep(0.1)
@@ -169,7 +170,7 @@ def test_get_of_a_running_job_says_it_is_running(server: Server, client, photo: 
         )
         answer = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task.id})
         assert answer.status_code == 409
-        assert answer.json()["error"].startswith(f"task {task.id} is in_progress")
+        assert re.match(f"task {task.id} is (pending|in_progress): ", answer.json()["error"])
         task.cancel()
 
 
@@ -178,7 +179,7 @@ def test_cancel_answers_for_unknown_and_finished_tasks(server: Server, client, p
     assert unknown.status_code == 404 and "not found" in unknown.json()["error"]
 
     task = client.generate_task.submit(image=photo, params=FAST)
-    wait_while_in_progress(task)
+    wait_until_ended(task)
     finished = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task.id})
     assert finished.status_code == 409 and "completed" in finished.json()["error"]
 

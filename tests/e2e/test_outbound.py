@@ -86,7 +86,7 @@ def test_a_job_fetches_its_image_once(outbound_server: Server, receiver: Receive
     assert submitted.status_code == 200, submitted.text
     task_id = submitted.json()["task_id"]
     deadline = time.monotonic() + 120
-    while (status := task_status(outbound_server, task_id)["status"]) == "in_progress":
+    while (status := task_status(outbound_server, task_id)["status"]) in ("pending", "in_progress"):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert status == "completed"
@@ -222,7 +222,7 @@ def submit(server: Server, receiver: Receiver, **params: object) -> str:
 
 def wait_finished(server: Server, task_id: str) -> str:
     deadline = time.monotonic() + 120
-    while (status := task_status(server, task_id)["status"]) == "in_progress":
+    while (status := task_status(server, task_id)["status"]) in ("pending", "in_progress"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     return status
@@ -300,18 +300,18 @@ def test_a_job_s_own_secret_signs_a_thin_message(outbound_server: Server) -> Non
     result = httpx.get(f"{outbound_server.url}/generate_task/get", params={"task_id": task_id})
     assert result.status_code == 200 and JOB_SECRET not in result.text
     assert JOB_SECRET not in outbound_server.log.read_text()
-    # BentoML's task store keeps the request (its content in base64), not the secret.
-    body = stored_request(outbound_server, task_id)
-    assert b'"webhook_payload": "thin"' in body and b"whsec_" in body
-    assert JOB_SECRET.encode() not in body
+    # The job store keeps the job's input without the secret, and the secret in its own field.
+    stored, kept = stored_job(outbound_server, task_id)
+    assert json.loads(stored)["params"]["webhook_payload"] == "thin"
+    assert b"whsec_" not in stored and kept == JOB_SECRET
 
 
-def stored_request(server: Server, task_id: str) -> bytes:
-    """The request BentoML's task store keeps for ``task_id`` (its content in base64)."""
+def stored_job(server: Server, task_id: str) -> tuple[bytes, str | None]:
+    """The input and the webhook secret the job store keeps for ``task_id``."""
     home = server.log.parent / f"bentoml-home-{server.port}"
-    with contextlib.closing(sqlite3.connect(home / "task_result.db")) as db:
-        (stored,) = db.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
-    return base64.b64decode(json.loads(stored)["content"])
+    with contextlib.closing(sqlite3.connect(home / "sdxl_controlnet_jobs.db")) as db:
+        query = "SELECT input, secret FROM job WHERE task_id = ?"
+        return db.execute(query, (task_id,)).fetchone()
 
 
 def test_a_secret_in_a_url_encoded_job_rests_nowhere_and_its_delivery_shows(
@@ -330,14 +330,49 @@ def test_a_secret_in_a_url_encoded_job_rests_nowhere_and_its_delivery_shows(
         task_id = answer.json()["task_id"]
         (delivery,) = receiver.wait_for(1)
     assert Webhook(JOB_SECRET).verify(delivery.body, delivery.headers)["data"]["task_id"] == task_id
-    body = stored_request(outbound_server, task_id)
-    assert b"webhook_secret" in body
+    stored, kept = stored_job(outbound_server, task_id)
+    assert kept == JOB_SECRET
     for spelled in (key, quote_plus(key), quote(key, safe="")):
-        assert spelled.encode() not in body
+        assert spelled.encode() not in stored
     deadline = time.monotonic() + 10
     while task_status(outbound_server, task_id).get("webhook") != {"state": "delivered"}:
         assert time.monotonic() < deadline, task_status(outbound_server, task_id)
         time.sleep(0.1)
+
+
+def test_a_job_called_directly_delivers_its_webhook_too(outbound_server: Server) -> None:
+    # As BentoCloud's task queue calls it: POST /generate_task, the result in the answer.
+    with receiving(encode(shapes_image(96, 64))) as receiver:
+        params = {**FAST, "webhook": f"{receiver.url}/hook", "webhook_secret": JOB_SECRET}
+        answer = httpx.post(
+            f"{outbound_server.url}/generate_task",
+            files={"image": ("in.png", receiver.picture, "image/png")},
+            data={"params": json.dumps(params)},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        (delivery,) = receiver.wait_for(1)
+    data = Webhook(JOB_SECRET).verify(delivery.body, delivery.headers)["data"]
+    assert data["status"] == "completed"
+    assert data["result"]["images"] == answer.json()["images"]
+
+
+def test_a_job_canceled_while_it_waits_is_delivered_as_canceled(outbound_server: Server) -> None:
+    with receiving(encode(shapes_image(96, 64))) as receiver, outbound_server.slow_steps(0.5):
+        first = submit(outbound_server, receiver, num_inference_steps=100)
+        waiting = submit(outbound_server, receiver)
+        assert task_status(outbound_server, waiting)["status"] == "pending"
+        for task_id in (waiting, first):
+            canceled = httpx.put(
+                f"{outbound_server.url}/generate_task/cancel", params={"task_id": task_id}
+            )
+            assert canceled.status_code == 200
+        deliveries = receiver.wait_for(2)
+    statuses = {
+        (data := Webhook(SECRET).verify(d.body, d.headers)["data"])["task_id"]: data["status"]
+        for d in deliveries
+    }
+    assert statuses == {waiting: "canceled", first: "canceled"}
 
 
 def test_a_canceled_job_is_delivered_as_canceled(outbound_server: Server) -> None:

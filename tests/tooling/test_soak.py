@@ -67,7 +67,7 @@ def job(client: httpx.Client, rng: random.Random) -> httpx.Response:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status = client.get("/generate_task/status", params={"task_id": task_id})
-        if status.status_code != 200 or status.json()["status"] != "in_progress":
+        if status.status_code != 200 or status.json()["status"] not in ("pending", "in_progress"):
             break
         time.sleep(0.2)
     return client.get("/generate_task/get", params={"task_id": task_id})

@@ -1,0 +1,70 @@
+"""What a job stores to run again, read from its submit and back: its ``params`` as
+validated (the webhook secret apart, in the store's own field), and the bytes of its
+pictures, resolved (a picture given by URL is fetched once, at submit). One JSON document,
+read back through the API's own input model, so that a job is validated as it was taken.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import typing as t
+
+from _bentoml_impl.serde import ALL_SERDE
+from starlette.datastructures import Headers, UploadFile
+from starlette.requests import Request
+
+from ..middleware import READABLE_MEDIA_TYPES
+from ..schemas import WHOLE_IMAGES
+from . import references
+
+PICTURES = ("image", "init_image", "mask")
+
+
+async def read(input_spec: t.Any, request: Request) -> tuple[t.Any, bytes, str | None]:
+    """``request``'s input to the job API (``input_spec``), read as its endpoint reads it;
+    with what the store keeps of it, and the job's own webhook secret. Raises what the
+    endpoint would answer with (a ValidationError or a BentoMLException). ``request``'s
+    body must have been read; its files are closed afterwards."""
+    # The type in the spelling middleware.BodyGuard checked: never the pickle reader.
+    media_type = request.headers.get("content-type", "application/json").partition(";")[0]
+    readable = media_type.encode() in READABLE_MEDIA_TYPES
+    serde = ALL_SERDE[media_type if readable else "application/json"]()
+    try:
+        model = await input_spec.from_http_request(request, serde)
+        pictures = {
+            field: base64.b64encode(await _picture(request, field)).decode()
+            for field in PICTURES
+            if getattr(model, field, None) is not None
+        }
+    finally:
+        await request.close()
+    params = model.params
+    secret = params.webhook_secret.get_secret_value() if params.webhook_secret else None
+    whole = params.model_dump(mode="json", context={WHOLE_IMAGES: True})
+    stored = {"params": whole, "pictures": pictures}
+    return model, json.dumps(stored, separators=(",", ":")).encode(), secret
+
+
+async def _picture(request: Request, field: str) -> bytes:
+    """The bytes of picture ``field``: its file part, or what its reference resolved to."""
+    if request.headers.get("content-type", "").partition(";")[0] in references.FORMS:
+        part = (await request.form()).get(field)  # the form as read, references resolved
+        assert isinstance(part, UploadFile), "a picture field is a file once read"
+        await part.seek(0)
+        return await part.read()
+    reference = json.loads(await request.body())[field]
+    return request.scope[references.RESOLVED][field, reference]
+
+
+def decode(input_spec: t.Any, stored: bytes, secret: str | None) -> t.Any:
+    """A stored job's input, as the API's input model: its pictures opened (their headers
+    read), its params validated again."""
+    data = json.loads(stored)
+    params = data["params"] if secret is None else {**data["params"], "webhook_secret": secret}
+    pictures = {
+        field: UploadFile(io.BytesIO(base64.b64decode(value)), filename=field, headers=Headers())
+        for field, value in data["pictures"].items()
+    }
+    return input_spec.model_validate({"params": params, **pictures})

@@ -1,0 +1,154 @@
+"""Each front worker's runner of jobs: it claims the oldest waiting job from the store
+(``jobs.py``) when the store says a GPU slot is free, runs it as ``/generate_batch`` would,
+and records its steps, latest preview and outcome there.
+
+While a job runs, the runner looks at its row every ``WATCH_S``: a cancel (sent to any
+worker) stops the GPU call within that time, and the lease is renewed every third of
+``JOB_LEASE_S``. A GPU Service that is busy puts the job back at the head of the line:
+a job waits for the GPU, it never fails for it. At a graceful stop the runner hands its
+jobs back; a worker that dies lets their leases lapse, and another worker runs them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import socket
+import time
+import typing as t
+import uuid
+
+from .. import logs
+from ..errors import ClientError, ServiceBusy
+from ..settings import settings
+from . import gpu_call, job_input, webhooks
+from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, SERVER_FAILURE, Claimed, JobStore
+
+logger = logs.logger(__name__)
+
+# How often an idle runner asks for a job, and a running one looks for a cancel.
+POLL_S = 0.2
+WATCH_S = 0.25
+# How long a runner whose job met a busy GPU waits before it asks for a job again.
+BUSY_BACKOFF_S = 1.0
+
+
+class JobRunner:
+    """Runs the store's jobs on ``gpu`` (what ``bentoml.depends`` gave), reading each one's
+    input through ``input_spec``, the job API's input model."""
+
+    def __init__(self, store: JobStore, gpu: t.Any, input_spec: t.Any) -> None:
+        self.store = store
+        self.gpu = gpu
+        self.input_spec = input_spec
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.serving: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.serving = asyncio.create_task(self.serve())
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                claimed = await self.store.claim(self.owner)
+            except Exception:
+                logger.exception("jobs: the store could not be read; trying again")
+                claimed = None
+            if claimed is None:
+                await asyncio.sleep(POLL_S)
+                continue
+            task = asyncio.create_task(self.run(claimed))
+            self.running[claimed.job.task_id] = task
+            task.add_done_callback(functools.partial(self._done, claimed.job.task_id))
+
+    def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
+        self.running.pop(task_id, None)
+
+    async def stop(self) -> None:
+        """Stop asking for jobs, stop the ones under way and hand them back to the line."""
+        if self.serving is not None:
+            self.serving.cancel()
+        held = list(self.running.items())
+        for _, task in held:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in held), return_exceptions=True)
+        for task_id, _ in held:
+            if await self.store.requeue(task_id, self.owner):
+                logger.info("job %s handed back to the line: this worker is stopping", task_id)
+
+    async def run(self, claimed: Claimed) -> None:
+        """Run one claimed job to its end, or until it is canceled or handed back."""
+        task_id = claimed.job.task_id
+        try:
+            request = job_input.decode(self.input_spec, claimed.input, claimed.secret)
+        except Exception as exc:  # validated at submit: only a changed server gets here
+            logger.warning("job %s: its stored input is no longer valid: %s", task_id, exc)
+            await self.store.end(task_id, self.owner, FAILED, SERVER_FAILURE)
+            return
+        notify = webhooks.on_job_end(request.params, self.store)
+        last_write = 0.0
+
+        async def progress(kind: str, event: dict[str, t.Any]) -> None:
+            nonlocal last_write
+            if kind == "preview":  # at most one every preview_every steps: each is kept
+                await self.store.record_preview(task_id, event["step"], event["image"])
+                return
+            if event["step"] < event["total"] and time.monotonic() - last_write < WATCH_S:
+                return
+            last_write = time.monotonic()
+            await self.store.record_step(task_id, event["step"], event["total"])
+
+        async def ended(status: str, result: t.Any = None, failure: t.Any = None) -> None:
+            outcome = result.model_dump(mode="json") if result is not None else failure
+            if not await self.store.end(task_id, self.owner, status, outcome):
+                return  # canceled meanwhile, or taken over: whoever did tells the webhook
+            job = await self.store.get(task_id)
+            assert job is not None, "ended above"
+            await notify(webhooks.Outcome(job, result, failure))
+
+        pictures = (request.image, request.params, request.init_image, request.mask)
+        work = asyncio.ensure_future(gpu_call.batch_result(self.gpu, *pictures, progress))
+        try:
+            status = await self._watch(task_id, work)
+            if status == CANCELED:
+                job = await self.store.get(task_id)
+                logger.info("job %s canceled: its generation stopped", task_id)
+                if job is not None:
+                    await notify(webhooks.Outcome(job))
+                return
+            if status is None:
+                logger.warning("job %s: its lease lapsed, another worker runs it", task_id)
+                return
+            result = work.result()
+        except ServiceBusy as exc:
+            await self.store.requeue(task_id, self.owner)
+            logger.info("job %s back in line: %s", task_id, exc.message)
+            await asyncio.sleep(BUSY_BACKOFF_S)
+        except ClientError as exc:
+            await ended(FAILED, failure=exc.body_with_status())
+        except Exception:
+            logger.exception("job %s failed", task_id)
+            await ended(FAILED, failure=SERVER_FAILURE)
+        else:
+            await ended(COMPLETED, result=result)
+        finally:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+
+    async def _watch(self, task_id: str, work: asyncio.Future[t.Any]) -> str | None:
+        """Wait for ``work``, renewing the job's lease; stop it if the job is canceled or
+        the lease lost. The job's status then (IN_PROGRESS once the work is done)."""
+        renewed = time.monotonic()
+        while not (await asyncio.wait({work}, timeout=WATCH_S))[0]:
+            renew = time.monotonic() - renewed > settings.job_lease_s / 3
+            status = await self.store.watch(task_id, self.owner, renew)
+            if renew:
+                renewed = time.monotonic()
+            if status != IN_PROGRESS:
+                work.cancel()
+                return status
+        return IN_PROGRESS

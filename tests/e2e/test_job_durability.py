@@ -1,0 +1,117 @@
+"""Jobs outlive the processes that run them: a graceful restart and a SIGKILL of the whole
+server keep every job and result, and a job whose worker was killed runs again on another.
+Each test stops and starts servers of its own, so `make test-tooling` runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from devtools.harness import Server, encode, shapes_image
+
+pytestmark = [pytest.mark.e2e, pytest.mark.restarts]
+
+PICTURE = encode(shapes_image(64, 64))
+QUICK = {"prompt": "a house", "num_inference_steps": 2, "width": 64, "height": 64}
+SLOW = {**QUICK, "num_inference_steps": 8}
+STEP_S = 0.4
+LEASE_S = 2
+ENDED = ("completed", "failed", "canceled")
+
+
+@contextlib.contextmanager
+def serving(store: Path, port: int = 0) -> Iterator[Server]:
+    """`bentoml serve` on ``store``, with short leases; stopped gracefully afterwards."""
+    env = {"JOB_STORE_PATH": str(store), "JOB_LEASE_S": str(LEASE_S), "FRONT_WORKERS": "2"}
+    server = Server(["serve", "."], env=env, port=port)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def submit(server: Server, params: dict) -> str:
+    answer = httpx.post(
+        f"{server.url}/generate_task/submit",
+        files={"image": ("in.png", PICTURE, "image/png")},
+        data={"params": json.dumps(params)},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["task_id"]
+
+
+def status(server: Server, task_id: str) -> dict:
+    answer = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def wait_for(server: Server, task_id: str, statuses: tuple[str, ...], timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while (now := status(server, task_id))["status"] not in statuses:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
+    return now
+
+
+def result(server: Server, task_id: str) -> dict:
+    answer = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def killed(server: Server) -> None:
+    """SIGKILL to the server and every process under it: nothing runs its shutdown."""
+    tree = [server.process_info(), *server.process_info().children(recursive=True)]
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            os.kill(process.pid, signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=10)
+    server.process.wait()
+
+
+@pytest.mark.parametrize("stop", ["graceful", "SIGKILL"])
+def test_a_restart_keeps_every_job_and_result(tmp_path: Path, stop: str) -> None:
+    store = tmp_path / "jobs.db"
+    with serving(store) as first:
+        done = submit(first, {**QUICK, "seed": 1})
+        kept = result(first, wait_for(first, done, ENDED)["task_id"])
+        with first.slow_steps(STEP_S):
+            running = submit(first, SLOW)
+            waiting = [submit(first, SLOW) for _ in range(2)]
+            wait_for(first, running, ("in_progress",))
+            if stop == "SIGKILL":
+                killed(first)
+            else:
+                first.stop()
+        port = first.port
+    with serving(store, port) as second:
+        assert result(second, done) == kept
+        ended = [wait_for(second, task_id, ENDED) for task_id in (running, *waiting)]
+    assert [s["status"] for s in ended] == ["completed"] * 3
+    # A graceful stop hands the job back uncounted; a killed worker's run counts.
+    assert ended[0]["attempt"] == (1 if stop == "graceful" else 2)
+
+
+def test_a_job_whose_front_workers_were_all_killed_still_ends(tmp_path: Path) -> None:
+    with serving(tmp_path / "jobs.db") as server, server.slow_steps(STEP_S):
+        task_id = submit(server, SLOW)
+        wait_for(server, task_id, ("in_progress",))
+        fronts = server.workers("ControlNet")
+        for front in fronts:
+            os.kill(front.pid, signal.SIGKILL)
+        psutil.wait_procs(fronts, timeout=10)
+        # BentoML starts new front workers; one takes the job once its lease has lapsed.
+        ended = wait_for(server, task_id, ENDED, timeout_s=LEASE_S + 120)
+    assert (ended["status"], ended["attempt"]) == ("completed", 2)

@@ -1,0 +1,160 @@
+"""The embedded job store (sdxl_controlnet/front/jobs.py): a FIFO line with places, leases
+that lapse when a worker dies, attempts, bounds, and a file that outlives the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from sdxl_controlnet.errors import QueueFull, StoreFull
+from sdxl_controlnet.front import jobs
+from sdxl_controlnet.front.jobs import SQLiteJobStore
+from sdxl_controlnet.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SQLiteJobStore:
+    configure(monkeypatch)
+    opened = SQLiteJobStore(tmp_path / "jobs.db")
+    opened.open()
+    return opened
+
+
+def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    monkeypatch.setattr(jobs, "settings", Settings.from_env({"JOB_LEASE_S": "1", **env}))
+
+
+async def submitted(store: SQLiteJobStore, *task_ids: str) -> None:
+    for task_id in task_ids:
+        await store.submit(task_id, json.dumps({"task": task_id}).encode(), f"secret-{task_id}")
+
+
+async def test_jobs_wait_in_line_and_run_first_in_first_out(store: SQLiteJobStore) -> None:
+    await submitted(store, "a", "b", "c")
+    assert [(await store.get(t)).status_body()["queue"] for t in "abc"] == [
+        {"position": 1},
+        {"position": 2},
+        {"position": 3},
+    ]
+    first = await store.claim("w1")
+    assert first.job.task_id == "a" and first.job.attempt == 1
+    assert (first.input, first.secret) == (b'{"task": "a"}', "secret-a")
+    assert await store.claim("w2") is None  # JOB_CONCURRENCY is 1: b waits
+    assert (await store.get("b")).status_body()["queue"] == {"position": 1}
+    assert await store.end("a", "w1", "completed", {"images": []})
+    assert (await store.claim("w2")).job.task_id == "b"
+
+
+async def test_concurrency_is_counted_across_every_runner(
+    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_CONCURRENCY="3")
+    await submitted(store, *(f"j{i}" for i in range(10)))
+    claims = await asyncio.gather(*(store.claim(f"w{i}") for i in range(8)))
+    assert len([c for c in claims if c is not None]) == 3
+
+
+async def test_a_lapsed_lease_puts_the_job_back_first_then_fails_it_after_the_last_attempt(
+    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_MAX_ATTEMPTS="2")
+    await submitted(store, "a", "b")
+    assert (await store.claim("dies")).job.task_id == "a"
+    time.sleep(1.1)  # its worker died: nobody renews the lease
+    assert await store.watch("a", "dies", renew=False) == "in_progress"
+    again = await store.claim("w2")
+    assert (again.job.task_id, again.job.attempt) == ("a", 2)  # ahead of b
+    assert await store.watch("a", "dies", renew=True) is None  # the dead one lost it
+    assert not await store.end("a", "dies", "completed")
+    time.sleep(1.1)  # and its second worker died too
+    assert (await store.claim("w3")).job.task_id == "b"
+    failed = await store.get("a")
+    assert failed.status == "failed"
+    assert "stopped during each of its 2 runs" in json.loads(failed.outcome)["error"]
+
+
+async def test_a_renewed_lease_keeps_the_job(store: SQLiteJobStore) -> None:
+    await submitted(store, "a", "b")
+    await store.claim("w1")
+    for _ in range(3):
+        time.sleep(0.5)
+        assert await store.watch("a", "w1", renew=True) == "in_progress"
+    assert await store.claim("w2") is None
+
+
+async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: SQLiteJobStore) -> None:
+    await submitted(store, "a", "b")
+    await store.claim("w1")
+    assert await store.requeue("a", "w1")
+    again = await store.claim("w2")
+    assert (again.job.task_id, again.job.attempt) == ("a", 1)
+
+
+async def test_cancel_says_what_the_job_was_and_a_canceled_job_never_ends_otherwise(
+    store: SQLiteJobStore,
+) -> None:
+    await submitted(store, "a", "b")
+    await store.claim("w1")
+    job, before = await store.cancel("b")
+    assert (job.status, before) == ("canceled", "pending")
+    job, before = await store.cancel("a")
+    assert (job.status, before) == ("canceled", "in_progress")
+    assert await store.watch("a", "w1", renew=True) == "canceled"
+    assert not await store.end("a", "w1", "completed", {"images": []})
+    assert await store.cancel("nope") == (None, None)
+
+
+async def test_the_line_and_the_store_are_bounded(
+    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_QUEUE_MAX="2", JOB_STORE_MAX_BYTES=str(2**20))
+    await submitted(store, "a", "b")
+    with pytest.raises(QueueFull) as full:
+        await submitted(store, "c")
+    assert full.value.error_code == 429 and full.value.retry_after_s
+    await store.claim("w1")
+    with pytest.raises(StoreFull) as too_much:
+        await store.submit("big", b"x" * 2**20, None)
+    assert too_much.value.error_code == 507
+    assert await store.get("c") is None and await store.get("big") is None
+
+
+async def test_the_store_outlives_the_server_and_is_the_server_s_user_s_alone(
+    store: SQLiteJobStore,
+) -> None:
+    await submitted(store, "a")
+    await store.claim("w1")
+    await store.end("a", "w1", "completed", {"images": ["x"]})
+    reopened = SQLiteJobStore(store.path)
+    reopened.open()
+    assert json.loads((await reopened.get("a")).outcome) == {"images": ["x"]}
+    assert store.path.stat().st_mode & 0o077 == 0
+
+
+def test_a_store_of_another_schema_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE job (task_id TEXT PRIMARY KEY, status TEXT)")
+        db.execute("INSERT INTO job VALUES ('old', 'in_progress')")
+    store = SQLiteJobStore(path)
+    store.open()
+    assert asyncio.run(store.get("old")) is None
+
+
+async def test_ended_jobs_are_removed_after_their_retention(
+    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submitted(store, "old")
+    await store.claim("w1")
+    await store.end("old", "w1", "completed", {"images": []})
+    monkeypatch.setattr(jobs, "RETENTION_S", 0)
+    time.sleep(0.01)
+    await submitted(store, "new")
+    assert await store.get("old") is None and await store.get("new") is not None
