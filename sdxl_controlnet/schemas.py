@@ -530,7 +530,7 @@ class Params(GenerationParams, EdgeParams):
         return GenerationParams(**fields)
 
 
-WebhookEvent = t.Literal["completed", "failed", "canceled"]
+WebhookEvent = t.Literal["start", "progress", "completed", "failed", "canceled"]
 
 
 def _whsec(value: SecretStr | None) -> SecretStr | None:
@@ -552,7 +552,8 @@ class TaskParams(Params):
     webhook_events: list[WebhookEvent] = Field(
         default_factory=lambda: ["completed", "failed", "canceled"],
         min_length=1,
-        description="Which of the job's final statuses are delivered.",
+        description="Which of the job's events are delivered: `start` (each run), `progress` "
+        "(at most one every 2 s while it denoises) and its endings; by default its endings.",
     )
     webhook_secret: t.Annotated[SecretStr | None, AfterValidator(_whsec)] = Field(
         default=None,

@@ -122,7 +122,7 @@ class JobEndpoints:
             source = await self.store.source(task_id)
             if source is not None:
                 params = job_input.decode(self.input_spec, source.input, source.secret).params
-                await webhooks.on_job_end(params, self.store)(webhooks.Outcome(job))
+                await webhooks.JobWebhook(params, self.store).ended(webhooks.Outcome(job))
         return JSONResponse(job.status_body())
 
     async def retry(self, request: Request) -> Response:

@@ -88,7 +88,8 @@ class JobRunner:
             logger.warning("job %s: its stored input is no longer valid: %s", task_id, exc)
             await self.store.end(task_id, self.owner, FAILED, SERVER_FAILURE)
             return
-        notify = webhooks.on_job_end(request.params, self.store)
+        hook = webhooks.JobWebhook(request.params, self.store)
+        hook.started(claimed.job)
         last_write = 0.0
 
         async def progress(kind: str, event: dict[str, t.Any]) -> None:
@@ -96,6 +97,7 @@ class JobRunner:
             if kind == "preview":  # at most one every preview_every steps: each is kept
                 await self.store.record_preview(task_id, event["step"], event["image"])
                 return
+            hook.progressed(claimed.job, event["step"], event["total"])
             if event["step"] < event["total"] and time.monotonic() - last_write < WATCH_S:
                 return
             last_write = time.monotonic()
@@ -107,7 +109,7 @@ class JobRunner:
                 return  # canceled meanwhile, or taken over: whoever did tells the webhook
             job = await self.store.get(task_id)
             assert job is not None, "ended above"
-            await notify(webhooks.Outcome(job, result, failure))
+            await hook.ended(webhooks.Outcome(job, result, failure))
 
         pictures = (request.image, request.params, request.init_image, request.mask)
         work = asyncio.ensure_future(gpu_call.batch_result(self.gpu, *pictures, progress))
@@ -117,7 +119,7 @@ class JobRunner:
                 job = await self.store.get(task_id)
                 logger.info("job %s canceled: its generation stopped", task_id)
                 if job is not None:
-                    await notify(webhooks.Outcome(job))
+                    await hook.ended(webhooks.Outcome(job))
                 return
             if status is None:
                 logger.warning("job %s: its lease lapsed, another worker runs it", task_id)

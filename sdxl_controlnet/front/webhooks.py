@@ -1,12 +1,12 @@
-"""A job's outcome, delivered to the ``params.webhook`` it was submitted with, as the
-Standard Webhooks specification recommends (https://www.standardwebhooks.com).
+"""A job's events (its start, progress and outcome), delivered to the ``params.webhook``
+it was submitted with, as the Standard Webhooks specification recommends (https://www.standardwebhooks.com).
 
 - Each message is a POST of JSON signed with the specification's own library
   (``standardwebhooks``): ``webhook-id`` (the same on every try), ``webhook-timestamp`` and
   ``webhook-signature``, with the job's ``params.webhook_secret``, or the server's
   ``WEBHOOK_SECRET``. The secret is held in memory with the message and never logged.
-- The job's runner starts it (``job_runner.py`` calls ``on_job_end``'s callback), or the
-  cancel of a job that had not started, from the worker that ended the job. It goes through
+- The job's runner sends them (``job_runner.py``, through ``JobWebhook``), or the cancel of
+  a job that had not started, from the worker that ended the job. It goes through
   the webhook policy (``fetching.WEBHOOK_POLICY``), on a task of its own, so no generation
   waits for it.
 - A network failure, a timeout, a 408, a 429 or a 5xx is tried again, up to
@@ -54,6 +54,8 @@ from .jobs import COMPLETED, FAILED, SERVER_FAILURE, Job, JobStore, default_path
 logger = logs.logger(__name__)
 
 T = t.TypeVar("T")
+# The least time between two progress messages of a job.
+PROGRESS_EVERY_S = 2.0
 GONE = 410  # the receiver says the endpoint is gone: never try it again
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 
@@ -105,8 +107,13 @@ def payload(outcome: Outcome, thin: bool = False) -> dict[str, t.Any]:
         data["result"] = outcome.result.model_dump(mode="json")
     elif outcome.failure is not None:
         data["error"] = outcome.failure
+    return _message(job.status, data)
+
+
+def _message(event: str, data: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A message as Standard Webhooks shapes it: ``type``, ``timestamp`` and ``data``."""
     return {
-        "type": f"generate_task.{job.status}",
+        "type": f"generate_task.{event}",
         "timestamp": datetime.now(tz=UTC).isoformat(),
         "data": data,
     }
@@ -116,7 +123,7 @@ async def told(params: TaskParams, store: JobStore, work: t.Awaitable[T]) -> T:
     """``work``, a job's body called directly (``POST /generate_task``, as BentoCloud's task
     queue calls it), its outcome delivered to ``params.webhook`` as a queued job's is: under
     the task id BentoML gives the request, or a new one."""
-    notify = on_job_end(params, store)
+    notify = JobWebhook(params, store).ended
     request = bentoml.Context().request if params.webhook else None
     task_id = getattr(getattr(request, "state", None), "task_id", None) or uuid.uuid4().hex
     started = time.time()
@@ -142,24 +149,51 @@ DELIVERY_STATES = ("pending", "delivered", "failed", "gone", "dropped", "error")
 Report = t.Callable[[str], t.Awaitable[None]]
 
 
-def on_job_end(params: TaskParams, store: JobStore) -> t.Callable[[Outcome], t.Awaitable[None]]:
-    """What a job calls when it ends: start delivering its outcome to ``params.webhook``
-    if its state is one of ``params.webhook_events``, the delivery's state kept in
-    ``store``; returns at once."""
-    url, events = params.webhook, params.webhook_events
-    secret = params.webhook_secret.get_secret_value() if params.webhook_secret else None
+class JobWebhook:
+    """A job's events, delivered to its ``params.webhook`` where ``params.webhook_events``
+    asks for them: ``start`` (each run), ``progress`` (at most one every
+    ``PROGRESS_EVERY_S``) and its ending, whose delivery's state ``store`` keeps. Each
+    returns at once: the delivery runs on a task of its own."""
 
-    async def ended(outcome: Outcome) -> None:
-        if url is None or outcome.job.status not in events:
-            return
-        body = payload(outcome, thin=params.webhook_payload == "thin")
-        message_id = f"msg_{outcome.job.task_id}_{outcome.job.status}"
+    def __init__(self, params: TaskParams, store: JobStore) -> None:
+        self.url, self.events = params.webhook, set(params.webhook_events)
+        self.thin = params.webhook_payload == "thin"
+        given = params.webhook_secret.get_secret_value() if params.webhook_secret else None
+        self.secret = given or settings.webhook_secret
+        self.store = store
+        self.last_progress = 0.0
+
+    def _send(self, message_id: str, body: dict[str, t.Any], report: Report | None) -> bool:
         encoded = json.dumps(body, separators=(",", ":")).encode()
-        message = Message(message_id, url, encoded, secret or settings.webhook_secret)
-        report = functools.partial(store.record_webhook, outcome.job.task_id)
-        await report("pending" if start(message, report) else "dropped")
+        assert self.url is not None, "sent only where there is a webhook"
+        return start(Message(message_id, self.url, encoded, self.secret), report)
 
-    return ended
+    def started(self, job: Job) -> None:
+        if self.url is not None and "start" in self.events:
+            data = {"task_id": job.task_id, "status": job.status, "attempt": job.attempt}
+            self._send(f"msg_{job.task_id}_start_{job.attempt}", _message("started", data), None)
+
+    def progressed(self, job: Job, step: int, total: int) -> None:
+        if self.url is None or "progress" not in self.events:
+            return
+        if step < total and time.monotonic() - self.last_progress < PROGRESS_EVERY_S:
+            return
+        self.last_progress = time.monotonic()
+        data = {
+            "task_id": job.task_id,
+            "status": job.status,
+            "progress": {"step": step, "total": total},
+        }
+        message_id = f"msg_{job.task_id}_progress_{job.attempt}_{step}"
+        self._send(message_id, _message("progress", data), None)
+
+    async def ended(self, outcome: Outcome) -> None:
+        if self.url is None or outcome.job.status not in self.events:
+            return
+        message_id = f"msg_{outcome.job.task_id}_{outcome.job.status}"
+        report = functools.partial(self.store.record_webhook, outcome.job.task_id)
+        delivering = self._send(message_id, payload(outcome, self.thin), report)
+        await report("pending" if delivering else "dropped")
 
 
 def start(message: Message, report: Report | None = None) -> bool:

@@ -340,6 +340,26 @@ def test_a_secret_in_a_url_encoded_job_rests_nowhere_and_its_delivery_shows(
         time.sleep(0.1)
 
 
+def test_start_and_progress_are_delivered_when_asked_progress_at_most_every_2_s(
+    outbound_server: Server,
+) -> None:
+    events = ["start", "progress", "completed"]
+    with receiving(encode(shapes_image(96, 64))) as receiver, outbound_server.slow_steps(0.4):
+        task_id = submit(outbound_server, receiver, num_inference_steps=16, webhook_events=events)
+        assert wait_finished(outbound_server, task_id) == "completed"
+        time.sleep(BACKOFF_S * 4)
+        deliveries = receiver.deliveries
+    messages = [Webhook(SECRET).verify(d.body, d.headers) for d in deliveries]
+    types = [m["type"].removeprefix("generate_task.") for m in messages]
+    assert types[0] == "started" and types[-1] == "completed", types
+    progress = [m["data"]["progress"] for m in messages if m["type"].endswith("progress")]
+    assert 2 <= len(progress) <= 5, progress  # 6.4 s of steps: not one per step
+    assert progress[-1] == {"step": 16, "total": 16}
+    arrivals = [d.at for d, t in zip(deliveries, types, strict=True) if t == "progress"]
+    assert all(b - a >= 1.9 for a, b in itertools.pairwise(arrivals[:-1]))
+    assert len({d.headers["webhook-id"] for d in deliveries}) == len(deliveries)
+
+
 def test_a_job_called_directly_delivers_its_webhook_too(outbound_server: Server) -> None:
     # As BentoCloud's task queue calls it: POST /generate_task, the result in the answer.
     with receiving(encode(shapes_image(96, 64))) as receiver:

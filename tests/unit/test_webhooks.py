@@ -233,7 +233,7 @@ async def test_a_job_s_webhook_is_signed_with_its_own_secret_and_reports_its_sta
     params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
     job = Job("t2", "completed", created_at=0.0, executed_at=1.0, completed_at=2.0)
     store = NoJobs()
-    await webhooks.on_job_end(params, store)(Outcome(job))  # type: ignore[arg-type]
+    await webhooks.JobWebhook(params, store).ended(Outcome(job))  # type: ignore[arg-type]
     await settled()
     (delivery,) = receiver.deliveries
     assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "t2"
@@ -271,7 +271,7 @@ async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
         await store.end(task_id, "runner", "completed")
     stalled = message(receiver, "stalled")
     stalled.next_at = time.time() + 3600
-    ended = webhooks.on_job_end(params, store)
+    ended = webhooks.JobWebhook(params, store).ended
     await ended(Outcome(await store.get("failed")))
     await settled()
     assert webhooks.start(stalled)  # the one place is taken
