@@ -115,16 +115,14 @@ class ControlNet:
     def open_job_store() -> None:
         JOBS.open()
 
-    @bentoml.on_startup  # each worker runs jobs, and delivers what a stop left in the outbox
+    @bentoml.on_startup  # each worker runs jobs and delivers their webhooks
     async def start_jobs(self) -> None:
         self.jobs = JobRunner(JOBS, self.gpu, ControlNet.apis["generate_task"].input_spec)
         self.jobs.start()
-        await webhooks.resume_pending()
 
-    @bentoml.on_shutdown  # each worker, at a graceful stop: its jobs back in line, its
-    async def stop_jobs(self) -> None:  # pending deliveries to the outbox
+    @bentoml.on_shutdown  # each worker, at a graceful stop: its jobs and webhooks handed back
+    async def stop_jobs(self) -> None:
         await self.jobs.stop()
-        await webhooks.save_pending()
 
     async def __is_ready__(self) -> bool:  # /readyz: whether the GPU Service answers ready
         return await readiness.dependency_ready(self.gpu)

@@ -45,10 +45,11 @@ class JobRunner:
         self.input_spec = input_spec
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}
-        self.serving: asyncio.Task[None] | None = None
+        self.serving: asyncio.Future[t.Any] | None = None
 
     def start(self) -> None:
-        self.serving = asyncio.create_task(self.serve())
+        """Run jobs, and deliver their webhooks, those of workers that are gone included."""
+        self.serving = asyncio.gather(self.serve(), webhooks.keep_outbox())
 
     async def serve(self) -> None:
         while True:
@@ -78,6 +79,7 @@ class JobRunner:
         for task_id, _ in held:
             if await self.store.requeue(task_id, self.owner):
                 logger.info("job %s handed back to the line: this worker is stopping", task_id)
+        await webhooks.save_pending()
 
     async def run(self, claimed: Claimed) -> None:
         """Run one claimed job to its end, or until it is canceled or handed back."""

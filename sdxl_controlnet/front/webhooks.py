@@ -28,7 +28,9 @@ import contextlib
 import email.utils
 import functools
 import json
+import os
 import random
+import socket
 import sqlite3
 import time
 import typing as t
@@ -225,9 +227,11 @@ def start(message: Message, report: Report | None = None) -> bool:
 
 
 async def _delivering(message: Message, report: Report | None) -> None:
-    """``deliver``, whatever goes wrong logged, counted and reported: no delivery dies
+    """``deliver``, kept in the outbox while it is under way (a worker that dies leaves it
+    to another), whatever goes wrong logged, counted and reported: no delivery dies
     silently."""
     try:
+        await asyncio.to_thread(OUTBOX.hold, [message], OWNER, settings.job_lease_s)
         await asyncio.sleep(max(0.0, message.next_at - time.time()))
         result = await deliver(message)
     except asyncio.CancelledError:
@@ -236,6 +240,7 @@ async def _delivering(message: Message, report: Report | None) -> None:
         WEBHOOK_DELIVERIES.labels(result="error").inc()
         logger.exception("webhook %s: delivery failed on the server", message.message_id)
         result = "error"
+    await asyncio.to_thread(OUTBOX.drop, message.message_id)
     if report is not None:
         await report(result)
 
@@ -325,9 +330,13 @@ async def deliver(message: Message) -> str:
 
 
 class Outbox:
-    """Deliveries still pending at a graceful stop, kept in an SQLite file beside the job
-    store (readable by the server's user only: it holds the signing secrets) until the
-    next start takes them back. Unlike the job store, it survives a restart."""
+    """Every delivery under way, in an SQLite file beside the job store (readable by the
+    server's user only: it holds the signing secrets), leased to the worker delivering it.
+    A worker renews its leases while it lives; a worker that died (a SIGKILL, an OOM kill)
+    lets them lapse, and another worker adopts its deliveries. A graceful stop releases
+    them at once, each with its tries and next try."""
+
+    _VERSION = 2  # PRAGMA user_version: an outbox of another version starts empty
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -335,55 +344,92 @@ class Outbox:
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch(mode=0o600, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         try:
+            if db.execute("PRAGMA user_version").fetchone()[0] != self._VERSION:
+                db.execute("DROP TABLE IF EXISTS outbox")
+                db.execute(f"PRAGMA user_version = {self._VERSION}")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS outbox (message_id TEXT PRIMARY KEY, url TEXT, "
-                "body BLOB, secret TEXT, tries INTEGER, next_at REAL)"
+                "body BLOB, secret TEXT, tries INTEGER, next_at REAL, owner TEXT, "
+                "lease_until REAL)"
             )
             yield db
         finally:
             db.close()
 
-    def put(self, messages: t.Iterable[Message]) -> int:
-        rows = [tuple(asdict(m).values()) for m in messages]
+    def hold(self, messages: t.Iterable[Message], owner: str, lease_s: float) -> int:
+        """Keep ``messages``, leased to ``owner`` for ``lease_s`` (0: released)."""
+        until = time.time() + lease_s if lease_s else 0.0
+        rows = [(*asdict(m).values(), owner, until) for m in messages]
         with self._connection() as db:
-            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
-    def take(self, limit: int = -1) -> list[Message]:
-        """Up to ``limit`` messages (all: -1), removed from the outbox at once: one worker
-        resumes each, and the rest wait for the next worker."""
+    def drop(self, message_id: str) -> None:
+        with self._connection() as db:
+            db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+
+    def renew(self, owner: str, lease_s: float) -> None:
+        with self._connection() as db:
+            db.execute(
+                "UPDATE outbox SET lease_until = ? WHERE owner = ?", (time.time() + lease_s, owner)
+            )
+
+    def adopt(self, owner: str, lease_s: float, limit: int) -> list[Message]:
+        """Up to ``limit`` deliveries whose lease lapsed or was released, leased to
+        ``owner`` at once: one worker resumes each, and the rest wait for another."""
+        now = time.time()
         with self._connection() as db:
             rows = db.execute(
-                "DELETE FROM outbox WHERE message_id IN "
-                "(SELECT message_id FROM outbox ORDER BY next_at LIMIT ?) RETURNING *",
-                (limit,),
+                "UPDATE outbox SET owner = ?, lease_until = ? WHERE message_id IN "
+                "(SELECT message_id FROM outbox WHERE lease_until < ? ORDER BY next_at LIMIT ?) "
+                "RETURNING message_id, url, body, secret, tries, next_at",
+                (owner, now + lease_s, now, limit),
             ).fetchall()
         return [Message(*row) for row in rows]
 
 
 OUTBOX = Outbox(default_path().with_name("sdxl_controlnet_webhook_outbox.db"))
+# This worker, as the owner of the deliveries it holds.
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def save_pending(outbox: Outbox = OUTBOX) -> int:
-    """Stop this worker's deliveries and keep them in ``outbox``; how many."""
+async def keep_outbox() -> None:
+    """Renew this worker's leases and adopt the deliveries of workers that are gone, every
+    third of ``JOB_LEASE_S``, for as long as the worker runs."""
+    while True:
+        try:
+            await asyncio.to_thread(OUTBOX.renew, OWNER, settings.job_lease_s)
+            await resume_pending()
+        except Exception:
+            logger.exception("webhooks: the outbox could not be read; trying again")
+        await asyncio.sleep(settings.job_lease_s / 3)
+
+
+async def save_pending() -> int:
+    """Stop this worker's deliveries and release them in the outbox, each with its tries
+    and next try, for another worker or the next start; how many."""
+    outbox = OUTBOX
     held = list(_pending.values())
     for _, task in held:
         task.cancel()
     await asyncio.gather(*(task for _, task in held), return_exceptions=True)
-    saved = await asyncio.to_thread(outbox.put, [message for message, _ in held])
+    saved = await asyncio.to_thread(outbox.hold, [message for message, _ in held], OWNER, 0)
     if saved:
-        logger.info("webhooks: %d pending deliveries saved to %s", saved, outbox.path)
+        logger.info("webhooks: %d pending deliveries released to %s", saved, outbox.path)
     return saved
 
 
-async def resume_pending(outbox: Outbox = OUTBOX) -> int:
-    """Start again the deliveries ``outbox`` holds, each at its own next try; how many."""
+async def resume_pending() -> int:
+    """Start the deliveries the outbox holds for nobody alive, each at its own next try;
+    how many."""
+    outbox = OUTBOX
     room = settings.webhook_max_pending - len(_pending)
-    messages = await asyncio.to_thread(outbox.take, room)
-    started = sum(start(message) for message in messages)
+    messages = await asyncio.to_thread(outbox.adopt, OWNER, settings.job_lease_s, room)
+    started = sum(start(m) for m in messages if m.message_id not in _pending)
     if messages:
         logger.info("webhooks: %d pending deliveries resumed from %s", started, outbox.path)
     return started

@@ -1,9 +1,11 @@
 """Jobs outlive the processes that run them: a graceful restart and a SIGKILL of the whole
-server keep every job and result, and a job whose worker was killed runs again on another.
+server keep every job, result and pending webhook, and a job whose worker was killed runs
+again on another.
 Each test stops and starts servers of its own, so `make test-tooling` runs them."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -15,8 +17,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from standardwebhooks import Webhook
 
 from devtools.harness import Server, encode, shapes_image
+from devtools.receiver import receiving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.restarts]
 
@@ -29,9 +33,9 @@ ENDED = ("completed", "failed", "canceled")
 
 
 @contextlib.contextmanager
-def serving(store: Path, port: int = 0) -> Iterator[Server]:
+def serving(store: Path, port: int = 0, **env: str) -> Iterator[Server]:
     """`bentoml serve` on ``store``, with short leases; stopped gracefully afterwards."""
-    env = {"JOB_STORE_PATH": str(store), "JOB_LEASE_S": str(LEASE_S), "FRONT_WORKERS": "2"}
+    env |= {"JOB_STORE_PATH": str(store), "JOB_LEASE_S": str(LEASE_S), "FRONT_WORKERS": "2"}
     server = Server(["serve", "."], env=env, port=port)
     try:
         server.wait_ready()
@@ -115,3 +119,21 @@ def test_a_job_whose_front_workers_were_all_killed_still_ends(tmp_path: Path) ->
         # BentoML starts new front workers; one takes the job once its lease has lapsed.
         ended = wait_for(server, task_id, ENDED, timeout_s=LEASE_S + 120)
     assert (ended["status"], ended["attempt"]) == ("completed", 2)
+
+
+def test_a_pending_webhook_survives_a_sigkill_of_the_whole_server(tmp_path: Path) -> None:
+    secret = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
+    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": secret}
+    store = tmp_path / "jobs.db"
+    with receiving(PICTURE) as receiver:
+        receiver.answers = [(503, {"Retry-After": "4"})]
+        with serving(store, **env) as first:
+            submit(first, {**QUICK, "webhook": f"{receiver.url}/hook"})
+            receiver.wait_for(1)
+            killed(first)  # the delivery waits for its next try: nothing saves it
+        with serving(store, **env):
+            (_, adopted) = receiver.wait_for(2, timeout_s=60)
+        deliveries = receiver.deliveries
+    assert [d.status for d in deliveries] == [503, 200]
+    assert deliveries[0].headers["webhook-id"] == adopted.headers["webhook-id"]
+    assert Webhook(secret).verify(adopted.body, adopted.headers)["data"]["status"] == "completed"

@@ -32,8 +32,9 @@ BACKOFF_S = 0.2
 
 
 @pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+def receiver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Receiver]:
     configure(monkeypatch)
+    monkeypatch.setattr(webhooks, "OUTBOX", webhooks.Outbox(tmp_path / "outbox.db"))
     with receiving() as receiver:
         yield receiver
 
@@ -182,7 +183,7 @@ def test_a_thin_payload_leaves_the_images_out() -> None:
 
 
 async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     configure(monkeypatch, WEBHOOK_MAX_PENDING="2")
     later = time.time() + 3600
@@ -195,24 +196,40 @@ async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
     assert "msg_z dropped: 2 deliveries already pending" in caplog.text
     assert len(webhooks._pending) == 2
 
-    outbox = webhooks.Outbox(tmp_path / "outbox.db")
-    assert await webhooks.save_pending(outbox) == 2  # a graceful stop
+    outbox = webhooks.OUTBOX
+    assert await webhooks.save_pending() == 2  # a graceful stop
     assert webhooks._pending == {} and receiver.deliveries == []
-    assert (tmp_path / "outbox.db").stat().st_mode & 0o077 == 0
-    for kept in outbox.take():
+    assert outbox.path.stat().st_mode & 0o077 == 0
+    for kept in outbox.adopt("test", 60, -1):
         kept.next_at = time.time()  # due now, to keep the test short
-        outbox.put([kept])
+        outbox.hold([kept], "test", 0)
 
-    outbox.put([third])  # a third, from another worker
-    assert await webhooks.resume_pending(outbox) == 2  # the next start, up to the cap
-    (left,) = outbox.take()  # for the next worker to take, not dropped
+    outbox.hold([third], "another worker", 0)  # released by another worker
+    assert await webhooks.resume_pending() == 2  # the next start, up to the cap
+    (left,) = outbox.adopt("test", 60, -1)  # for the next worker to take, not dropped
     assert left.message_id == "msg_z"
-    assert outbox.take() == []  # taken once: no other worker resumes them
+    assert outbox.adopt("test", 60, -1) == []  # taken once: no other worker resumes them
     await settled()
     assert sorted(verified(d, JOB_SECRET)["data"]["task_id"] for d in receiver.deliveries) == [
         "x",
         "y",
     ]
+
+
+async def test_a_dead_worker_s_deliveries_are_adopted_once_its_leases_lapse(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_LEASE_S="1")
+    outbox = webhooks.OUTBOX
+    dead = message(receiver, "d")
+    outbox.hold([dead], "a worker killed mid-delivery", 1)
+    assert await webhooks.resume_pending() == 0  # its lease still runs
+    time.sleep(1.1)
+    assert await webhooks.resume_pending() == 1
+    await settled()
+    (delivery,) = receiver.deliveries
+    assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "d"
+    assert outbox.adopt("test", 60, -1) == []  # delivered: gone from the outbox
 
 
 async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
@@ -254,7 +271,7 @@ async def test_one_receiving_host_cannot_take_every_pending_place(
     other = message(receiver, "other")
     other.url = other.url.replace("127.0.0.1", "localhost")  # another client's receiver
     assert webhooks.start(other)
-    await webhooks.save_pending(webhooks.Outbox(tmp_path / "outbox.db"))
+    await webhooks.save_pending()
 
 
 async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
@@ -278,4 +295,4 @@ async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
     await ended(Outcome(await store.get("dropped")))
     for task_id in ("failed", "dropped"):
         assert (await store.get(task_id)).status_body()["webhook"] == {"state": task_id}
-    await webhooks.save_pending(webhooks.Outbox(tmp_path / "outbox.db"))
+    await webhooks.save_pending()
