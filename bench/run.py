@@ -68,6 +68,8 @@ def measure(quick: bool) -> list[Row]:
         rows += served.overhead_rows(server, pipeline, runs=4 if quick else 8)
         section("throughput")
         rows += served.throughput_rows(server, pipeline, rounds=1 if quick else 2)
+        section("jobs")
+        rows += served.job_rows(server, runs=4 if quick else 10)
     finally:
         server.stop()
     section("done")

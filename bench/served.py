@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
+from datetime import datetime
 
 import httpx
 
 from bench.inprocess import file_bytes
-from bench.report import Row, timed_ms
+from bench.report import Row, interleaved, timed_ms
 from devtools.harness import Server, photo
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
@@ -151,3 +153,59 @@ def _front_cpu_seconds(server: Server) -> float:
     processes = server.process_info().children(recursive=True)
     workers = [p for p in processes if "ControlNet" in p.cmdline()]  # --service-name ControlNet
     return sum(sum(p.cpu_times()[:2]) for p in workers)
+
+
+JOB = {"prompt": "bench", "num_inference_steps": 4, "seed": 1, "width": 256, "height": 256}
+WAITING = 64  # jobs submitted at once for the queue's rows
+
+
+def job_rows(server: Server, runs: int) -> list[Row]:
+    """What a job costs over the same work as ``/generate_batch`` (interleaved; the job
+    answered through ``Prefer: wait``), and the queue with 64 jobs waiting: how long a submit
+    takes to answer, and how long the next job takes to start once one has ended."""
+    upload = file_bytes(photo(256, 256), "JPEG")
+
+    def post(path: str, params: dict, headers: dict | None = None) -> httpx.Response:
+        files = {"image": ("input.jpg", upload, "image/jpeg")}
+        data = {"params": json.dumps(params)}
+        answer = httpx.post(f"{server.url}{path}", files=files, data=data, headers=headers)
+        answer.raise_for_status()
+        return answer
+
+    def as_job() -> httpx.Response:
+        return post("/generate_task/submit", JOB, {"Prefer": "wait=60"})
+
+    job_ms, batch_ms = interleaved(runs, as_job, lambda: post("/generate_batch", JOB))
+    overhead = Row("jobs", "a job, against /generate_batch", "ms", job_ms, batch_ms)
+    overhead.target = 1.05
+
+    quick = {**JOB, "num_inference_steps": 1, "width": 64, "height": 64}
+    submits: list[float] = []
+    task_ids: list[str] = []
+    for _ in range(WAITING):
+        start = time.perf_counter()
+        task_ids.append(post("/generate_task/submit", quick).json()["task_id"])
+        submits.append((time.perf_counter() - start) * 1000)
+    ended = [_ended(server, task_id) for task_id in task_ids]
+    by_start = sorted(ended, key=lambda status: status["executed_at"])
+    gaps = [
+        (_moment(after["executed_at"]) - _moment(before["completed_at"])) * 1000
+        for before, after in itertools.pairwise(by_start)
+    ]
+    return [
+        overhead,
+        Row("jobs", f"submit, up to {WAITING} waiting", "ms", submits),
+        Row("jobs", f"next job's start after one ends, {WAITING} waiting", "ms", gaps),
+    ]
+
+
+def _ended(server: Server, task_id: str) -> dict:
+    while True:
+        status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
+        if status.json()["status"] in ("completed", "failed", "canceled"):
+            return status.json()
+        time.sleep(0.1)
+
+
+def _moment(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()

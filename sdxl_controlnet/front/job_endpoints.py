@@ -40,7 +40,7 @@ from .jobs import CANCELED, COMPLETED, ENDED, FAILED, PENDING, Job, JobStore
 # The longest a submit with ``Prefer: wait`` holds, as Replicate's API allows.
 WAIT_MAX_S = 60
 # How often a waiting submit looks at its job.
-WAIT_POLL_S = 0.1
+WAIT_POLL_S = 0.05
 
 Endpoint = t.Callable[[Request], t.Awaitable[Response]]
 

@@ -29,7 +29,7 @@ from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, SERVER_FAILURE, Clai
 logger = logs.logger(__name__)
 
 # How often an idle runner asks for a job, and a running one looks for a cancel.
-POLL_S = 0.2
+POLL_S = 0.05
 WATCH_S = 0.25
 # How long a runner whose job met a busy GPU waits before it asks for a job again.
 BUSY_BACKOFF_S = 1.0
@@ -46,6 +46,7 @@ class JobRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}
         self.serving: asyncio.Future[t.Any] | None = None
+        self.ended = asyncio.Event()
 
     def start(self) -> None:
         """Run jobs, and deliver their webhooks, those of workers that are gone included."""
@@ -59,7 +60,9 @@ class JobRunner:
                 logger.exception("jobs: the store could not be read; trying again")
                 claimed = None
             if claimed is None:
-                await asyncio.sleep(POLL_S)
+                with contextlib.suppress(TimeoutError):  # or as soon as a job here ends
+                    await asyncio.wait_for(self.ended.wait(), POLL_S)
+                self.ended.clear()
                 continue
             task = asyncio.create_task(self.run(claimed))
             self.running[claimed.job.task_id] = task
@@ -67,6 +70,7 @@ class JobRunner:
 
     def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
         self.running.pop(task_id, None)
+        self.ended.set()  # its GPU slot is free: the next job need not wait for a poll
 
     async def stop(self) -> None:
         """Stop asking for jobs, stop the ones under way and hand them back to the line."""
