@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import socket
 import time
@@ -55,7 +56,9 @@ class JobRunner:
     async def serve(self) -> None:
         while True:
             try:
-                claimed = await self.store.claim(self.owner)
+                claimed, failed = await self.store.claim(self.owner)
+                for job in failed:
+                    await self.gave_up(job)
             except Exception:
                 logger.exception("jobs: the store could not be read; trying again")
                 claimed = None
@@ -71,6 +74,17 @@ class JobRunner:
     def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
         self.running.pop(task_id, None)
         self.ended.set()  # its GPU slot is free: the next job need not wait for a poll
+
+    async def gave_up(self, failed: Claimed) -> None:
+        """Tell the webhook of a job failed after its last attempt's worker died."""
+        logger.error(
+            "job %s failed: its worker stopped during each of its runs", failed.job.task_id
+        )
+        params = job_input.decode(self.input_spec, failed.input, failed.secret).params
+        failure = json.loads(failed.job.outcome) if failed.job.outcome else None
+        await webhooks.JobWebhook(params, self.store).ended(
+            webhooks.Outcome(failed.job, failure=failure)
+        )
 
     async def stop(self) -> None:
         """Stop asking for jobs, stop the ones under way and hand them back to the line."""

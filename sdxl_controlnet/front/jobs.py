@@ -120,9 +120,10 @@ class JobStore(abc.ABC):
         """A job with its input and secret (for ``/retry``)."""
 
     @abc.abstractmethod
-    async def claim(self, owner: str) -> Claimed | None:
+    async def claim(self, owner: str) -> tuple[Claimed | None, list[Claimed]]:
         """The oldest waiting job, leased to ``owner``, if fewer than ``JOB_CONCURRENCY``
-        jobs run; lapsed leases are settled first."""
+        jobs run; and the jobs failed as lapsed leases were settled first (their last
+        attempt's worker died), for their webhooks."""
 
     @abc.abstractmethod
     async def watch(self, task_id: str, owner: str, renew: bool) -> str | None:
@@ -293,8 +294,8 @@ class SQLiteJobStore(JobStore):
 
         return await self._in_thread(read)
 
-    async def claim(self, owner: str) -> Claimed | None:
-        def claim() -> Claimed | None:
+    async def claim(self, owner: str) -> tuple[Claimed | None, list[Claimed]]:
+        def claim() -> tuple[Claimed | None, list[Claimed]]:
             now = time.time()
             with self._connection() as db:  # most polls find nothing: a read decides
                 (due,) = db.execute(
@@ -303,36 +304,36 @@ class SQLiteJobStore(JobStore):
                     (now,),
                 )
             if not due[0]:
-                return None
+                return None, []
             with self._transaction() as db:
-                self._settle_lapsed(db, now)
+                failed = [self._claimed(db, task_id) for task_id in self._settle_lapsed(db, now)]
                 (running,) = db.execute("SELECT count(*) FROM job WHERE status = 'in_progress'")
-                if running[0] >= settings.job_concurrency:
-                    return None
                 row = db.execute(
                     "SELECT task_id FROM job WHERE status = 'pending' ORDER BY created_at LIMIT 1"
                 ).fetchone()
-                if row is None:
-                    return None
+                if running[0] >= settings.job_concurrency or row is None:
+                    return None, failed
                 db.execute(
                     "UPDATE job SET status = 'in_progress', owner = ?, lease_until = ?, "
                     "attempt = attempt + 1, executed_at = ?, step = NULL, total = NULL, "
                     "preview = NULL WHERE task_id = ?",
                     (owner, now + settings.job_lease_s, now, row[0]),
                 )
-                job = self._job(db, row[0])
-                input, secret = db.execute(
-                    "SELECT input, secret FROM job WHERE task_id = ?", (row[0],)
-                ).fetchone()
-            assert job is not None, "selected above"
-            return Claimed(job, input, secret)
+                return self._claimed(db, row[0]), failed
 
         return await self._in_thread(claim)
 
+    @classmethod
+    def _claimed(cls, db: sqlite3.Connection, task_id: str) -> Claimed:
+        job = cls._job(db, task_id)
+        row = db.execute("SELECT input, secret FROM job WHERE task_id = ?", (task_id,))
+        assert job is not None, "a job the caller just found"
+        return Claimed(job, *row.fetchone())
+
     @staticmethod
-    def _settle_lapsed(db: sqlite3.Connection, now: float) -> None:
+    def _settle_lapsed(db: sqlite3.Connection, now: float) -> list[str]:
         """Jobs whose runner died: back to the head of the line, or failed after their
-        last attempt."""
+        last attempt (their ids returned)."""
         failure = json.dumps(
             {
                 "status": 500,
@@ -341,15 +342,16 @@ class SQLiteJobStore(JobStore):
             }
         )
         lapsed = "status = 'in_progress' AND lease_until < ?"
-        db.execute(
+        failed = db.execute(
             f"UPDATE job SET status = 'failed', completed_at = ?, outcome = ?, owner = NULL, "
-            f"preview = NULL WHERE {lapsed} AND attempt >= ?",
+            f"preview = NULL WHERE {lapsed} AND attempt >= ? RETURNING task_id",
             (now, failure, now, settings.job_max_attempts),
-        )
+        ).fetchall()
         db.execute(
             f"UPDATE job SET status = 'pending', owner = NULL, lease_until = NULL WHERE {lapsed}",
             (now,),
         )
+        return [task_id for (task_id,) in failed]
 
     async def watch(self, task_id: str, owner: str, renew: bool) -> str | None:
         def watch() -> str | None:

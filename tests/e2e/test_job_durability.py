@@ -137,3 +137,26 @@ def test_a_pending_webhook_survives_a_sigkill_of_the_whole_server(tmp_path: Path
     assert [d.status for d in deliveries] == [503, 200]
     assert deliveries[0].headers["webhook-id"] == adopted.headers["webhook-id"]
     assert Webhook(secret).verify(adopted.body, adopted.headers)["data"]["status"] == "completed"
+
+
+def test_a_job_out_of_attempts_fails_saying_why_and_its_webhook_says_so(tmp_path: Path) -> None:
+    secret = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
+    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": secret, "JOB_MAX_ATTEMPTS": "1"}
+    with (
+        receiving(PICTURE) as receiver,
+        serving(tmp_path / "jobs.db", **env) as server,
+        server.slow_steps(STEP_S),
+    ):
+        task_id = submit(server, {**SLOW, "webhook": f"{receiver.url}/hook"})
+        wait_for(server, task_id, ("in_progress",))
+        fronts = server.workers("ControlNet")
+        for front in fronts:
+            os.kill(front.pid, signal.SIGKILL)
+        psutil.wait_procs(fronts, timeout=10)
+        ended = wait_for(server, task_id, ENDED, timeout_s=LEASE_S + 60)
+        (delivery,) = receiver.wait_for(1, timeout_s=30)
+    assert ended["status"] == "failed"
+    reason = "the job's worker stopped during each of its 1 runs (JOB_MAX_ATTEMPTS)"
+    data = Webhook(secret).verify(delivery.body, delivery.headers)["data"]
+    assert (data["task_id"], data["status"]) == (task_id, "failed")
+    assert data["error"]["error"].startswith(reason)

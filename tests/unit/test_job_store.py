@@ -13,7 +13,7 @@ import pytest
 
 from sdxl_controlnet.errors import QueueFull, StoreFull
 from sdxl_controlnet.front import jobs
-from sdxl_controlnet.front.jobs import SQLiteJobStore
+from sdxl_controlnet.front.jobs import Claimed, SQLiteJobStore
 from sdxl_controlnet.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -31,6 +31,10 @@ def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
     monkeypatch.setattr(jobs, "settings", Settings.from_env({"JOB_LEASE_S": "1", **env}))
 
 
+async def claim(store: SQLiteJobStore, owner: str) -> Claimed | None:
+    return (await store.claim(owner))[0]
+
+
 async def submitted(store: SQLiteJobStore, *task_ids: str) -> None:
     for task_id in task_ids:
         await store.submit(task_id, json.dumps({"task": task_id}).encode(), f"secret-{task_id}")
@@ -43,13 +47,13 @@ async def test_jobs_wait_in_line_and_run_first_in_first_out(store: SQLiteJobStor
         {"position": 2},
         {"position": 3},
     ]
-    first = await store.claim("w1")
+    first = await claim(store, "w1")
     assert first.job.task_id == "a" and first.job.attempt == 1
     assert (first.input, first.secret) == (b'{"task": "a"}', "secret-a")
-    assert await store.claim("w2") is None  # JOB_CONCURRENCY is 1: b waits
+    assert await claim(store, "w2") is None  # JOB_CONCURRENCY is 1: b waits
     assert (await store.get("b")).status_body()["queue"] == {"position": 1}
     assert await store.end("a", "w1", "completed", {"images": []})
-    assert (await store.claim("w2")).job.task_id == "b"
+    assert (await claim(store, "w2")).job.task_id == "b"
 
 
 async def test_concurrency_is_counted_across_every_runner(
@@ -57,7 +61,7 @@ async def test_concurrency_is_counted_across_every_runner(
 ) -> None:
     configure(monkeypatch, JOB_CONCURRENCY="3")
     await submitted(store, *(f"j{i}" for i in range(10)))
-    claims = await asyncio.gather(*(store.claim(f"w{i}") for i in range(8)))
+    claims = await asyncio.gather(*(claim(store, f"w{i}") for i in range(8)))
     assert len([c for c in claims if c is not None]) == 3
 
 
@@ -66,15 +70,18 @@ async def test_a_lapsed_lease_puts_the_job_back_first_then_fails_it_after_the_la
 ) -> None:
     configure(monkeypatch, JOB_MAX_ATTEMPTS="2")
     await submitted(store, "a", "b")
-    assert (await store.claim("dies")).job.task_id == "a"
+    assert (await claim(store, "dies")).job.task_id == "a"
     time.sleep(1.1)  # its worker died: nobody renews the lease
     assert await store.watch("a", "dies", renew=False) == "in_progress"
-    again = await store.claim("w2")
+    again = await claim(store, "w2")
     assert (again.job.task_id, again.job.attempt) == ("a", 2)  # ahead of b
     assert await store.watch("a", "dies", renew=True) is None  # the dead one lost it
     assert not await store.end("a", "dies", "completed")
     time.sleep(1.1)  # and its second worker died too
-    assert (await store.claim("w3")).job.task_id == "b"
+    claimed, gave_up = await store.claim("w3")
+    assert claimed.job.task_id == "b"
+    assert [given.job.task_id for given in gave_up] == ["a"]  # for its webhook
+    assert gave_up[0].input == b'{"task": "a"}'
     failed = await store.get("a")
     assert failed.status == "failed"
     assert "stopped during each of its 2 runs" in json.loads(failed.outcome)["error"]
@@ -82,18 +89,18 @@ async def test_a_lapsed_lease_puts_the_job_back_first_then_fails_it_after_the_la
 
 async def test_a_renewed_lease_keeps_the_job(store: SQLiteJobStore) -> None:
     await submitted(store, "a", "b")
-    await store.claim("w1")
+    await claim(store, "w1")
     for _ in range(3):
         time.sleep(0.5)
         assert await store.watch("a", "w1", renew=True) == "in_progress"
-    assert await store.claim("w2") is None
+    assert await claim(store, "w2") is None
 
 
 async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: SQLiteJobStore) -> None:
     await submitted(store, "a", "b")
-    await store.claim("w1")
+    await claim(store, "w1")
     assert await store.requeue("a", "w1")
-    again = await store.claim("w2")
+    again = await claim(store, "w2")
     assert (again.job.task_id, again.job.attempt) == ("a", 1)
 
 
@@ -101,7 +108,7 @@ async def test_cancel_says_what_the_job_was_and_a_canceled_job_never_ends_otherw
     store: SQLiteJobStore,
 ) -> None:
     await submitted(store, "a", "b")
-    await store.claim("w1")
+    await claim(store, "w1")
     job, before = await store.cancel("b")
     assert (job.status, before) == ("canceled", "pending")
     job, before = await store.cancel("a")
@@ -119,7 +126,7 @@ async def test_the_line_and_the_store_are_bounded(
     with pytest.raises(QueueFull) as full:
         await submitted(store, "c")
     assert full.value.error_code == 429 and full.value.retry_after_s
-    await store.claim("w1")
+    await claim(store, "w1")
     with pytest.raises(StoreFull) as too_much:
         await store.submit("big", b"x" * 2**20, None)
     assert too_much.value.error_code == 507
@@ -130,7 +137,7 @@ async def test_the_store_outlives_the_server_and_is_the_server_s_user_s_alone(
     store: SQLiteJobStore,
 ) -> None:
     await submitted(store, "a")
-    await store.claim("w1")
+    await claim(store, "w1")
     await store.end("a", "w1", "completed", {"images": ["x"]})
     reopened = SQLiteJobStore(store.path)
     reopened.open()
@@ -152,7 +159,7 @@ async def test_ended_jobs_are_removed_after_their_retention(
     store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await submitted(store, "old")
-    await store.claim("w1")
+    await claim(store, "w1")
     await store.end("old", "w1", "completed", {"images": []})
     monkeypatch.setattr(jobs, "RETENTION_S", 0)
     time.sleep(0.01)
