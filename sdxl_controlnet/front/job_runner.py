@@ -57,11 +57,14 @@ class JobRunner:
         while True:
             try:
                 claimed, failed = await self.store.claim(self.owner)
-                for job in failed:
-                    await self.gave_up(job)
             except Exception:
                 logger.exception("jobs: the store could not be read; trying again")
-                claimed = None
+                claimed, failed = None, []
+            for job in failed:
+                try:
+                    await self.gave_up(job)
+                except Exception:
+                    logger.exception("job %s: its webhook could not be told", job.job.task_id)
             if claimed is None:
                 with contextlib.suppress(TimeoutError):  # or as soon as a job here ends
                     await asyncio.wait_for(self.ended.wait(), POLL_S)
