@@ -30,6 +30,7 @@ SLOW = {**QUICK, "num_inference_steps": 8}
 STEP_S = 0.4
 LEASE_S = 2
 ENDED = ("completed", "failed", "canceled")
+SECRET = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
 
 
 @contextlib.contextmanager
@@ -85,6 +86,14 @@ def killed(server: Server) -> None:
     server.process.wait()
 
 
+def killed_fronts(server: Server) -> None:
+    """SIGKILL to every front worker; BentoML starts new ones."""
+    fronts = server.workers("ControlNet")
+    for front in fronts:
+        os.kill(front.pid, signal.SIGKILL)
+    psutil.wait_procs(fronts, timeout=10)
+
+
 @pytest.mark.parametrize("stop", ["graceful", "SIGKILL"])
 def test_a_restart_keeps_every_job_and_result(tmp_path: Path, stop: str) -> None:
     store = tmp_path / "jobs.db"
@@ -112,18 +121,14 @@ def test_a_job_whose_front_workers_were_all_killed_still_ends(tmp_path: Path) ->
     with serving(tmp_path / "jobs.db") as server, server.slow_steps(STEP_S):
         task_id = submit(server, SLOW)
         wait_for(server, task_id, ("in_progress",))
-        fronts = server.workers("ControlNet")
-        for front in fronts:
-            os.kill(front.pid, signal.SIGKILL)
-        psutil.wait_procs(fronts, timeout=10)
+        killed_fronts(server)
         # BentoML starts new front workers; one takes the job once its lease has lapsed.
         ended = wait_for(server, task_id, ENDED, timeout_s=LEASE_S + 120)
     assert (ended["status"], ended["attempt"]) == ("completed", 2)
 
 
 def test_a_pending_webhook_survives_a_sigkill_of_the_whole_server(tmp_path: Path) -> None:
-    secret = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
-    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": secret}
+    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": SECRET}
     store = tmp_path / "jobs.db"
     with receiving(PICTURE) as receiver:
         receiver.answers = [(503, {"Retry-After": "4"})]
@@ -136,12 +141,11 @@ def test_a_pending_webhook_survives_a_sigkill_of_the_whole_server(tmp_path: Path
         deliveries = receiver.deliveries
     assert [d.status for d in deliveries] == [503, 200]
     assert deliveries[0].headers["webhook-id"] == adopted.headers["webhook-id"]
-    assert Webhook(secret).verify(adopted.body, adopted.headers)["data"]["status"] == "completed"
+    assert Webhook(SECRET).verify(adopted.body, adopted.headers)["data"]["status"] == "completed"
 
 
 def test_a_job_out_of_attempts_fails_saying_why_and_its_webhook_says_so(tmp_path: Path) -> None:
-    secret = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
-    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": secret, "JOB_MAX_ATTEMPTS": "1"}
+    env = {"WEBHOOK_ALLOW": "127.0.0.1", "WEBHOOK_SECRET": SECRET, "JOB_MAX_ATTEMPTS": "1"}
     with (
         receiving(PICTURE) as receiver,
         serving(tmp_path / "jobs.db", **env) as server,
@@ -149,14 +153,11 @@ def test_a_job_out_of_attempts_fails_saying_why_and_its_webhook_says_so(tmp_path
     ):
         task_id = submit(server, {**SLOW, "webhook": f"{receiver.url}/hook"})
         wait_for(server, task_id, ("in_progress",))
-        fronts = server.workers("ControlNet")
-        for front in fronts:
-            os.kill(front.pid, signal.SIGKILL)
-        psutil.wait_procs(fronts, timeout=10)
+        killed_fronts(server)
         ended = wait_for(server, task_id, ENDED, timeout_s=LEASE_S + 60)
         (delivery,) = receiver.wait_for(1, timeout_s=30)
     assert ended["status"] == "failed"
     reason = "the job's worker stopped during each of its 1 runs (JOB_MAX_ATTEMPTS)"
-    data = Webhook(secret).verify(delivery.body, delivery.headers)["data"]
+    data = Webhook(SECRET).verify(delivery.body, delivery.headers)["data"]
     assert (data["task_id"], data["status"]) == (task_id, "failed")
     assert data["error"]["error"].startswith(reason)
