@@ -186,6 +186,14 @@ _JOB = (
 SUBMIT_TOO_LARGE = "the job store is full: this server holds all the jobs it can; retry later"
 
 
+def create_private(path: Path) -> None:
+    """Create the file ``path``, readable by the server's user only, where there is none:
+    the job store and the webhook outbox hold signing secrets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def default_path() -> Path:
     """``JOB_STORE_PATH``, or beside BentoML's own task store, in ``$BENTOML_HOME``."""
     if settings.job_store_path:
@@ -206,9 +214,7 @@ class SQLiteJobStore(JobStore):
     def open(self) -> None:
         """Create the store where there is none, for the server's user only; a store left
         by another version of this schema starts empty."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        create_private(self.path)
         with self._connection() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 db.execute("DROP TABLE IF EXISTS job")

@@ -51,7 +51,15 @@ from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
 from ..schemas import TaskParams
 from ..settings import settings
 from . import fetching
-from .jobs import COMPLETED, FAILED, SERVER_FAILURE, Job, JobStore, default_path
+from .jobs import (
+    COMPLETED,
+    FAILED,
+    SERVER_FAILURE,
+    Job,
+    JobStore,
+    create_private,
+    default_path,
+)
 
 logger = logs.logger(__name__)
 
@@ -343,9 +351,7 @@ class Outbox:
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        create_private(self.path)
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         try:
             if db.execute("PRAGMA user_version").fetchone()[0] != self._VERSION:
