@@ -75,7 +75,7 @@ class JobEndpoints:
         # middleware.BodyGuard, outside this one, lets only the media types the API reads by.
         reading = Request(request.scope, _replay(await request.body()))
         try:
-            _, stored, secret = await job_input.read(self.input_spec, reading)
+            stored, secret = await job_input.read(self.input_spec, reading)
         except ValidationError as exc:
             return JSONResponse(validation_body(exc), status_code=400)
         except ClientError as exc:

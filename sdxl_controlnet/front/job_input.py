@@ -22,11 +22,11 @@ from . import references
 PICTURES = ("image", "init_image", "mask")
 
 
-async def read(input_spec: t.Any, request: Request) -> tuple[t.Any, bytes, str | None]:
-    """``request``'s input to the job API (``input_spec``), read as its endpoint reads it;
-    with what the store keeps of it, and the job's own webhook secret. Raises what the
-    endpoint would answer with (a ValidationError or a BentoMLException). ``request``'s
-    body must have been read; its files are closed afterwards."""
+async def read(input_spec: t.Any, request: Request) -> tuple[bytes, str | None]:
+    """``request``'s input to the job API (``input_spec``), read as its endpoint reads it:
+    what the store keeps of it, and the job's own webhook secret. Raises what the endpoint
+    would answer with (a ValidationError or a BentoMLException). ``request``'s body must
+    have been read; its files are closed afterwards."""
     # The type in the spelling middleware.BodyGuard checked: never the pickle reader.
     media_type = request.headers.get("content-type", "application/json").partition(";")[0]
     readable = media_type.encode() in READABLE_MEDIA_TYPES
@@ -44,7 +44,7 @@ async def read(input_spec: t.Any, request: Request) -> tuple[t.Any, bytes, str |
     secret = params.webhook_secret.get_secret_value() if params.webhook_secret else None
     whole = params.model_dump(mode="json", context={WHOLE_IMAGES: True})
     stored = {"params": whole, "pictures": pictures}
-    return model, json.dumps(stored, separators=(",", ":")).encode(), secret
+    return json.dumps(stored, separators=(",", ":")).encode(), secret
 
 
 async def _picture(request: Request, field: str) -> bytes:
