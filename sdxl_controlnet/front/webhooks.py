@@ -14,9 +14,11 @@ it was submitted with, as the Standard Webhooks specification recommends (https:
   ``WEBHOOK_BACKOFF_S`` × 2^(n − 1) (full jitter), both capped at ``WEBHOOK_MAX_BACKOFF_S``.
   A 410 stops for good; any other answer ends it. A delivery never changes the job.
 - At most ``WEBHOOK_MAX_PENDING`` deliveries wait in a worker, and at most
-  ``WEBHOOK_MAX_PENDING_PER_HOST`` for one receiving host, each holding its body once; at a
-  graceful stop they go to the outbox (``Outbox``), and the next start resumes them.
-- A job's ``/status`` shows its delivery's state (``DELIVERY_STATES``), and the metric
+  ``WEBHOOK_MAX_PENDING_PER_HOST`` for one receiving host, each holding its body once. Each
+  is kept in the outbox (``Outbox``) while it is under way: a graceful stop releases it, and
+  the deliveries of a worker that died are adopted by another once their lease lapses.
+- A job's ``/status`` shows how its ending's delivery fares (``pending``, ``delivered``,
+  ``failed``, ``gone``, ``dropped`` or ``error``), and the metric
   ``sdxl_controlnet_webhook_deliveries`` counts each ending: a dropped or abandoned delivery
   is never silent.
 """
@@ -153,8 +155,6 @@ async def told(params: TaskParams, store: JobStore, work: t.Awaitable[T]) -> T:
     return result
 
 
-# A delivery's state, as a job's /status shows it: under way, or how it ended.
-DELIVERY_STATES = ("pending", "delivered", "failed", "gone", "dropped", "error")
 # Where a delivery reports its state (a job store's ``record_webhook`` for that job).
 Report = t.Callable[[str], t.Awaitable[None]]
 
