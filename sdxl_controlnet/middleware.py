@@ -120,7 +120,7 @@ class BodyGuard:
         has_boundary = any(
             k.strip(OWS).lower() == b"boundary" and v.strip(OWS) for k, v in boundary
         )
-        if media_type == b"multipart/form-data" and not has_boundary:
+        if media_type.strip(OWS).lower().startswith(b"multipart/") and not has_boundary:
             return InvalidRequest("multipart Content-Type needs a boundary")
         return None
 
