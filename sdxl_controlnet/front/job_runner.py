@@ -22,7 +22,7 @@ import typing as t
 import uuid
 
 from .. import logs
-from ..errors import ClientError, ServiceBusy
+from ..errors import ClientError, GPUServiceUnavailable, ServiceBusy
 from ..settings import settings
 from . import gpu_call, job_input, webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, SERVER_FAILURE, Claimed, JobStore
@@ -151,6 +151,15 @@ class JobRunner:
         except ServiceBusy as exc:
             await self.store.requeue(task_id, self.owner)
             logger.info("job %s back in line: %s", task_id, exc.message)
+            await asyncio.sleep(BUSY_BACKOFF_S)
+        except GPUServiceUnavailable as exc:
+            # Stopping with this server, or brought down: run again, as after a dead
+            # worker, until the job's attempts are used up.
+            if claimed.job.attempt >= settings.job_max_attempts:
+                await ended(FAILED, failure=exc.body_with_status())
+                return
+            await self.store.requeue(task_id, self.owner, counted=True)
+            logger.warning("job %s back in line: %s", task_id, exc.message)
             await asyncio.sleep(BUSY_BACKOFF_S)
         except ClientError as exc:
             await ended(FAILED, failure=exc.body_with_status())

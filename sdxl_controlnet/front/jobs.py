@@ -145,9 +145,10 @@ class JobStore(abc.ABC):
         (canceled, or taken over)."""
 
     @abc.abstractmethod
-    async def requeue(self, task_id: str, owner: str) -> bool:
+    async def requeue(self, task_id: str, owner: str, counted: bool = False) -> bool:
         """Put ``owner``'s running job back at the head of the line, this run not counted
-        (the GPU was busy, or the worker is stopping)."""
+        (the GPU was busy, or the worker is stopping), or ``counted`` among its attempts
+        (the GPU Service could not be reached: it may be what the job does to it)."""
 
     @abc.abstractmethod
     async def cancel(self, task_id: str) -> tuple[Job | None, str | None]:
@@ -411,11 +412,12 @@ class SQLiteJobStore(JobStore):
         )
         return moved == 1
 
-    async def requeue(self, task_id: str, owner: str) -> bool:
+    async def requeue(self, task_id: str, owner: str, counted: bool = False) -> bool:
         moved = await self._write(
             "UPDATE job SET status = 'pending', owner = NULL, lease_until = NULL, "
-            "attempt = attempt - 1, step = NULL, total = NULL, preview = NULL "
+            "attempt = attempt - ?, step = NULL, total = NULL, preview = NULL "
             "WHERE task_id = ? AND owner = ? AND status = 'in_progress'",
+            0 if counted else 1,
             task_id,
             owner,
         )

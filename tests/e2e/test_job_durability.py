@@ -113,8 +113,9 @@ def test_a_restart_keeps_every_job_and_result(tmp_path: Path, stop: str) -> None
         assert result(second, done) == kept
         ended = [wait_for(second, task_id, ENDED) for task_id in (running, *waiting)]
     assert [s["status"] for s in ended] == ["completed"] * 3
-    # A graceful stop hands the job back uncounted; a killed worker's run counts.
-    assert ended[0]["attempt"] == (1 if stop == "graceful" else 2)
+    # A graceful stop hands the job back uncounted, unless the GPU Service stopped under
+    # it first (then its run counts, as a killed worker's does).
+    assert ended[0]["attempt"] in ((1, 2) if stop == "graceful" else (2,))
 
 
 def test_a_job_whose_front_workers_were_all_killed_still_ends(tmp_path: Path) -> None:

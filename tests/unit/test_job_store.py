@@ -104,6 +104,16 @@ async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: SQLiteJ
     assert (again.job.task_id, again.job.attempt) == ("a", 1)
 
 
+async def test_a_job_handed_back_after_an_unreachable_gpu_keeps_its_attempt(
+    store: SQLiteJobStore,
+) -> None:
+    await submitted(store, "a")
+    await claim(store, "w1")
+    assert await store.requeue("a", "w1", counted=True)
+    again = await claim(store, "w2")
+    assert (again.job.task_id, again.job.attempt) == ("a", 2)
+
+
 async def test_cancel_says_what_the_job_was_and_a_canceled_job_never_ends_otherwise(
     store: SQLiteJobStore,
 ) -> None:
