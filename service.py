@@ -21,7 +21,7 @@ from sdxl_controlnet import bentoml_compat, middleware, schemas
 from sdxl_controlnet.bentoml_compat import connections
 from sdxl_controlnet.cancellation import cancel_on_disconnect
 from sdxl_controlnet.errors import ONE_IMAGE, InvalidRequest, answers_errors
-from sdxl_controlnet.front import admission, gpu_call, jobs, preprocessing, readiness, webhooks
+from sdxl_controlnet.front import admission, gpu_call, preprocessing, readiness, stores, webhooks
 from sdxl_controlnet.front.job_endpoints import JobEndpoints
 from sdxl_controlnet.front.job_runner import JobRunner
 from sdxl_controlnet.front.preprocessing import ImageUpload
@@ -31,7 +31,7 @@ from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
 from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params
 from sdxl_controlnet.settings import settings
 
-JOBS = jobs.SQLiteJobStore(jobs.default_path())  # the front's jobs, shared by its workers
+JOBS = stores.from_settings()  # the front's jobs: one host's, or every replica's (JOB_STORE_URL)
 
 
 @bentoml.service(

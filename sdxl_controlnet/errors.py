@@ -191,11 +191,22 @@ class QueueFull(ClientError):
 
 
 class StoreFull(ClientError):
-    """The job store holds ``JOB_STORE_MAX_BYTES`` of jobs' inputs already (per instance,
-    as ``QueueFull``: the class-level 507 is ``GPUOutOfMemory``'s)."""
+    """The job store holds ``JOB_STORE_MAX_BYTES`` of jobs' inputs and results already (per
+    instance, as ``QueueFull``: the class-level 507 is ``GPUOutOfMemory``'s)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=HTTPStatus.INSUFFICIENT_STORAGE)
+
+
+class StoreUnreachable(ClientError):
+    """The shared job store did not answer, or refused a write: retry after
+    ``retry_after_s`` (per instance, as ``QueueFull``: the class-level 503s are the GPU
+    Service's)."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(
+            message, retry_after_s=retry_after_s, error_code=HTTPStatus.SERVICE_UNAVAILABLE
+        )
 
 
 class JobCanceled(ClientError):

@@ -3,7 +3,7 @@
 BentoML already counts each Service's requests and times them per endpoint. These add
 what only the GPU Service knows: how long a request queued for the GPU, how long the
 pipeline ran, how many images it made, and how many requests it refused as too late;
-and on the front, how its webhooks fared.
+and on the front, how its jobs wait and how its webhooks fared.
 """
 
 from __future__ import annotations
@@ -72,4 +72,20 @@ WEBHOOK_DELIVERIES = Counter(
     "retrying cannot change; gone (a 410); dropped (WEBHOOK_MAX_PENDING or "
     "WEBHOOK_MAX_PENDING_PER_HOST reached); error (a fault of the server's, in its log).",
     ["result"],
+)
+JOBS_WAITING = Gauge(
+    "sdxl_controlnet_jobs_waiting",
+    "Jobs waiting for the GPU in the job store, shared by every replica that uses it: the "
+    "signal to scale the GPU Service on.",
+    multiprocess_mode="mostrecent",
+)
+JOBS_RUNNING = Gauge(
+    "sdxl_controlnet_jobs_running",
+    "Jobs running in the job store, all replicas together.",
+    multiprocess_mode="mostrecent",
+)
+JOB_WAIT = Histogram(
+    "sdxl_controlnet_job_wait_seconds",
+    "Time a job waited in line, from its submit to its first run.",
+    buckets=SECONDS_BUCKETS,
 )

@@ -241,7 +241,10 @@ class Settings(BaseModel):
     job_max_attempts: int = Field(default=3, ge=1, le=20)
     # What the job store holds of jobs' inputs at most, in bytes; past it a submit is a 507.
     job_store_max_bytes: int = Field(default=2 * 2**30, ge=2**20)
-    # Where the job store lives: empty for $BENTOML_HOME/sdxl_controlnet_jobs.db.
+    # The job store every replica shares: redis://host:port/db, rediss:// (TLS) or
+    # unix:// of a Redis 7 or Valkey (front/stores/redis_store.py). Empty: the embedded
+    # one-host store, in JOB_STORE_PATH (empty for $BENTOML_HOME/sdxl_controlnet_jobs.db).
+    job_store_url: str = Field(default="", pattern=r"^((redis|rediss|unix)://\S+)?$", repr=False)
     job_store_path: str = ""
 
     # Outbound requests, each under its own allow-list: https to public addresses only, except
@@ -366,7 +369,8 @@ class Settings(BaseModel):
             raise SettingsError(f"invalid configuration: {problems}") from None
 
 
-SECRETS = {"webhook_secret"}  # never printed, not even when invalid
+# Never printed, not even when invalid: a store URL may carry its password.
+SECRETS = {"webhook_secret", "job_store_url"}
 
 
 def _shown(loc: tuple[int | str, ...], values: Mapping[str, str]) -> str:

@@ -16,6 +16,7 @@ from devtools.harness import (
     tiny_adapters_env,
     tiny_model_env,
 )
+from devtools.redis_server import running_redis
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,3 +61,10 @@ def server() -> Iterator[Server]:
     on the other."""
     with serving({"FRONT_WORKERS": "2"}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis of this test process's own, for the shared job store's tests."""
+    with running_redis() as url:
+        yield url

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import ClientError, error_response, validation_body
+from ..errors import ClientError, StoreUnreachable, error_response, validation_body
 from ..middleware import ASGIApp, Message, Receive, Scope, Send
 from . import job_input, webhooks
 from .jobs import CANCELED, COMPLETED, ENDED, FAILED, PENDING, Job, JobStore
@@ -68,7 +68,10 @@ class JobEndpoints:
         if endpoint != self.submit and "task_id" not in request.query_params:
             answer: Response = error_response(400, "task_id is required")
         else:
-            answer = await endpoint(request)
+            try:
+                answer = await endpoint(request)
+            except StoreUnreachable as exc:
+                answer = exc.response()
         await answer(scope, receive, send)
 
     async def submit(self, request: Request) -> Response:

@@ -23,6 +23,7 @@ import uuid
 
 from .. import logs
 from ..errors import ClientError, GPUServiceUnavailable, ServiceBusy
+from ..metrics import JOB_WAIT, JOBS_RUNNING, JOBS_WAITING
 from ..settings import settings
 from . import gpu_call, job_input, webhooks
 from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, SERVER_FAILURE, Claimed, JobStore
@@ -32,6 +33,8 @@ logger = logs.logger(__name__)
 # How often an idle runner asks for a job, and a running one looks for a cancel.
 POLL_S = 0.05
 WATCH_S = 0.25
+# How often the job counts on /metrics are refreshed.
+COUNT_S = 1.0
 # How long a runner whose job met a busy GPU waits before it asks for a job again.
 BUSY_BACKOFF_S = 1.0
 
@@ -51,7 +54,8 @@ class JobRunner:
 
     def start(self) -> None:
         """Run jobs, and deliver their webhooks, those of workers that are gone included."""
-        self.serving = asyncio.gather(self.serve(), webhooks.keep_outbox())
+        outbox = self.store.outbox
+        self.serving = asyncio.gather(self.serve(), self.count(), webhooks.keep_outbox(outbox))
 
     async def serve(self) -> None:
         while True:
@@ -70,9 +74,24 @@ class JobRunner:
                     await asyncio.wait_for(self.ended.wait(), POLL_S)
                 self.ended.clear()
                 continue
+            if claimed.job.attempt == 1 and claimed.job.executed_at is not None:
+                JOB_WAIT.observe(claimed.job.executed_at - claimed.job.created_at)
             task = asyncio.create_task(self.run(claimed))
             self.running[claimed.job.task_id] = task
             task.add_done_callback(functools.partial(self._done, claimed.job.task_id))
+
+    async def count(self) -> None:
+        """Keep ``/metrics``' counts of waiting and running jobs, the whole store's: what
+        an autoscaler of the GPU Service reads."""
+        while True:
+            try:
+                waiting, running = await self.store.counts()
+            except Exception:
+                logger.exception("jobs: the store could not be counted; trying again")
+            else:
+                JOBS_WAITING.set(waiting)
+                JOBS_RUNNING.set(running)
+            await asyncio.sleep(COUNT_S)
 
     def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
         self.running.pop(task_id, None)
@@ -100,7 +119,7 @@ class JobRunner:
         for task_id, _ in held:
             if await self.store.requeue(task_id, self.owner):
                 logger.info("job %s handed back to the line: this worker is stopping", task_id)
-        await webhooks.save_pending()
+        await webhooks.save_pending(self.store.outbox)
 
     async def run(self, claimed: Claimed) -> None:
         """Run one claimed job to its end, or until it is canceled or handed back."""

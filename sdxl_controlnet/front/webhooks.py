@@ -15,8 +15,9 @@ it was submitted with, as the Standard Webhooks specification recommends (https:
   A 410 stops for good; any other answer ends it. A delivery never changes the job.
 - At most ``WEBHOOK_MAX_PENDING`` deliveries wait in a worker, and at most
   ``WEBHOOK_MAX_PENDING_PER_HOST`` for one receiving host, each holding its body once. Each
-  is kept in the outbox (``Outbox``) while it is under way: a graceful stop releases it, and
-  the deliveries of a worker that died are adopted by another once their lease lapses.
+  is kept in the job store's outbox (``outbox.py``) while it is under way: a graceful stop
+  releases it, and the deliveries of a worker that died are adopted by another, of any
+  replica sharing the store, once their lease lapses.
 - A job's ``/status`` shows how its ending's delivery fares (``pending``, ``delivered``,
   ``failed``, ``gone``, ``dropped`` or ``error``), and the metric
   ``sdxl_controlnet_webhook_deliveries`` counts each ending: a dropped or abandoned delivery
@@ -26,21 +27,17 @@ it was submitted with, as the Standard Webhooks specification recommends (https:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import functools
 import json
 import os
 import random
 import socket
-import sqlite3
 import time
 import typing as t
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import bentoml
 from pydantic import model_validator
@@ -53,15 +50,8 @@ from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
 from ..schemas import TaskParams
 from ..settings import settings
 from . import fetching
-from .jobs import (
-    COMPLETED,
-    FAILED,
-    SERVER_FAILURE,
-    Job,
-    JobStore,
-    create_private,
-    default_path,
-)
+from .jobs import COMPLETED, FAILED, SERVER_FAILURE, Job, JobStore
+from .outbox import Message, Outbox
 
 logger = logs.logger(__name__)
 
@@ -83,18 +73,6 @@ class JobParams(TaskParams):
             except fetching.Refused as exc:
                 raise PydanticCustomError("rule", f"webhook: {exc.reason}") from None
         return self
-
-
-@dataclass
-class Message:
-    """One delivery: its body, built once for every try, and how far it has got."""
-
-    message_id: str
-    url: str
-    body: bytes
-    secret: str
-    tries: int = 0  # tries made
-    next_at: float = 0.0  # when the next try is due (time.time())
 
 
 _pending: dict[str, tuple[Message, asyncio.Task[None]]] = {}
@@ -176,7 +154,8 @@ class JobWebhook:
     def _send(self, message_id: str, body: dict[str, t.Any], report: Report | None) -> bool:
         encoded = json.dumps(body, separators=(",", ":")).encode()
         assert self.url is not None, "sent only where there is a webhook"
-        return start(Message(message_id, self.url, encoded, self.secret), report)
+        message = Message(message_id, self.url, encoded, self.secret)
+        return start(message, self.store.outbox, report)
 
     def started(self, job: Job) -> None:
         if self.url is not None and "start" in self.events:
@@ -206,7 +185,7 @@ class JobWebhook:
         await report("pending" if delivering else "dropped")
 
 
-def start(message: Message, report: Report | None = None) -> bool:
+def start(message: Message, outbox: Outbox, report: Report | None = None) -> bool:
     """Deliver ``message`` on a task of its own, from its ``next_at``, telling ``report``
     how it ended; False if this worker already holds ``WEBHOOK_MAX_PENDING`` deliveries, or
     ``WEBHOOK_MAX_PENDING_PER_HOST`` for its host (logged and counted as dropped)."""
@@ -222,7 +201,7 @@ def start(message: Message, report: Report | None = None) -> bool:
         WEBHOOK_DELIVERIES.labels(result="dropped").inc()
         logger.error("webhook %s dropped: %s", message.message_id, why)
         return False
-    task = asyncio.create_task(_delivering(message, report))
+    task = asyncio.create_task(_delivering(message, outbox, report))
     _pending[message.message_id] = (message, task)
     WEBHOOK_PENDING.inc()
 
@@ -234,12 +213,12 @@ def start(message: Message, report: Report | None = None) -> bool:
     return True
 
 
-async def _delivering(message: Message, report: Report | None) -> None:
+async def _delivering(message: Message, outbox: Outbox, report: Report | None) -> None:
     """``deliver``, kept in the outbox while it is under way (a worker that dies leaves it
     to another), whatever goes wrong logged, counted and reported: no delivery dies
     silently."""
     try:
-        await asyncio.to_thread(OUTBOX.hold, [message], OWNER, settings.job_lease_s)
+        await outbox.hold([message], OWNER, settings.job_lease_s)
         await asyncio.sleep(max(0.0, message.next_at - time.time()))
         result = await deliver(message)
     except asyncio.CancelledError:
@@ -248,7 +227,7 @@ async def _delivering(message: Message, report: Report | None) -> None:
         WEBHOOK_DELIVERIES.labels(result="error").inc()
         logger.exception("webhook %s: delivery failed on the server", message.message_id)
         result = "error"
-    await asyncio.to_thread(OUTBOX.drop, message.message_id)
+    await outbox.drop(message.message_id)
     if report is not None:
         await report(result)
 
@@ -337,105 +316,47 @@ async def deliver(message: Message) -> str:
     return result
 
 
-class Outbox:
-    """Every delivery under way, in an SQLite file beside the job store (readable by the
-    server's user only: it holds the signing secrets), leased to the worker delivering it.
-    A worker renews its leases while it lives; a worker that died (a SIGKILL, an OOM kill)
-    lets them lapse, and another worker adopts its deliveries. A graceful stop releases
-    them at once, each with its tries and next try."""
-
-    _VERSION = 2  # PRAGMA user_version: an outbox of another version starts empty
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        create_private(self.path)
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        try:
-            if db.execute("PRAGMA user_version").fetchone()[0] != self._VERSION:
-                db.execute("DROP TABLE IF EXISTS outbox")
-                db.execute(f"PRAGMA user_version = {self._VERSION}")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS outbox (message_id TEXT PRIMARY KEY, url TEXT, "
-                "body BLOB, secret TEXT, tries INTEGER, next_at REAL, owner TEXT, "
-                "lease_until REAL)"
-            )
-            yield db
-        finally:
-            db.close()
-
-    def hold(self, messages: t.Iterable[Message], owner: str, lease_s: float) -> int:
-        """Keep ``messages``, leased to ``owner`` for ``lease_s`` (0: released)."""
-        until = time.time() + lease_s if lease_s else 0.0
-        rows = [(*asdict(m).values(), owner, until) for m in messages]
-        with self._connection() as db:
-            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return len(rows)
-
-    def drop(self, message_id: str) -> None:
-        with self._connection() as db:
-            db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
-
-    def renew(self, owner: str, lease_s: float) -> None:
-        with self._connection() as db:
-            db.execute(
-                "UPDATE outbox SET lease_until = ? WHERE owner = ?", (time.time() + lease_s, owner)
-            )
-
-    def adopt(self, owner: str, lease_s: float, limit: int) -> list[Message]:
-        """Up to ``limit`` deliveries whose lease lapsed or was released, leased to
-        ``owner`` at once: one worker resumes each, and the rest wait for another."""
-        now = time.time()
-        with self._connection() as db:
-            rows = db.execute(
-                "UPDATE outbox SET owner = ?, lease_until = ? WHERE message_id IN "
-                "(SELECT message_id FROM outbox WHERE lease_until < ? ORDER BY next_at LIMIT ?) "
-                "RETURNING message_id, url, body, secret, tries, next_at",
-                (owner, now + lease_s, now, limit),
-            ).fetchall()
-        return [Message(*row) for row in rows]
-
-
-OUTBOX = Outbox(default_path().with_name("sdxl_controlnet_webhook_outbox.db"))
 # This worker, as the owner of the deliveries it holds.
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def keep_outbox() -> None:
+async def keep_outbox(outbox: Outbox) -> None:
     """Renew this worker's leases and adopt the deliveries of workers that are gone, every
     third of ``JOB_LEASE_S``, for as long as the worker runs."""
     while True:
         try:
-            await asyncio.to_thread(OUTBOX.renew, OWNER, settings.job_lease_s)
-            await resume_pending()
+            await outbox.renew(OWNER, settings.job_lease_s)
+            await resume_pending(outbox)
         except Exception:
             logger.exception("webhooks: the outbox could not be read; trying again")
         await asyncio.sleep(settings.job_lease_s / 3)
 
 
-async def save_pending() -> int:
+async def save_pending(outbox: Outbox) -> int:
     """Stop this worker's deliveries and release them in the outbox, each with its tries
     and next try, for another worker or the next start; how many."""
-    outbox = OUTBOX
     held = list(_pending.values())
     for _, task in held:
         task.cancel()
     await asyncio.gather(*(task for _, task in held), return_exceptions=True)
-    saved = await asyncio.to_thread(outbox.hold, [message for message, _ in held], OWNER, 0)
+    saved = await outbox.hold([message for message, _ in held], OWNER, 0)
     if saved:
-        logger.info("webhooks: %d pending deliveries released to %s", saved, outbox.path)
+        logger.info("webhooks: %d pending deliveries released to the outbox", saved)
     return saved
 
 
-async def resume_pending() -> int:
+async def resume_pending(outbox: Outbox) -> int:
     """Start the deliveries the outbox holds for nobody alive, each at its own next try;
-    how many."""
-    outbox = OUTBOX
+    how many. One this worker has no room for is dropped, as a new one would be."""
     room = settings.webhook_max_pending - len(_pending)
-    messages = await asyncio.to_thread(outbox.adopt, OWNER, settings.job_lease_s, room)
-    started = sum(start(m) for m in messages if m.message_id not in _pending)
-    if messages:
-        logger.info("webhooks: %d pending deliveries resumed from %s", started, outbox.path)
+    started = 0
+    for message in await outbox.adopt(OWNER, settings.job_lease_s, room):
+        if message.message_id in _pending:
+            continue
+        if start(message, outbox):
+            started += 1
+        else:
+            await outbox.drop(message.message_id)
+    if started:
+        logger.info("webhooks: %d pending deliveries resumed from the outbox", started)
     return started

@@ -1,10 +1,12 @@
-"""The embedded job store (sdxl_controlnet/front/jobs.py): a FIFO line with places, leases
-that lapse when a worker dies, attempts, bounds, and a file that outlives the server."""
+"""The job store (sdxl_controlnet/front/jobs.py), one behaviour suite run against both of its
+engines: the embedded one (SQLite) and the shared one (a real Redis). A FIFO line with
+places, leases that lapse when a worker dies, attempts, bounds, retention."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -12,35 +14,37 @@ from pathlib import Path
 import pytest
 
 from sdxl_controlnet.errors import QueueFull, StoreFull
-from sdxl_controlnet.front import jobs
-from sdxl_controlnet.front.jobs import Claimed, SQLiteJobStore
+from sdxl_controlnet.front.jobs import Claimed, JobStore, StoreUnavailable
+from sdxl_controlnet.front.outbox import Message
+from sdxl_controlnet.front.stores import redis_store, sqlite_store
+from sdxl_controlnet.front.stores.redis_store import RedisJobStore
+from sdxl_controlnet.front.stores.sqlite_store import SQLiteJobStore
 from sdxl_controlnet.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SQLiteJobStore:
+@pytest.fixture(autouse=True)
+def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     configure(monkeypatch)
-    opened = SQLiteJobStore(tmp_path / "jobs.db")
-    opened.open()
-    return opened
 
 
 def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
-    monkeypatch.setattr(jobs, "settings", Settings.from_env({"JOB_LEASE_S": "1", **env}))
+    configured = Settings.from_env({"JOB_LEASE_S": "1", **env})
+    for engine in (sqlite_store, redis_store):
+        monkeypatch.setattr(engine, "settings", configured)
 
 
-async def claim(store: SQLiteJobStore, owner: str) -> Claimed | None:
+async def claim(store: JobStore, owner: str) -> Claimed | None:
     return (await store.claim(owner))[0]
 
 
-async def submitted(store: SQLiteJobStore, *task_ids: str) -> None:
+async def submitted(store: JobStore, *task_ids: str) -> None:
     for task_id in task_ids:
         await store.submit(task_id, json.dumps({"task": task_id}).encode(), f"secret-{task_id}")
 
 
-async def test_jobs_wait_in_line_and_run_first_in_first_out(store: SQLiteJobStore) -> None:
+async def test_jobs_wait_in_line_and_run_first_in_first_out(store: JobStore) -> None:
     await submitted(store, "a", "b", "c")
     assert [(await store.get(t)).status_body()["queue"] for t in "abc"] == [
         {"position": 1},
@@ -57,7 +61,7 @@ async def test_jobs_wait_in_line_and_run_first_in_first_out(store: SQLiteJobStor
 
 
 async def test_concurrency_is_counted_across_every_runner(
-    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, JOB_CONCURRENCY="3")
     await submitted(store, *(f"j{i}" for i in range(10)))
@@ -66,7 +70,7 @@ async def test_concurrency_is_counted_across_every_runner(
 
 
 async def test_a_lapsed_lease_puts_the_job_back_first_then_fails_it_after_the_last_attempt(
-    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, JOB_MAX_ATTEMPTS="2")
     await submitted(store, "a", "b")
@@ -87,7 +91,7 @@ async def test_a_lapsed_lease_puts_the_job_back_first_then_fails_it_after_the_la
     assert "stopped during each of its 2 runs" in json.loads(failed.outcome)["error"]
 
 
-async def test_a_renewed_lease_keeps_the_job(store: SQLiteJobStore) -> None:
+async def test_a_renewed_lease_keeps_the_job(store: JobStore) -> None:
     await submitted(store, "a", "b")
     await claim(store, "w1")
     for _ in range(3):
@@ -96,7 +100,7 @@ async def test_a_renewed_lease_keeps_the_job(store: SQLiteJobStore) -> None:
     assert await claim(store, "w2") is None
 
 
-async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: SQLiteJobStore) -> None:
+async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: JobStore) -> None:
     await submitted(store, "a", "b")
     await claim(store, "w1")
     assert await store.requeue("a", "w1")
@@ -105,7 +109,7 @@ async def test_a_job_handed_back_keeps_its_place_and_its_attempts(store: SQLiteJ
 
 
 async def test_a_job_handed_back_after_an_unreachable_gpu_keeps_its_attempt(
-    store: SQLiteJobStore,
+    store: JobStore,
 ) -> None:
     await submitted(store, "a")
     await claim(store, "w1")
@@ -115,7 +119,7 @@ async def test_a_job_handed_back_after_an_unreachable_gpu_keeps_its_attempt(
 
 
 async def test_cancel_says_what_the_job_was_and_a_canceled_job_never_ends_otherwise(
-    store: SQLiteJobStore,
+    store: JobStore,
 ) -> None:
     await submitted(store, "a", "b")
     await claim(store, "w1")
@@ -129,7 +133,7 @@ async def test_cancel_says_what_the_job_was_and_a_canceled_job_never_ends_otherw
 
 
 async def test_the_line_and_the_store_are_bounded(
-    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, JOB_QUEUE_MAX="2", JOB_STORE_MAX_BYTES=str(2**20))
     await submitted(store, "a", "b")
@@ -144,15 +148,21 @@ async def test_the_line_and_the_store_are_bounded(
 
 
 async def test_the_store_outlives_the_server_and_is_the_server_s_user_s_alone(
-    store: SQLiteJobStore,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    configure(monkeypatch)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    store.open()
     await submitted(store, "a")
     await claim(store, "w1")
     await store.end("a", "w1", "completed", {"images": ["x"]})
+    await store.outbox.hold([Message("msg_a", "https://example.com/", b"{}", "key")], "w1", 0)
     reopened = SQLiteJobStore(store.path)
     reopened.open()
     assert json.loads((await reopened.get("a")).outcome) == {"images": ["x"]}
-    assert store.path.stat().st_mode & 0o077 == 0
+    assert [m.message_id for m in await reopened.outbox.adopt("w2", 60, 1)] == ["msg_a"]
+    for private in (store.path, store.outbox.path):
+        assert private.stat().st_mode & 0o077 == 0
 
 
 def test_a_store_of_another_schema_starts_empty(tmp_path: Path) -> None:
@@ -166,12 +176,38 @@ def test_a_store_of_another_schema_starts_empty(tmp_path: Path) -> None:
 
 
 async def test_ended_jobs_are_removed_after_their_retention(
-    store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await submitted(store, "old")
     await claim(store, "w1")
     await store.end("old", "w1", "completed", {"images": []})
-    monkeypatch.setattr(jobs, "RETENTION_S", 0)
+    for engine in (sqlite_store, redis_store):
+        monkeypatch.setattr(engine, "RETENTION_S", 0)
     time.sleep(0.01)
     await submitted(store, "new")
     assert await store.get("old") is None and await store.get("new") is not None
+
+
+async def test_the_counts_are_the_whole_store_s(store: JobStore) -> None:
+    await submitted(store, "a", "b", "c")
+    await claim(store, "w1")
+    assert await store.counts() == (2, 1)
+
+
+async def test_a_runner_that_lost_its_job_to_the_line_is_told_so(store: JobStore) -> None:
+    await submitted(store, "a")
+    await claim(store, "dies")
+    time.sleep(1.1)
+    await store.claim("w2")  # settles the lapsed lease; w2's own claim takes it again
+    assert await store.watch("a", "dies", renew=True) is None
+
+
+def test_an_unreachable_or_missing_store_stops_the_start_with_what_to_set(
+    tmp_path: Path,
+) -> None:
+    shown = re.escape("JOB_STORE_URL redis://:***@127.0.0.1:1/0 cannot be reached")
+    with pytest.raises(StoreUnavailable, match=shown):
+        RedisJobStore("redis://:hunter2@127.0.0.1:1/0").open()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreUnavailable, match="JOB_STORE_PATH"):
+        SQLiteJobStore(tmp_path / "file" / "jobs.db").open()

@@ -21,8 +21,9 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from devtools.receiver import Receiver, receiving
 from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import fetching, webhooks
-from sdxl_controlnet.front.jobs import Job, SQLiteJobStore
-from sdxl_controlnet.front.webhooks import JobParams, Message, Outcome
+from sdxl_controlnet.front.jobs import Job, JobStore
+from sdxl_controlnet.front.outbox import Message, Outbox
+from sdxl_controlnet.front.webhooks import JobParams, Outcome
 from sdxl_controlnet.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +35,6 @@ BACKOFF_S = 0.2
 @pytest.fixture
 def receiver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Receiver]:
     configure(monkeypatch)
-    monkeypatch.setattr(webhooks, "OUTBOX", webhooks.Outbox(tmp_path / "outbox.db"))
     with receiving() as receiver:
         yield receiver
 
@@ -72,8 +72,9 @@ def message(receiver: Receiver, name: str = "a", secret: str = JOB_SECRET) -> Me
 class NoJobs:
     """A job store that keeps no job: deliveries report to it, and nothing shows."""
 
-    def __init__(self) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self.reports: list[tuple[str, str]] = []
+        self.outbox = outbox
 
     async def record_webhook(self, task_id: str, state: str) -> None:
         self.reports.append((task_id, state))
@@ -183,32 +184,31 @@ def test_a_thin_payload_leaves_the_images_out() -> None:
 
 
 async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog
+    receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
+    outbox = store.outbox
     configure(monkeypatch, WEBHOOK_MAX_PENDING="2")
     later = time.time() + 3600
     first, second, third = (message(receiver, name) for name in "xyz")
     for held in (first, second, third):
         held.next_at = later
-    assert webhooks.start(first) and webhooks.start(second)
+    assert webhooks.start(first, outbox) and webhooks.start(second, outbox)
     with caplog.at_level(logging.ERROR):
-        assert not webhooks.start(third)
+        assert not webhooks.start(third, outbox)
     assert "msg_z dropped: 2 deliveries already pending" in caplog.text
     assert len(webhooks._pending) == 2
 
-    outbox = webhooks.OUTBOX
-    assert await webhooks.save_pending() == 2  # a graceful stop
+    assert await webhooks.save_pending(outbox) == 2  # a graceful stop
     assert webhooks._pending == {} and receiver.deliveries == []
-    assert outbox.path.stat().st_mode & 0o077 == 0
-    for kept in outbox.adopt("test", 60, -1):
+    for kept in await outbox.adopt("test", 60, 10):
         kept.next_at = time.time()  # due now, to keep the test short
-        outbox.hold([kept], "test", 0)
+        await outbox.hold([kept], "test", 0)
 
-    outbox.hold([third], "another worker", 0)  # released by another worker
-    assert await webhooks.resume_pending() == 2  # the next start, up to the cap
-    (left,) = outbox.adopt("test", 60, -1)  # for the next worker to take, not dropped
+    await outbox.hold([third], "another worker", 0)  # released by another worker
+    assert await webhooks.resume_pending(outbox) == 2  # the next start, up to the cap
+    (left,) = await outbox.adopt("test", 60, 10)  # for the next worker to take, not dropped
     assert left.message_id == "msg_z"
-    assert outbox.adopt("test", 60, -1) == []  # taken once: no other worker resumes them
+    assert await outbox.adopt("test", 60, 10) == []  # taken once: nobody else resumes them
     await settled()
     assert sorted(verified(d, JOB_SECRET)["data"]["task_id"] for d in receiver.deliveries) == [
         "x",
@@ -217,27 +217,30 @@ async def test_pending_deliveries_are_capped_counted_and_kept_across_a_restart(
 
 
 async def test_a_dead_worker_s_deliveries_are_adopted_once_its_leases_lapse(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, JOB_LEASE_S="1")
-    outbox = webhooks.OUTBOX
+    outbox = store.outbox
     dead = message(receiver, "d")
-    outbox.hold([dead], "a worker killed mid-delivery", 1)
-    assert await webhooks.resume_pending() == 0  # its lease still runs
+    dead.tries = 2  # tried twice by the dead worker: its count goes on
+    await outbox.hold([dead], "a worker killed mid-delivery", 1)
+    assert await webhooks.resume_pending(outbox) == 0  # its lease still runs
     time.sleep(1.1)
-    assert await webhooks.resume_pending() == 1
+    assert await webhooks.resume_pending(outbox) == 1
+    assert webhooks._pending["msg_d"][0].tries == 2
     await settled()
     (delivery,) = receiver.deliveries
     assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "d"
-    assert outbox.adopt("test", 60, -1) == []  # delivered: gone from the outbox
+    assert delivery.headers["webhook-id"] == "msg_d"  # the id it had: a receiver dedupes
+    assert await outbox.adopt("test", 60, 10) == []  # delivered: gone from the outbox
 
 
 async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
-    receiver: Receiver, caplog
+    receiver: Receiver, store: JobStore, caplog
 ) -> None:
     broken = message(receiver, secret="whsec_!!!")  # a key that cannot sign
     with caplog.at_level(logging.ERROR):
-        assert webhooks.start(broken)
+        assert webhooks.start(broken, store.outbox)
         while webhooks._pending:
             await asyncio.sleep(0.01)
     assert "webhook msg_a: delivery failed on the server" in caplog.text
@@ -245,41 +248,40 @@ async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
 
 
 async def test_a_job_s_webhook_is_signed_with_its_own_secret_and_reports_its_state(
-    receiver: Receiver,
+    receiver: Receiver, store: JobStore
 ) -> None:
     params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
     job = Job("t2", "completed", created_at=0.0, executed_at=1.0, completed_at=2.0)
-    store = NoJobs()
-    await webhooks.JobWebhook(params, store).ended(Outcome(job))  # type: ignore[arg-type]
+    reports = NoJobs(store.outbox)
+    await webhooks.JobWebhook(params, reports).ended(Outcome(job))  # type: ignore[arg-type]
     await settled()
     (delivery,) = receiver.deliveries
     assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "t2"
-    assert store.reports == [("t2", "pending"), ("t2", "delivered")]
+    assert reports.reports == [("t2", "pending"), ("t2", "delivered")]
 
 
 async def test_one_receiving_host_cannot_take_every_pending_place(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+    receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
+    outbox = store.outbox
     configure(monkeypatch, WEBHOOK_MAX_PENDING="3", WEBHOOK_MAX_PENDING_PER_HOST="2")
     stalled = [message(receiver, name) for name in "xyz"]
     for held in stalled:
         held.next_at = time.time() + 3600  # a receiver that asked to be tried in an hour
-    assert webhooks.start(stalled[0]) and webhooks.start(stalled[1])
+    assert webhooks.start(stalled[0], outbox) and webhooks.start(stalled[1], outbox)
     with caplog.at_level(logging.ERROR):
-        assert not webhooks.start(stalled[2])
+        assert not webhooks.start(stalled[2], outbox)
     assert "msg_z dropped: 2 deliveries to its host pending" in caplog.text
     other = message(receiver, "other")
     other.url = other.url.replace("127.0.0.1", "localhost")  # another client's receiver
-    assert webhooks.start(other)
-    await webhooks.save_pending()
+    assert webhooks.start(other, outbox)
+    await webhooks.save_pending(outbox)
 
 
 async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, WEBHOOK_MAX_PENDING="1")
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    store.open()
     params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
     receiver.answers = [400]
     for task_id in ("failed", "dropped"):
@@ -291,8 +293,8 @@ async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
     ended = webhooks.JobWebhook(params, store).ended
     await ended(Outcome(await store.get("failed")))
     await settled()
-    assert webhooks.start(stalled)  # the one place is taken
+    assert webhooks.start(stalled, store.outbox)  # the one place is taken
     await ended(Outcome(await store.get("dropped")))
     for task_id in ("failed", "dropped"):
         assert (await store.get(task_id)).status_body()["webhook"] == {"state": task_id}
-    await webhooks.save_pending()
+    await webhooks.save_pending(store.outbox)
