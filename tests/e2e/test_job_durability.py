@@ -7,29 +7,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 from standardwebhooks import Webhook
 
-from devtools.harness import Server, encode, shapes_image
+from devtools.harness import Server
+from devtools.job_client import ENDED, PICTURE, killed, result, submit, wait_for
 from devtools.receiver import receiving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.restarts]
 
-PICTURE = encode(shapes_image(64, 64))
 QUICK = {"prompt": "a house", "num_inference_steps": 2, "width": 64, "height": 64}
 SLOW = {**QUICK, "num_inference_steps": 8}
 STEP_S = 0.4
 LEASE_S = 2
-ENDED = ("completed", "failed", "canceled")
 SECRET = "whsec_" + base64.b64encode(b"a test key, not a secret!!").decode()
 
 
@@ -43,47 +39,6 @@ def serving(store: Path, port: int = 0, **env: str) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
-
-
-def submit(server: Server, params: dict) -> str:
-    answer = httpx.post(
-        f"{server.url}/generate_task/submit",
-        files={"image": ("in.png", PICTURE, "image/png")},
-        data={"params": json.dumps(params)},
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    return answer.json()["task_id"]
-
-
-def status(server: Server, task_id: str) -> dict:
-    answer = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def wait_for(server: Server, task_id: str, statuses: tuple[str, ...], timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while (now := status(server, task_id))["status"] not in statuses:
-        assert time.monotonic() < deadline, now
-        time.sleep(0.1)
-    return now
-
-
-def result(server: Server, task_id: str) -> dict:
-    answer = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def killed(server: Server) -> None:
-    """SIGKILL to the server and every process under it: nothing runs its shutdown."""
-    tree = [server.process_info(), *server.process_info().children(recursive=True)]
-    for process in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            os.kill(process.pid, signal.SIGKILL)
-    psutil.wait_procs(tree, timeout=10)
-    server.process.wait()
 
 
 def killed_fronts(server: Server) -> None:
