@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+import redis
 
+from devtools.redis_server import running_redis
 from sdxl_controlnet.errors import QueueFull, StoreFull
 from sdxl_controlnet.front.jobs import Claimed, JobStore, StoreUnavailable
 from sdxl_controlnet.front.outbox import Message
@@ -203,11 +206,29 @@ async def test_a_runner_that_lost_its_job_to_the_line_is_told_so(store: JobStore
 
 
 def test_an_unreachable_or_missing_store_stops_the_start_with_what_to_set(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(redis_store, "OPEN_WAIT_S", 0.3)
+    monkeypatch.setattr(redis_store, "OPEN_RETRY_S", 0.1)
     shown = re.escape("JOB_STORE_URL redis://:***@127.0.0.1:1/0 cannot be reached")
     with pytest.raises(StoreUnavailable, match=shown):
         RedisJobStore("redis://:hunter2@127.0.0.1:1/0").open()
+    assert "waiting for JOB_STORE_URL redis://:***@127.0.0.1:1/0 to answer" in caplog.text
+    assert "hunter2" not in caplog.text
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreUnavailable, match="JOB_STORE_PATH"):
         SQLiteJobStore(tmp_path / "file" / "jobs.db").open()
+
+
+def test_a_redis_that_refuses_the_front_stops_the_start_at_once() -> None:
+    """A wrong password is no Redis still starting: no wait, and the password not shown."""
+    with running_redis() as url:
+        with redis.Redis.from_url(url) as client:
+            client.config_set("requirepass", "right")
+        wrong = url.replace("redis://", "redis://:hunter2@")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"redis://:\*\*\*@.* refused") as refused:
+            RedisJobStore(wrong).open()
+        assert time.monotonic() - start < redis_store.OPEN_RETRY_S
+        assert "hunter2" not in str(refused.value)

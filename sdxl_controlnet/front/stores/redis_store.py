@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 import typing as t
 from dataclasses import asdict
 from urllib.parse import urlsplit
@@ -53,6 +54,8 @@ KEY_PREFIX = "sdxl_controlnet:"
 MIN_VERSION = (7, 0)  # ZRANGE … BYSCORE, and scripts that read TIME before they write
 # A call the server has not answered within this long fails (the runner tries again).
 TIMEOUT_S = 10.0
+# How long a start waits for a Redis that does not answer yet (started beside the front).
+OPEN_WAIT_S, OPEN_RETRY_S = 30.0, 1.0
 # When a client refused for an unreachable store may try again.
 UNREACHABLE_RETRY_AFTER_S = 5
 # Ended jobs a submit deletes at most, so that no script holds the server for long.
@@ -319,18 +322,28 @@ class RedisJobStore(JobStore):
         return self.key(f"job:{task_id}")
 
     def open(self) -> None:
-        """Check that the server answers and is recent enough, and warn where it may lose
-        jobs: it evicts keys, or keeps no append-only file."""
+        """Check that the server answers, within ``OPEN_WAIT_S`` (it may be starting beside
+        the front), and is recent enough; warn where it may lose jobs: it evicts keys, or
+        keeps no append-only file."""
         where = f"JOB_STORE_URL {redacted(self.url)}"
-        try:
-            with redis.Redis.from_url(self.url, socket_connect_timeout=TIMEOUT_S) as client:
-                server, memory = client.info("server"), client.info("memory")
-                persistence = client.info("persistence")
-        except redis.RedisError as exc:
-            raise StoreUnavailable(
-                f"{where} cannot be reached ({exc}): start Redis or Valkey there, or leave "
-                "JOB_STORE_URL empty for the embedded one-host store"
-            ) from exc
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                with redis.Redis.from_url(self.url, socket_connect_timeout=TIMEOUT_S) as client:
+                    server, memory = client.info("server"), client.info("memory")
+                    persistence = client.info("persistence")
+                break
+            except redis.RedisError as exc:
+                starting = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+                if isinstance(exc, redis.AuthenticationError) or not starting:
+                    raise StoreUnavailable(f"{where} refused the front ({exc})") from exc
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(
+                        f"{where} cannot be reached ({exc}): start Redis or Valkey there, or "
+                        "leave JOB_STORE_URL empty for the embedded one-host store"
+                    ) from exc
+                logger.info("waiting for %s to answer (%s)", where, exc)
+                time.sleep(OPEN_RETRY_S)
         version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
         if version < MIN_VERSION:
             raise StoreUnavailable(
