@@ -12,6 +12,7 @@ import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from devtools.harness import ROOT
+from sdxl_controlnet.metrics import JOBS_WAITING
 from sdxl_controlnet.settings import Settings
 
 DEPLOY = ROOT / "deploy"
@@ -20,6 +21,8 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSIONS = ["1.27.0", "1.33.0"]
 # Settings that only one Service reads, or that differ between them by design.
 PER_SERVICE = {"FRONT_WORKERS", "MAX_QUEUE", "GPUS", "GPU_TYPE", "ALLOW_CPU"}
+# The job store's settings: the front's alone.
+PER_SERVICE |= {name.upper() for name in Settings.model_fields if name.startswith("job_")}
 SHARED = {name.upper() for name in Settings.model_fields} - PER_SERVICE
 
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
@@ -160,7 +163,52 @@ def test_kubernetes_deployment_is_probed_exposed_scaled_and_not_root(deployment:
 
 
 def env(container: dict) -> dict[str, str]:
-    return {variable["name"]: variable["value"] for variable in container.get("env", [])}
+    """A container's variables with a value of their own (not those read from a Secret)."""
+    return {v["name"]: v["value"] for v in container.get("env", []) if "value" in v}
+
+
+def test_compose_front_keeps_its_jobs_in_the_compose_redis() -> None:
+    front, redis = COMPOSE["services"]["front"], COMPOSE["services"]["redis"]
+    store = urlsplit(front["environment"]["JOB_STORE_URL"])
+    assert (store.scheme, store.hostname, store.port) == ("redis", "redis", 6379)
+    assert front["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in redis  # it holds webhook secrets: the front reaches it, no one else
+    args = redis["command"]
+    assert option(args, "--appendonly") == "yes"
+    assert option(args, "--maxmemory-policy") == "noeviction"
+    (volume,) = redis["volumes"]
+    name, path = volume.split(":")
+    assert name in COMPOSE["volumes"] and option(args, "--dir") == path
+
+
+def test_kubernetes_front_pods_share_the_redis_that_keeps_its_data() -> None:
+    _, front = running("ControlNet")
+    store = urlsplit(env(front)["JOB_STORE_URL"])
+    (redis,) = of_kind("StatefulSet")
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == store.hostname]
+    assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [store.port]
+    # The password in the URL is the Secret's, the one Redis requires.
+    (password,) = [v for v in front["env"] if v["name"] == "REDIS_PASSWORD"]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    (required,) = [v for v in container["env"] if v["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"] == required["valueFrom"]
+    assert store.password == "$(REDIS_PASSWORD)"
+    assert option(container["args"], "--requirepass") == "$(REDIS_PASSWORD)"
+    assert option(container["args"], "--appendonly") == "yes"
+    assert option(container["args"], "--maxmemory-policy") == "noeviction"
+    assert container["volumeMounts"][0]["mountPath"] == "/data"
+
+
+def test_kubernetes_jobs_run_at_once_one_per_gpu_replica_at_most() -> None:
+    _, front = running("ControlNet")
+    (gpu_scaler,) = [
+        hpa
+        for hpa in of_kind("HorizontalPodAutoscaler")
+        if hpa["spec"]["scaleTargetRef"]["name"]
+        == running("SDXLControlNetService")[0]["metadata"]["name"]
+    ]
+    assert Settings.from_env(env(front)).job_concurrency == gpu_scaler["spec"]["maxReplicas"]
 
 
 @pytest.mark.parametrize("service_name", ["SDXLControlNetService", "ControlNet"])
@@ -218,3 +266,21 @@ def test_kubernetes_gpu_start_up_allows_download_and_compile_and_keeps_the_cache
     mounted = [mount["mountPath"] for mount in gpu["volumeMounts"]]
     for cache in ("BENTOML_HF_CACHE_DIR", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR"):
         assert any(env(gpu)[cache].startswith(path + "/") for path in mounted), cache
+
+
+def test_keda_example_scales_the_gpu_deployment_on_the_waiting_jobs_metric() -> None:
+    (scaled,) = yaml.safe_load_all(
+        (DEPLOY / "kubernetes" / "keda" / "gpu-scaledobject.yaml").read_text()
+    )
+    gpu_deployment, _ = running("SDXLControlNetService")
+    (gpu_scaler,) = [
+        h
+        for h in of_kind("HorizontalPodAutoscaler")
+        if h["metadata"]["name"] == scaled["metadata"]["name"]
+    ]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == gpu_deployment["metadata"]["name"]
+    assert gpu_scaler["spec"]["scaleTargetRef"]["name"] == gpu_deployment["metadata"]["name"]
+    assert scaled["spec"]["maxReplicaCount"] == gpu_scaler["spec"]["maxReplicas"]
+    queries = [trigger["metadata"]["query"] for trigger in scaled["spec"]["triggers"]]
+    (waiting,) = JOBS_WAITING.describe()
+    assert f"max({waiting.name})" in queries

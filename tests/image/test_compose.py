@@ -5,6 +5,7 @@ the front reaches over the Compose network by its service name."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.harness import ROOT, decode, encode, free_port, photo, post_generate, wait_until_ready
+from devtools.job_client import ENDED, result, submit, wait_for
 from tests.image.containers import CONTAINER, IMAGE, engine
 
 pytestmark = pytest.mark.image
@@ -107,3 +109,13 @@ def test_the_front_generates_through_the_gpu_container_over_the_compose_network(
     # Only the front publishes a port: the GPU Service is reachable on the network alone.
     published = engine("port", gpu, check=False).stdout.strip()
     assert published == "", published
+
+
+def test_the_fronts_jobs_are_kept_in_the_compose_redis(project: Project) -> None:
+    task_id = project.timed("job", submit, project, {"prompt": "a house", "num_inference_steps": 2})
+    assert wait_for(project, task_id, ENDED)["status"] == "completed"
+    (image,) = result(project, task_id)["images"]
+    assert decode(base64.b64decode(image["image"])).size == (64, 64)
+    redis = project.container("redis")
+    kept = engine("exec", redis, "redis-cli", "hget", f"sdxl_controlnet:job:{task_id}", "status")
+    assert kept.stdout.strip() == "completed"
