@@ -293,7 +293,7 @@ def preview_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
             with_ms, without_ms,
             note=f"{every_5.steps // 5 - 1} previews of ~{statistics.median(sizes):.0f} B each"),
         Row("previews", "one preview of 256² latents, tiny TAESD", "ms", one_ms,
-            note="decode + WebP, on the pipeline's thread"),
+            note="decode + WebP, one after another"),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as real_size:
         AutoencoderTiny().save_pretrained(real_size)  # taesdxl's architecture

@@ -42,6 +42,14 @@ GPU_MEMORY_PEAK = Gauge(
     ["kind"],
     multiprocess_mode="max",
 )
+COMPILE_COUNTS = Gauge(
+    "sdxl_controlnet_compile_events",
+    "With TORCH_COMPILE on, what torch counted by the end of the warm-up, by kind: "
+    "graph_breaks (a compiled module split, Python between its pieces) and cudagraph_skips "
+    "(graphs that run without CUDA graphs). Both are 0 where compiling is as fast as it can be.",
+    ["kind"],
+    multiprocess_mode="max",
+)
 UNCOMPILED = Counter(
     "sdxl_controlnet_uncompiled_generations",
     "With TORCH_COMPILE on, generations that ran uncompiled models, by reason: a shape "

@@ -213,10 +213,11 @@ class Settings(BaseModel):
     # torch.compile the UNet and ControlNet; start-up then runs one warm-up generation at
     # each of TORCH_COMPILE_SIZES (WxH, comma-separated); other sizes run uncompiled.
     torch_compile: bool = False
-    # torch.compile's mode on a GPU: max-autotune searches kernels for minutes at start-up;
-    # reduce-overhead (CUDA graphs, no search) starts within about a minute. The CPU runs
-    # inductor's default whatever this says.
-    torch_compile_mode: t.Literal["max-autotune", "reduce-overhead", "default"] = "max-autotune"
+    # torch.compile's mode on a GPU: reduce-overhead (CUDA graphs, no kernel search) starts
+    # within about a minute; max-autotune searches kernels for many minutes at a cold start,
+    # longer than a startup probe waits: choose it with a warm TORCHINDUCTOR_CACHE_DIR. The
+    # CPU runs inductor's default whatever this says.
+    torch_compile_mode: t.Literal["max-autotune", "reduce-overhead", "default"] = "reduce-overhead"
     torch_compile_sizes: str = Field(default="1024x1024", pattern=r"^\d+x\d+(,\d+x\d+)*$")
 
     # Prompts whose text-encoder outputs the GPU Service keeps (least recently used out):

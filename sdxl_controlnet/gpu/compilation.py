@@ -1,7 +1,12 @@
 """torch.compile for the UNet, the ControlNet and the VAE's decoder, with one promise:
 after the warm-up nothing compiles. On a GPU a compilation holds it for a minute or more
 (max-autotune: many) and cannot be cancelled, so a call that the warmed graphs do not fit
-runs the eager module instead, and says so."""
+runs the eager module instead, and says so.
+
+Each module compiles whole (``fullgraph=True``): a graph break, which would split it into
+pieces with Python between them, fails its compile at the warm-up, which says so, instead
+of running slower than it claims. What torch still counts (graph breaks, CUDA graphs it
+skipped) is logged after the warm-up and reported on ``/metrics``."""
 
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._dynamo.utils import counters  # torch's own tally; no public API has it (2.13)
 
+from .. import logs, metrics
 from ..schemas import GenerationParams
 from . import control_skip
+
+logger = logs.logger(__name__)
 
 # What the graphs are specialised on: height, width and the models' batch. Everything
 # else a request sets reaches them as tensor values (see below).
@@ -46,9 +55,13 @@ class CompiledModels:
     ) -> None:
         # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
         mode = mode if device.startswith("cuda") else "default"
+        # CUDA-graph trees run a function eagerly on its first call and record its graph on
+        # the second: the warm-up runs twice where they are on, so no request records.
+        self.warm_ups = 2 if mode in CUDA_GRAPH_MODES else 1
         self.eager = (unet, controlnet)
         self.modules = tuple(
-            torch.compile(module, mode=mode, dynamic=False) for module in (unet, controlnet)
+            torch.compile(module, mode=mode, dynamic=False, fullgraph=True)
+            for module in (unet, controlnet)
         )
         # Each compiled forward runs these first: dynamo sees tensors where it would
         # specialise, CUDA graphs see each step's start, and a misfit runs eagerly.
@@ -58,7 +71,7 @@ class CompiledModels:
         # The VAE's decoder, compiled in place: it runs once, after the last step, in every
         # request; its misfits run eagerly like the others'.
         self.eager_decoder = vae.decoder
-        decoder = torch.compile(vae.decoder, mode=mode, dynamic=False)
+        decoder = torch.compile(vae.decoder, mode=mode, dynamic=False, fullgraph=True)
         decoder.forward = functools.partial(self._decoder, decoder.forward)
         vae.decoder = decoder
         # The scale's one tensor on the device, refilled for each call: a kernel launch, where
@@ -114,6 +127,27 @@ class CompiledModels:
     def take_fallbacks(self) -> dict[str, str]:
         fallbacks, self.fallbacks = self.fallbacks, {}
         return fallbacks
+
+
+# The modes whose graphs are CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def report_counts() -> dict[str, int]:
+    """What torch has counted since the process started: graph breaks (each splits a
+    module's graph, with Python between the pieces) and the graphs its CUDA-graph trees
+    skipped (they ran without CUDA graphs), on ``/metrics`` and in the log."""
+    counts = {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
+    for kind, count in counts.items():
+        metrics.COMPILE_COUNTS.labels(kind).set(count)
+    logger.info(
+        "torch.compile: %(graph_breaks)d graph breaks, %(cudagraph_skips)d CUDA graphs skipped",
+        counts,
+    )
+    return counts
 
 
 # How dynamo's fail_on_recompile stance says that a call would compile.

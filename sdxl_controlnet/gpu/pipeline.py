@@ -4,6 +4,7 @@ so torch and diffusers never load in the front Service's processes."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import typing as t
@@ -40,9 +41,10 @@ from ..errors import GenerationCancelled, GPUOutOfMemory
 from ..schemas import GenerationParams, LoraChoice, Scheduler
 from ..settings import Settings, settings
 from . import control_skip
-from .compilation import CompiledModels, graph_key, without_compiling
+from .compilation import CompiledModels, graph_key, report_counts, without_compiling
 from .previews import PreviewDecoder
 from .prompt_cache import PromptEmbeddings
+from .step_pacing import StepPacer
 
 logger = logs.logger(__name__)  # shown in the server log
 
@@ -108,9 +110,13 @@ def load_controlnets(
 
 def select_device(allow_cpu: bool, worker_index: int | None) -> str:
     """The device this worker generates on: with several GPUs, worker i (from 1, as
-    BentoML counts) takes GPU i-1, since BentoML shows every worker all of them."""
+    BentoML counts) takes GPU i-1, since BentoML shows every worker all of them. It is
+    made the worker's current device too: what names no index (a CUDA event, the graph
+    pool, a bare ``"cuda"``) would otherwise open a context on GPU 0 from every worker."""
     if torch.cuda.is_available():
-        return f"cuda:{((worker_index or 1) - 1) % torch.cuda.device_count()}"
+        index = ((worker_index or 1) - 1) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
     if allow_cpu:
         return "cpu"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
@@ -120,6 +126,13 @@ def select_device(allow_cpu: bool, worker_index: int | None) -> str:
         "and the GPU resource of this container, or set ALLOW_CPU=1 to serve on the CPU "
         "(development only: a generation takes minutes)"
     )
+
+
+def _delivered(previews: list[concurrent.futures.Future[None]]) -> None:
+    """Wait for a generation's previews: none arrives after its images or its error."""
+    for preview in concurrent.futures.as_completed(previews):
+        if (failure := preview.exception()) is not None:
+            logger.warning("a preview was not delivered: %r", failure)
 
 
 def active_adapters(loras: list[LoraChoice]) -> tuple[tuple[str, float], ...]:
@@ -174,7 +187,7 @@ class ControlNetPipeline:
         channels_last: bool = False,
         fuse_qkv: bool = False,
         compile_sizes: Iterable[tuple[int, int]] = (),
-        compile_mode: str = "max-autotune",
+        compile_mode: str = "reduce-overhead",
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
         prompt_cache_size: int = settings.prompt_cache_size,
@@ -284,16 +297,30 @@ class ControlNetPipeline:
         ``sizes``, one image with guidance: a warm-up generation at each, before the
         Service is ready.
         Its second step is past the guidance window: the UNet's graph without the
-        ControlNet's residuals is recorded too."""
+        ControlNet's residuals is recorded too. A size whose compile fails is logged and
+        runs uncompiled."""
         self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode)
         warm_up = GenerationParams(
             prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
         )
         for width, height in sizes:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
-            self._compiled.warmed.add(graph_key(height, width, warm_up))
+            key = graph_key(height, width, warm_up)
+            self._compiled.warmed.add(key)
             edges = np.zeros((height, width), np.uint8)
-            self._thread.submit(self._generate, edges, warm_up, None, lambda: False).result()
+            try:
+                for _ in range(self._compiled.warm_ups):
+                    self._thread.submit(
+                        self._generate, edges, warm_up, None, lambda: False
+                    ).result()
+            except Exception:
+                self._compiled.warmed.discard(key)
+                logger.exception(
+                    "compiling for %d×%d failed; requests of that size run uncompiled",
+                    width,
+                    height,
+                )
+        report_counts()
 
     def runs_compiled(self, height: int, width: int, params: GenerationParams) -> bool:
         """Whether a request runs the compiled models: compiling is on, its shape was
@@ -401,14 +428,19 @@ class ControlNetPipeline:
         assert params.seed is not None, "the caller resolves the seed"
         every = params.preview_every if on_preview and self.previews else 0
 
+        pacer = StepPacer(self.device)
+        previews: list[concurrent.futures.Future[None]] = []
+
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            pacer.step_done()  # on a GPU, what follows ticks as the GPU works
             if cancelled():
                 raise GenerationCancelled
             if on_step is not None:
                 on_step(step + 1, pipe.num_timesteps)
             # Read only: the latents go on unchanged, so the images are the same bytes.
             if every and (step + 1) % every == 0 and step + 1 < pipe.num_timesteps:
-                on_preview(step + 1, pipe.num_timesteps, self.previews.webp(tensors["latents"]))
+                deliver = functools.partial(on_preview, step + 1, pipe.num_timesteps)
+                previews.append(self.previews.send(tensors["latents"], deliver))
             return tensors
 
         height, width = edges.shape if edges is not None else controls.shape[1:3]
@@ -470,6 +502,7 @@ class ControlNetPipeline:
             ) from exc
         finally:
             pipe.unet, pipe.controlnet = self._eager
+            _delivered(previews)  # every preview before the images, also a failed call's
         if self._compiled is not None:
             self._say_what_ran_eagerly(height, width, params, compiled)
         # Quantize on the device: a quarter of the bytes to copy back.

@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from diffusers import ControlNetModel
 from prometheus_client import REGISTRY
 from torch._dynamo.utils import counters
 
@@ -188,6 +189,39 @@ def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compile
     assert np.abs(images.astype(int) - eager.submit(edges(64, 96), PARAMS).result()).max() <= 3
 
 
+def compile_events(kind: str) -> float | None:
+    return REGISTRY.get_sample_value("sdxl_controlnet_compile_events", {"kind": kind})
+
+
+def test_the_warm_up_reports_what_torch_counted_on_metrics(compiled) -> None:
+    """fullgraph=True: every module compiled whole, so no graph break; and the CPU records
+    no CUDA graph, so none was skipped."""
+    assert compile_events("graph_breaks") == 0
+    assert compile_events("cudagraph_skips") == 0
+
+
+def test_a_graph_break_fails_its_sizes_compile_and_the_size_runs_eagerly(
+    eager, monkeypatch, caplog
+) -> None:
+    """A ControlNet that breaks its graph (a library update could bring one): fullgraph
+    refuses to compile it at the warm-up, which says so; the Service starts, and the size
+    runs the eager models, counted as such."""
+    forward = ControlNetModel.forward
+
+    def breaking(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", breaking)
+    pipeline = load(compile_sizes=[(64, 64)])
+    assert not pipeline.runs_compiled(64, 64, PARAMS)
+    assert "compiling for 64×64 failed; requests of that size run uncompiled" in caplog.text
+    shapes = uncompiled("shape")
+    images = pipeline.submit(edges(64, 64), PARAMS).result()
+    assert uncompiled("shape") == shapes + 1
+    assert np.array_equal(images, eager.submit(edges(64, 64), PARAMS).result())
+
+
 @pytest.mark.parametrize("inpaint", [False, True])
 def test_each_step_is_marked_for_cuda_graphs(compiled, inpaint, monkeypatch) -> None:
     """diffusers marks CUDA graph steps only in text-to-image: image-to-image and inpainting
@@ -256,6 +290,9 @@ def test_without_cuda_the_gpu_service_refuses_to_start_unless_cpu_is_allowed() -
     [(None, 1, "cuda:0"), (1, 1, "cuda:0"), (1, 4, "cuda:0"), (2, 4, "cuda:1"), (4, 4, "cuda:3")],
 )
 def test_each_worker_takes_its_own_gpu(monkeypatch, worker_index, gpus, device) -> None:
+    current: list[int] = []
     monkeypatch.setattr(pipeline_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pipeline_module.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(pipeline_module.torch.cuda, "set_device", current.append)
     assert select_device(allow_cpu=False, worker_index=worker_index) == device
+    assert current == [int(device.removeprefix("cuda:"))]  # its current device, not GPU 0
