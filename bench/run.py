@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from devtools.harness import tiny_adapters_env, tiny_model_env
+from devtools.redis_server import running_redis
 
 # Before the application reads its settings: the tiny model's random LoRA adapters, the
 # few-step one with a preset, declared for the pipeline below and the served one alike.
@@ -68,8 +69,11 @@ def measure(quick: bool) -> list[Row]:
         rows += served.overhead_rows(server, pipeline, runs=4 if quick else 8)
         section("throughput")
         rows += served.throughput_rows(server, pipeline, rounds=1 if quick else 2)
-        section("jobs")
-        rows += served.job_rows(server, runs=4 if quick else 10)
+        section("jobs: the embedded store, and Redis")
+        with running_redis() as url, served.shared_server(url) as shared:
+            rows += served.job_rows(
+                server, shared, runs=4 if quick else 10, rounds=1 if quick else 3
+            )
     finally:
         server.stop()
     section("done")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime
 
 import httpx
@@ -29,6 +31,17 @@ def start_server() -> tuple[Server, Row]:
     except Exception:
         server.stop()
         raise
+
+
+@contextlib.contextmanager
+def shared_server(store_url: str) -> Iterator[Server]:
+    """A second server, ready, whose jobs live in the Redis at ``store_url``."""
+    server = Server(["serve", "."], env={"JOB_STORE_URL": store_url}, fault_hooks=False)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 async def _post(client: httpx.AsyncClient, upload: bytes) -> httpx.Response:
@@ -157,34 +170,66 @@ def _front_cpu_seconds(server: Server) -> float:
 
 JOB = {"prompt": "bench", "num_inference_steps": 4, "seed": 1, "width": 256, "height": 256}
 WAITING = 64  # jobs submitted at once for the queue's rows
+JOB_UPLOAD = file_bytes(photo(256, 256), "JPEG")
 
 
-def job_rows(server: Server, runs: int) -> list[Row]:
+def job_rows(server: Server, shared: Server, runs: int, rounds: int) -> list[Row]:
     """What a job costs over the same work as ``/generate_batch`` (interleaved; the job
-    answered through ``Prefer: wait``), and the queue with 64 jobs waiting: how long a submit
-    takes to answer, and how long the next job takes to start once one has ended."""
-    upload = file_bytes(photo(256, 256), "JPEG")
-
-    def post(path: str, params: dict, headers: dict | None = None) -> httpx.Response:
-        files = {"image": ("input.jpg", upload, "image/jpeg")}
-        data = {"params": json.dumps(params)}
-        answer = httpx.post(f"{server.url}{path}", files=files, data=data, headers=headers)
-        answer.raise_for_status()
-        return answer
-
-    def as_job() -> httpx.Response:
-        return post("/generate_task/submit", JOB, {"Prefer": "wait=60"})
-
-    job_ms, batch_ms = interleaved(runs, as_job, lambda: post("/generate_batch", JOB))
+    answered through ``Prefer: wait``); and the queue with 64 jobs waiting, in the embedded
+    store of ``server`` against the Redis of ``shared``, in alternate rounds: how long a
+    submit takes to answer, and how long the next job takes to start once one has ended."""
+    job_ms, batch_ms = interleaved(
+        runs,
+        lambda: _post_job(server, "/generate_task/submit", JOB, {"Prefer": "wait=60"}),
+        lambda: _post_job(server, "/generate_batch", JOB),
+    )
     overhead = Row("jobs", "a job, against /generate_batch", "ms", job_ms, batch_ms)
     overhead.target = 1.05
+    submits: dict[Server, list[float]] = {server: [], shared: []}
+    gaps: dict[Server, list[float]] = {server: [], shared: []}
+    for _ in range(rounds):
+        for served in (server, shared):
+            more_submits, more_gaps = _queue_figures(served)
+            submits[served] += more_submits
+            gaps[served] += more_gaps
+    return [
+        overhead,
+        Row(
+            "jobs",
+            f"submit, up to {WAITING} waiting: Redis (baseline: embedded store)",
+            "ms",
+            submits[shared],
+            submits[server],
+        ),
+        Row(
+            "jobs",
+            f"next job's start after one ends, {WAITING} waiting: Redis (baseline: embedded)",
+            "ms",
+            gaps[shared],
+            gaps[server],
+        ),
+    ]
 
+
+def _post_job(
+    server: Server, path: str, params: dict, headers: dict | None = None
+) -> httpx.Response:
+    files = {"image": ("input.jpg", JOB_UPLOAD, "image/jpeg")}
+    data = {"params": json.dumps(params)}
+    answer = httpx.post(f"{server.url}{path}", files=files, data=data, headers=headers)
+    answer.raise_for_status()
+    return answer
+
+
+def _queue_figures(server: Server) -> tuple[list[float], list[float]]:
+    """``WAITING`` quick jobs submitted at once: each submit's time to answer, and the gaps
+    between one job's end and the next one's start, in milliseconds."""
     quick = {**JOB, "num_inference_steps": 1, "width": 64, "height": 64}
     submits: list[float] = []
     task_ids: list[str] = []
     for _ in range(WAITING):
         start = time.perf_counter()
-        task_ids.append(post("/generate_task/submit", quick).json()["task_id"])
+        task_ids.append(_post_job(server, "/generate_task/submit", quick).json()["task_id"])
         submits.append((time.perf_counter() - start) * 1000)
     ended = [_ended(server, task_id) for task_id in task_ids]
     by_start = sorted(ended, key=lambda status: status["executed_at"])
@@ -192,11 +237,7 @@ def job_rows(server: Server, runs: int) -> list[Row]:
         (_moment(after["executed_at"]) - _moment(before["completed_at"])) * 1000
         for before, after in itertools.pairwise(by_start)
     ]
-    return [
-        overhead,
-        Row("jobs", f"submit, up to {WAITING} waiting", "ms", submits),
-        Row("jobs", f"next job's start after one ends, {WAITING} waiting", "ms", gaps),
-    ]
+    return submits, gaps
 
 
 def _ended(server: Server, task_id: str) -> dict:
