@@ -150,6 +150,18 @@ async def test_the_line_and_the_store_are_bounded(
     assert await store.get("c") is None and await store.get("big") is None
 
 
+async def test_results_count_toward_the_store_s_bound(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_STORE_MAX_BYTES=str(2**20))
+    await submitted(store, "a")
+    await claim(store, "w1")
+    await store.end("a", "w1", "completed", {"images": ["x" * 600_000]})
+    with pytest.raises(StoreFull):
+        await store.submit("b", b"x" * 500_000, None)
+    await store.submit("c", b"x" * 100, None)
+
+
 async def test_the_store_outlives_the_server_and_is_the_server_s_user_s_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,6 +188,28 @@ def test_a_store_of_another_schema_starts_empty(tmp_path: Path) -> None:
     store = SQLiteJobStore(path)
     store.open()
     assert asyncio.run(store.get("old")) is None
+
+
+def test_a_store_of_the_previous_schema_keeps_its_jobs_and_counts_their_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, JOB_STORE_MAX_BYTES=str(2**20))
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(sqlite_store._SCHEMA.replace(
+            "    outcome_bytes INTEGER NOT NULL DEFAULT 0,\n", ""
+        ))  # fmt: skip
+        db.execute(
+            "INSERT INTO job (task_id, status, created_at, outcome, input) "
+            "VALUES ('old', 'completed', ?, ?, x'00')",
+            (time.time(), json.dumps({"images": ["x" * 600_000]})),
+        )
+        db.execute("PRAGMA user_version = 2")
+    store = SQLiteJobStore(path)
+    store.open()
+    assert asyncio.run(store.get("old")).status == "completed"
+    with pytest.raises(StoreFull):
+        asyncio.run(store.submit("new", b"x" * 500_000, None))
 
 
 async def test_ended_jobs_are_removed_after_their_retention(

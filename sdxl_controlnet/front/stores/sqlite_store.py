@@ -36,7 +36,8 @@ from ..outbox import Message, Outbox
 BUSY_TIMEOUT_S = 5.0
 
 
-_SCHEMA_VERSION = 2  # PRAGMA user_version: a store of another version starts empty
+# PRAGMA user_version: a store of version 2 gains outcome_bytes; one of another starts empty.
+_SCHEMA_VERSION = 3
 _SCHEMA = """CREATE TABLE IF NOT EXISTS job (
     task_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -51,6 +52,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS job (
     preview_step INTEGER,
     preview TEXT,
     outcome TEXT,
+    outcome_bytes INTEGER NOT NULL DEFAULT 0,
     webhook TEXT,
     input BLOB NOT NULL,
     secret TEXT
@@ -98,10 +100,19 @@ class SQLiteJobStore(JobStore):
         try:
             create_private(self.path)
             with self._connection() as db:
-                if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 2:  # outcome's size, kept beside it: length() reads all of a text
+                    db.execute(
+                        "ALTER TABLE job ADD COLUMN outcome_bytes INTEGER NOT NULL DEFAULT 0"
+                    )
+                    db.execute(
+                        "UPDATE job SET outcome_bytes = length(CAST(outcome AS BLOB)) "
+                        "WHERE outcome IS NOT NULL"
+                    )
+                elif version != _SCHEMA_VERSION:
                     db.execute("DROP TABLE IF EXISTS job")
                     db.executescript(_SCHEMA)
-                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 db.execute("PRAGMA journal_mode=WAL")
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(
@@ -152,7 +163,8 @@ class SQLiteJobStore(JobStore):
                 if refusal := queue_full(waiting[0], settings.job_queue_max):
                     raise refusal
                 (held,) = db.execute(
-                    "SELECT coalesce(sum(length(input) + coalesce(length(outcome), 0)), 0) FROM job"
+                    # A blob's length is in its header; the outcome's is kept beside it.
+                    "SELECT coalesce(sum(length(input) + outcome_bytes), 0) FROM job"
                 )
                 if held[0] + len(input) > settings.job_store_max_bytes:
                     raise store_full()
@@ -236,9 +248,9 @@ class SQLiteJobStore(JobStore):
         failure = json.dumps(lapsed_failure(settings.job_max_attempts))
         lapsed = "status = 'in_progress' AND lease_until < ?"
         failed = db.execute(
-            f"UPDATE job SET status = 'failed', completed_at = ?, outcome = ?, owner = NULL, "
-            f"preview = NULL WHERE {lapsed} AND attempt >= ? RETURNING task_id",
-            (now, failure, now, settings.job_max_attempts),
+            f"UPDATE job SET status = 'failed', completed_at = ?, outcome = ?, outcome_bytes = ?, "
+            f"owner = NULL, preview = NULL WHERE {lapsed} AND attempt >= ? RETURNING task_id",
+            (now, failure, len(failure.encode()), now, settings.job_max_attempts),
         ).fetchall()
         db.execute(
             f"UPDATE job SET status = 'pending', owner = NULL, lease_until = NULL WHERE {lapsed}",
@@ -287,12 +299,15 @@ class SQLiteJobStore(JobStore):
 
     async def end(self, task_id: str, owner: str, status: str, outcome: t.Any = None) -> bool:
         # An ended job's status shows no preview: its row lets go of the last one.
+        encoded = None if outcome is None else json.dumps(outcome, separators=(",", ":"))
         moved = await self._write(
-            "UPDATE job SET status = ?, completed_at = ?, outcome = ?, preview = NULL, "
-            "owner = NULL WHERE task_id = ? AND owner = ? AND status = 'in_progress'",
+            "UPDATE job SET status = ?, completed_at = ?, outcome = ?, outcome_bytes = ?, "
+            "preview = NULL, owner = NULL WHERE task_id = ? AND owner = ? "
+            "AND status = 'in_progress'",
             status,
             time.time(),
-            None if outcome is None else json.dumps(outcome, separators=(",", ":")),
+            encoded,
+            0 if encoded is None else len(encoded.encode()),
             task_id,
             owner,
         )
