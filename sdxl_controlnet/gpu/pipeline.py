@@ -4,7 +4,6 @@ so torch and diffusers never load in the front Service's processes."""
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import os
 import typing as t
@@ -126,13 +125,6 @@ def select_device(allow_cpu: bool, worker_index: int | None) -> str:
         "and the GPU resource of this container, or set ALLOW_CPU=1 to serve on the CPU "
         "(development only: a generation takes minutes)"
     )
-
-
-def _delivered(previews: list[concurrent.futures.Future[None]]) -> None:
-    """Wait for a generation's previews: none arrives after its images or its error."""
-    for preview in concurrent.futures.as_completed(previews):
-        if (failure := preview.exception()) is not None:
-            logger.warning("a preview was not delivered: %r", failure)
 
 
 def active_adapters(loras: list[LoraChoice]) -> tuple[tuple[str, float], ...]:
@@ -429,18 +421,22 @@ class ControlNetPipeline:
         every = params.preview_every if on_preview and self.previews else 0
 
         pacer = StepPacer(self.device)
-        previews: list[concurrent.futures.Future[None]] = []
+        # The preview of the step before, ready by now: delivered before this step's progress.
+        preview: tuple[int, concurrent.futures.Future[bytes]] | None = None
 
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            nonlocal preview
             pacer.step_done()  # on a GPU, what follows ticks as the GPU works
             if cancelled():
                 raise GenerationCancelled
+            if preview is not None:
+                on_preview(preview[0], pipe.num_timesteps, preview[1].result())
+                preview = None
             if on_step is not None:
                 on_step(step + 1, pipe.num_timesteps)
             # Read only: the latents go on unchanged, so the images are the same bytes.
             if every and (step + 1) % every == 0 and step + 1 < pipe.num_timesteps:
-                deliver = functools.partial(on_preview, step + 1, pipe.num_timesteps)
-                previews.append(self.previews.send(tensors["latents"], deliver))
+                preview = (step + 1, self.previews.start(tensors["latents"]))
             return tensors
 
         height, width = edges.shape if edges is not None else controls.shape[1:3]
@@ -502,7 +498,6 @@ class ControlNetPipeline:
             ) from exc
         finally:
             pipe.unet, pipe.controlnet = self._eager
-            _delivered(previews)  # every preview before the images, also a failed call's
         if self._compiled is not None:
             self._say_what_ran_eagerly(height, width, params, compiled)
         # Quantize on the device: a quarter of the bytes to copy back.

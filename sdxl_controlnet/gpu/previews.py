@@ -3,15 +3,16 @@
 
 The decode is queued on the pipeline's thread between two denoising steps, so it never
 races the step that follows. Nothing there waits for it: on a GPU its pixels are copied
-into pinned host memory without blocking, and a helper thread waits for that copy, then
-encodes the WebP and delivers it, about a step later, while the GPU goes on denoising.
+into pinned host memory without blocking, and a helper thread waits for that copy and
+encodes the WebP while the GPU goes on denoising. The pipeline delivers it at the end of
+the next step, by which time it is ready: one step late, in order, and never after the
+images.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import io
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +38,9 @@ class PreviewDecoder:
         # One thread: previews are delivered in the order they were sent.
         self._encoder = concurrent.futures.ThreadPoolExecutor(1, "preview-encoder")
 
-    def send(
-        self, latents: torch.Tensor, deliver: Callable[[bytes], None]
-    ) -> concurrent.futures.Future[None]:
-        """Queue the decode of ``latents`` now; ``deliver`` gets the WebP on the helper
-        thread once it is ready. The future says when it was delivered, or why not."""
-        pixels, copied = self._decode(latents)
-        return self._encoder.submit(lambda: deliver(_encode(pixels, copied)))
+    def start(self, latents: torch.Tensor) -> concurrent.futures.Future[bytes]:
+        """Queue the decode of ``latents`` now; the WebP, once the helper thread has it."""
+        return self._encoder.submit(_encode, *self._decode(latents))
 
     def webp(self, latents: torch.Tensor) -> bytes:
         """The same preview, waited for: its decode, copy and encode, one after another."""
