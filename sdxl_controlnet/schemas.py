@@ -51,6 +51,7 @@ Mode = t.Literal["text-to-image", "image-to-image", "inpainting"]
 CONTROL_SCALE, MAX_CONTROL_SCALE = 0.5, 2.0  # every control's, the one or each of several
 IMAGE_TO_IMAGE_STRENGTH = 0.8  # diffusers' default, as A1111's and Replicate's are near it
 INPAINTING_STRENGTH = 1.0  # the masked area repainted from noise
+MAX_MASK_BLUR = 64  # pixels: a feather wider than that is a blurred picture, not an edge
 
 
 def check_gpu_request(
@@ -491,6 +492,19 @@ class Params(GenerationParams, EdgeParams):
         "See docs/api.md.",
     )
     output_format: OutputFormat = Field(default="png", description="Image format returned.")
+    keep_unmasked: bool = Field(
+        default=True,
+        description="Inpainting: the pixels outside the mask and its `mask_blur` edge come "
+        "back as the start picture's (sized to the output), byte for byte in PNG. `false` "
+        "returns the whole picture as the VAE decoded it, colours shifted a little everywhere.",
+    )
+    mask_blur: int = Field(
+        default=4,
+        ge=0,
+        le=MAX_MASK_BLUR,
+        description="Inpainting with `keep_unmasked`: the width in pixels, on each side of the "
+        "mask's edge, over which the repaint fades into the start picture; 0 for a hard edge.",
+    )
     mode: Mode | None = Field(
         default=None,
         description="Set by the server from what the request sends: `inpainting` with a "
@@ -594,7 +608,8 @@ class BatchResult(BaseModel):
     edge_map: str = Field(description="The control image the GPU received, base64-encoded PNG.")
     params: Params = Field(description="Every setting used; seed, width and height resolved.")
     timings_ms: dict[str, float] = Field(
-        description="Milliseconds spent in preprocess, generate and encode."
+        description="Milliseconds spent in preprocess, generate, keep_unmasked (inpainting) "
+        "and encode."
     )
 
 

@@ -70,7 +70,17 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
                     images = data
                 else:
                     await progress(kind, data)
-    return Generation(prepared.inputs.first_control, images, prepared.params, prepared.timings)
+    inputs, params = prepared.inputs, prepared.params
+    if inputs.mask is not None and params.keep_unmasked:
+        with prepared.timings.stage("keep_unmasked"):
+            images = await asyncio.to_thread(
+                preprocessing.keep_unmasked,
+                images,
+                inputs.init_image,
+                inputs.mask,
+                params.mask_blur,
+            )
+    return Generation(inputs.first_control, images, params, prepared.timings)
 
 
 async def generate(

@@ -379,6 +379,20 @@ def prepare(
     return inputs, resolved.model_copy(update={"width": size[0], "height": size[1]})
 
 
+def keep_unmasked(images: np.ndarray, start: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:
+    """Inpainted ``images`` (N×H×W×3) with every pixel the mask keeps put back from the
+    ``start`` picture, to the byte: the VAE's round trip shifts them all a little. The
+    repaint fades in over ``blur`` pixels on each side of the mask's edge."""
+    repaint = (mask >= 128).astype(np.float32)  # where diffusers repaints: at least half white
+    if blur:
+        side = 2 * blur + 1  # the kernel reaches ``blur`` pixels: beyond, the weight stays 0
+        repaint = cv2.GaussianBlur(repaint, (side, side), blur / 2)
+    weight = repaint[None, :, :, None]
+    # A convex mix of two uint8 pictures: a weight of 0 gives the start's value exactly.
+    mixed = start + (images.astype(np.float32) - start) * weight
+    return np.rint(mixed).astype(np.uint8)
+
+
 def control_fields(count: int) -> list[str]:
     """How errors name the images of ``params.controls``."""
     return [f"params.controls[{index}].image" for index in range(count)]

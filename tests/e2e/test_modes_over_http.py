@@ -4,14 +4,17 @@ steps that run counted in the progress, and bad pictures refused naming their fi
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from devtools.harness import Server, decode, encode, photo, shapes_image
+from devtools.harness import Server, as_array, decode, encode, photo, shapes_image
+from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.settings import settings
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +37,13 @@ def right_half_mask() -> bytes:
 
 
 INPAINTING = {"init_image": encode(photo(120, 80)), "mask": right_half_mask()}
+# The start picture as the server sizes it for the 96×64 output.
+SIZED_START = preprocessing.start_picture(photo(120, 80), (96, 64), "crop_and_resize")
+KEPT = slice(0, 48 - 4)  # the left half, short of the default mask_blur's fade
+
+
+def keeps_the_unmasked_pixels(png: bytes) -> bool:
+    return np.array_equal(as_array(decode(png))[:, KEPT], SIZED_START[:, KEPT])
 
 
 def test_generate_inpaints_and_says_so(server: Server) -> None:
@@ -42,6 +52,7 @@ def test_generate_inpaints_and_says_so(server: Server) -> None:
     assert decode(response.content).size == (96, 64)
     used = json.loads(response.headers["X-Params"])
     assert (used["mode"], used["strength"]) == ("inpainting", 1.0)
+    assert keeps_the_unmasked_pixels(response.content)
     # The same request again: the same bytes.
     again = httpx.post(f"{server.url}/generate", **uploads(PARAMS, **INPAINTING), timeout=120)
     assert again.content == response.content
@@ -81,6 +92,7 @@ def test_a_task_inpaints_too(server: Server) -> None:
     assert status == "completed"
     result = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}).json()
     assert result["params"]["mode"] == "inpainting"
+    assert keeps_the_unmasked_pixels(base64.b64decode(result["images"][0]["image"]))
 
 
 def _status(server: Server, task_id: str) -> str:

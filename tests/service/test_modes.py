@@ -123,6 +123,29 @@ async def generate(front, **uploads) -> tuple[np.ndarray, dict]:
     return as_array(decode(response.body)), json.loads(response.headers["X-Params"])
 
 
+@pytest.mark.parametrize("blur", [0, 4])
+async def test_inpainting_gives_back_every_unmasked_pixel_to_the_byte(front, blur) -> None:
+    """Outside the mask and its fade, the start picture's pixels (PNG: lossless); inside,
+    a repaint; without keep_unmasked, the VAE's round trip shifts the kept half too."""
+    start = photo(WIDTH, HEIGHT)
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    mask.paste(255, (WIDTH // 2, 0, WIDTH, HEIGHT))
+    expected = preprocessing.start_picture(start, (WIDTH, HEIGHT), "crop_and_resize")
+    kept_side = slice(0, WIDTH // 2 - blur)
+    params = {**FAST, "mask_blur": blur}
+    image, used = await generate(front, params=params, init_image=start, mask=mask)
+    assert (used["mode"], used["keep_unmasked"], used["mask_blur"]) == ("inpainting", True, blur)
+    assert np.array_equal(image[:, kept_side], expected[:, kept_side])
+    repainted = np.abs(image.astype(int) - expected)[:, WIDTH // 2 + blur :].mean()
+    assert repainted > 10, repainted
+    decoded, _ = await generate(
+        front, params={**params, "keep_unmasked": False}, init_image=start, mask=mask
+    )
+    assert not np.array_equal(decoded[:, kept_side], expected[:, kept_side])
+    # The repaint itself is the same: only what is put back differs.
+    assert np.array_equal(decoded[:, WIDTH // 2 + blur :], image[:, WIDTH // 2 + blur :])
+
+
 @pytest.mark.parametrize(
     ("uploads", "strength", "mode", "strength_used"),
     [

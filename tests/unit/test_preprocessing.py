@@ -252,3 +252,26 @@ def test_canny_finds_two_edges_where_none_keeps_one_line() -> None:
     none = preprocessing.edge_map(decode(upload), EdgeParams(preprocessor="none"))
     assert not np.array_equal(canny, none)
     assert none[50, 15:26].astype(bool).sum() == 2  # the 2-pixel line itself
+
+
+@pytest.mark.parametrize("blur", [0, 4])
+def test_inpainting_keeps_every_pixel_the_mask_keeps_and_fades_in_the_repaint(blur: int) -> None:
+    rng = np.random.default_rng(0)
+    start = rng.integers(0, 256, (64, 96, 3), np.uint8)
+    images = rng.integers(0, 256, (2, 64, 96, 3), np.uint8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 48:] = 200  # at least half white: repainted
+    mask[:, 40:48] = 100  # under half: kept, as diffusers keeps it
+    kept = preprocessing.keep_unmasked(images, start, mask, blur)
+    assert kept.shape == images.shape and kept.dtype == np.uint8
+    for image, generated in zip(kept, images, strict=True):
+        # Beyond the fade, on either side: the start's pixels and the repaint's, exactly.
+        assert np.array_equal(image[:, : 48 - blur], start[:, : 48 - blur])
+        assert np.array_equal(image[:, 48 + blur :], generated[:, 48 + blur :])
+        if blur:  # across the edge, a mix of the two: neither one alone
+            edge = image[:, 48 - blur : 48 + blur].astype(int)
+            assert not np.array_equal(edge, start[:, 48 - blur : 48 + blur])
+            assert not np.array_equal(edge, generated[:, 48 - blur : 48 + blur])
+            low = np.minimum(start, generated)[:, 48 - blur : 48 + blur]
+            high = np.maximum(start, generated)[:, 48 - blur : 48 + blur]
+            assert ((low <= edge) & (edge <= high)).all()
