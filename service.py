@@ -50,6 +50,9 @@ class SDXLControlNetService:
     base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
     preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
+    ip_adapter = model_refs.optional_reference(
+        settings.sdxl_ip_adapter, model_refs.IP_ADAPTER_INCLUDE
+    )
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
@@ -57,7 +60,7 @@ class SDXLControlNetService:
         controlnets = model_refs.controlnet_sources(self, settings.controlnets)
         models = (self.base, controlnets, self.vae, self.preview)
         adapters = model_refs.adapter_sources(self, settings.lora_adapters)
-        pipeline = ControlNetPipeline.from_settings(*models, settings, adapters)
+        pipeline = ControlNetPipeline.from_settings(*models, settings, adapters, self.ip_adapter)
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
     @bentoml.api

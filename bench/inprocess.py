@@ -22,7 +22,7 @@ from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 
 from bench.report import Row, cpu_ms, interleaved, p95, timed_ms
-from devtools.harness import photo, tiny_controlnets, tiny_model_env
+from devtools.harness import photo, tiny_controlnets, tiny_ip_adapter_env, tiny_model_env
 from sdxl_controlnet.controls import parse_controlnets
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.front.encoding import encode_image
@@ -395,4 +395,56 @@ def control_rows(runs: int, side: int = 256, steps: int = 10) -> list[Row]:
                 "CPU ms per image on one thread", "ms", both, alone,
                 note=f"canny alone p95 {p95(alone):,.0f}; a second ControlNet forward per step"),
         )  # fmt: skip
+    return rows
+
+
+def image_prompt_rows(runs: int, side: int = 256, steps: int = 10) -> list[Row]:
+    """What an image prompt costs, per image on one thread: a Canny control with an image
+    prompt against the Canny control alone, both on a pipeline with the tiny IP-Adapter;
+    a request without one on that pipeline against one without an adapter loaded; and a
+    repeated picture's embeddings, from the cache, against encoding a new one."""
+    start = photo(side, side)
+    edges = preprocessing.edge_map(start, Params(prompt="bench"))
+    images = np.stack([np.repeat(edges[..., None], 3, axis=2), np.asarray(start.convert("RGB"))])
+    # Built as a server with an IP-Adapter takes them: this process's settings load none.
+    canny = ControlSettings.model_construct(type="canny")
+    look = ControlSettings.model_construct(type="image_prompt", scale=0.6)
+    alone = GenerationParams(prompt="bench", num_inference_steps=steps, seed=1, controls=[canny])
+    prompted = alone.model_copy(update={"controls": [canny, look]})
+    model = tiny_model_env()
+    models = (model["SDXL_BASE_MODEL"], model["SDXL_CONTROLNET_MODEL"], model["SDXL_VAE_MODEL"])
+    adapter = ControlNetPipeline(*models, ip_adapter=tiny_ip_adapter_env()["SDXL_IP_ADAPTER"])
+    plain = ControlNetPipeline(*models)
+    what = f"{side}² {steps} steps, CPU ms per image on one thread"
+    rows = []
+    with one_thread():
+        for calls, name, note in (
+            (
+                (partial(adapter.generate, None, prompted, controls=images),
+                 partial(adapter.generate, None, alone, controls=images[:1])),
+                f"image prompt: canny + image prompt vs canny alone, {what}",
+                "the adapter's key and value projections in each cross-attention",
+            ),
+            (
+                (partial(adapter.generate, None, alone, controls=images[:1]),
+                 partial(plain.generate, None, alone, controls=images[:1])),
+                f"image prompt: none, IP-Adapter loaded vs not, {what}",
+                "zeros at scale 0: diffusers skips the adapter's layers",
+            ),
+        ):  # fmt: skip
+            for call in calls:  # first calls set up kernels: not counted
+                call()
+            ours, baseline = interleaved(runs, *calls, timer=cpu_ms)
+            rows.append(Row("image prompts", name, "ms", ours, baseline, note=note))
+        first: list[float] = []
+        repeat: list[float] = []
+        with torch.inference_mode():
+            for i in range(runs):  # a picture not seen yet, then the same again
+                picture = np.full((side, side, 3), i, np.uint8)
+                first.append(timed_ms(lambda p=picture: adapter.image_prompts.embeddings(p, True)))
+                repeat.append(timed_ms(lambda p=picture: adapter.image_prompts.embeddings(p, True)))
+    rows.append(
+        Row("image prompts", "image prompt cache: embeddings, repeat vs first", "ms", repeat,
+            first, target=0.2, note="the tiny image encoder; SDXL's ViT-bigG costs far more")
+    )  # fmt: skip
     return rows

@@ -61,6 +61,8 @@ def measure(quick: bool) -> list[Row]:
     rows += inprocess.lever_rows(pipeline, runs=3 if quick else 5)
     section("a second control: ControlNets for canny and depth, and a ControlNet Union")
     rows += inprocess.control_rows(runs=3 if quick else 5)
+    section("image prompts: an IP-Adapter beside the controls")
+    rows += inprocess.image_prompt_rows(runs=3 if quick else 5)
     section("cold start")
     server, cold_start = served.start_server()
     try:

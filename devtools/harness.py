@@ -24,11 +24,13 @@ from devtools.tiny_model import (
     BASE_SUBDIR,
     CONTROLNET_SUBDIR,
     DEPTH_SUBDIR,
+    IP_ADAPTER_SUBDIR,
     PREVIEW_SUBDIR,
     UNION_SUBDIR,
     VAE_SUBDIR,
     build,
     build_controls,
+    build_ip_adapter,
     build_preview,
 )
 
@@ -70,6 +72,11 @@ def tiny_controlnets(configuration: str) -> dict[str, str]:
     return {"SDXL_CONTROLNETS": ",".join(f"{n}={TINY_MODEL.resolve() / tiny[n]}" for n in names)}
 
 
+def tiny_ip_adapter_env() -> dict[str, str]:
+    """``SDXL_IP_ADAPTER`` for the tiny model's IP-Adapter: image prompts on."""
+    return {"SDXL_IP_ADAPTER": str(TINY_MODEL.resolve() / IP_ADAPTER_SUBDIR)}
+
+
 def ensure_tiny_model() -> Path:
     """The tiny model's directory, built first if it is missing."""
     if not (TINY_MODEL / BASE_SUBDIR / "model_index.json").exists():
@@ -78,6 +85,8 @@ def ensure_tiny_model() -> Path:
         build_preview(TINY_MODEL)
     if not (TINY_MODEL / UNION_SUBDIR / "config.json").exists():
         build_controls(TINY_MODEL)
+    if not (TINY_MODEL / IP_ADAPTER_SUBDIR).is_dir():
+        build_ip_adapter(TINY_MODEL)
     return TINY_MODEL
 
 

@@ -25,14 +25,18 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
 )
 
 from sdxl_controlnet.controls import UNION_MODE_COUNT
+from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_ENCODER, IP_ADAPTER_WEIGHT
 
 # Where the three model paths live under the output directory; the service
 # loads them exactly like the three Hugging Face repositories they stand in for.
@@ -45,6 +49,10 @@ PREVIEW_SUBDIR = "preview"
 # SDXL_CONTROLNETS; built apart too.
 DEPTH_SUBDIR = "controlnet-depth"
 UNION_SUBDIR = "controlnet-union"
+# An IP-Adapter in h94/IP-Adapter's layout (model_refs.IP_ADAPTER_WEIGHT, its encoder
+# beside it), for SDXL_IP_ADAPTER; built apart too.
+IP_ADAPTER_SUBDIR = "ip-adapter"
+IMAGE_EMBED_DIM = 16
 
 TEXT_HIDDEN_SIZE = 32
 TIME_EMBED_DIM = 8
@@ -143,6 +151,7 @@ def build(output_dir: Path, seed: int = 0) -> Path:
     vae.save_pretrained(output_dir / VAE_SUBDIR)
     build_preview(output_dir, seed)
     build_controls(output_dir, seed)
+    build_ip_adapter(output_dir, seed)
     return output_dir
 
 
@@ -200,12 +209,53 @@ def build_preview(output_dir: Path, seed: int = 0) -> Path:
     return Path(output_dir) / PREVIEW_SUBDIR
 
 
+def build_ip_adapter(output_dir: Path, seed: int = 0) -> Path:
+    """A tiny IP-Adapter for the tiny UNet under ``output_dir``: the weight file of
+    h94/IP-Adapter's SDXL adapter in its layout (the image projection to four tokens, and
+    a key and value projection for each cross-attention), and a tiny
+    ``CLIPVisionModelWithProjection`` as its image encoder."""
+    torch.manual_seed(seed + 2)
+    root = Path(output_dir) / IP_ADAPTER_SUBDIR
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=IMAGE_EMBED_DIM,
+        )
+    )
+    encoder.save_pretrained(root / IP_ADAPTER_ENCODER)
+    unet = UNet2DConditionModel.from_pretrained(Path(output_dir) / BASE_SUBDIR / "unet")
+    context = unet.config.cross_attention_dim
+    weights = {
+        "image_proj.proj.weight": torch.randn(4 * context, IMAGE_EMBED_DIM) * 0.3,
+        "image_proj.proj.bias": torch.zeros(4 * context),
+        "image_proj.norm.weight": torch.ones(context),
+        "image_proj.norm.bias": torch.zeros(context),
+    }
+    # diffusers numbers the cross-attentions 1, 3, 5…, in the UNet's order of processors.
+    cross_attentions = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for number, name in zip(range(1, 2 * len(cross_attentions), 2), cross_attentions, strict=True):
+        width = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+        for projection in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{number}.{projection}.weight"] = torch.randn(width, context) * 0.3
+    (root / IP_ADAPTER_WEIGHT).parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, root / IP_ADAPTER_WEIGHT)
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", type=Path, help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     parser.add_argument(
         "--preview-only", action="store_true", help="add only the preview decoder to a built model"
+    )
+    parser.add_argument(
+        "--ip-adapter-only", action="store_true", help="add only the IP-Adapter to a built model"
     )
     parser.add_argument(
         "--controls-only",
@@ -215,6 +265,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.preview_only:
         print(f"tiny preview decoder written to {build_preview(args.output_dir, args.seed)}")
+        return
+    if args.ip_adapter_only:
+        print(f"tiny IP-Adapter written to {build_ip_adapter(args.output_dir, args.seed)}")
         return
     if args.controls_only:
         built = build_controls(args.output_dir, args.seed)

@@ -14,6 +14,10 @@ ControlType = t.Literal[
     "canny", "depth", "pose", "lineart", "softedge", "scribble", "normal", "segment", "tile"
 ]
 CONTROL_TYPES: tuple[str, ...] = t.get_args(ControlType)
+# A control that is no ControlNet's: a picture whose style and subject the IP-Adapter
+# (SDXL_IP_ADAPTER) carries into the image, beside the ControlNets' structure.
+IMAGE_PROMPT = "image_prompt"
+RequestControlType = t.Literal[ControlType, "image_prompt"]
 UNION = "union"
 # The types the front derives from the upload with OpenCV; the others need a model of
 # their own (a depth estimator, a pose detector), so the client sends their control image.

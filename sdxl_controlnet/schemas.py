@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .controls import DERIVED, ControlType
+from .controls import DERIVED, IMAGE_PROMPT, ControlType, RequestControlType
 from .errors import InvalidRequest
 from .settings import Scheduler, SettingsError, check_webhook_secret, settings
 from .streaming import PREVIEW_MAX_SIDE
@@ -177,9 +177,10 @@ def _offered_type(kind: str) -> str:
     return kind
 
 
-# The types this server serves reach the OpenAPI schema (and the studio) as the enum.
+# The types this server serves reach the OpenAPI schema (and the studio) as the enum:
+# image_prompt only where an IP-Adapter is loaded.
 OfferedType = t.Annotated[
-    ControlType,
+    RequestControlType,
     AfterValidator(_offered_type),
     Field(json_schema_extra={"enum": settings.control_types}),
 ]
@@ -236,6 +237,8 @@ class Control(ControlSettings):
 
     @model_validator(mode="after")
     def _derivable(self) -> t.Self:
+        if self.type == IMAGE_PROMPT and self.preprocessor not in (None, "none"):
+            raise _rule("preprocessor: an image_prompt takes its picture as it is; leave it out")
         if self.preprocessor not in (None, "none", *DERIVED):
             raise _rule(
                 f"preprocessor: deriving a {self.preprocessor} image needs a model of its own, "
@@ -413,6 +416,14 @@ class GenerationParams(BaseModel):
             raise _rule(
                 f"{given[0]}: with controls, each control has its own scale, start, end and "
                 "preprocessor; leave the one-control fields out"
+            )
+        kinds = [control.type for control in self.controls]
+        if kinds.count(IMAGE_PROMPT) > 1:
+            raise _rule("controls: at most one image_prompt per request")
+        if kinds and set(kinds) == {IMAGE_PROMPT}:
+            raise _rule(
+                "controls: an image_prompt goes beside at least one ControlNet control "
+                f"({', '.join(k for k in settings.control_types if k != IMAGE_PROMPT)})"
             )
         if not self.controls and "canny" not in settings.control_types:
             raise _rule(

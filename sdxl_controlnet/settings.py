@@ -170,6 +170,11 @@ class Settings(BaseModel):
     # TAESD for SDXL, the tiny distilled VAE that decodes the live previews of a generation
     # (params.preview_every) in milliseconds; empty turns previews off. ~10 MB.
     sdxl_preview_model: str = "madebyollin/taesdxl@b20258aaef75ef61e659c1e0f14f251cf0ad153e"
+    # An IP-Adapter, for image prompts (params.controls of type image_prompt): a folder in
+    # h94/IP-Adapter's layout (model_refs.IP_ADAPTER_WEIGHT and its image encoder), or that
+    # repository pinned, h94/IP-Adapter@018e402774aeeddd60609b4ecdb7e298259dc729 (2.6 GB).
+    # Empty (the default) loads none.
+    sdxl_ip_adapter: str = ""
 
     # Uploads: the body size is checked from Content-Length before it is read,
     # the pixel count from the image header before any pixel is decoded.
@@ -322,6 +327,11 @@ class Settings(BaseModel):
                 "TORCH_COMPILE compiles the one Canny ControlNet; SDXL_CONTROLNETS declares "
                 f"{', '.join(self.controlnets)}: leave TORCH_COMPILE off"
             )
+        if self.sdxl_ip_adapter and (self.torch_compile or self.fuse_qkv):
+            raise ValueError(
+                "SDXL_IP_ADAPTER cannot be combined with TORCH_COMPILE or FUSE_QKV: the "
+                "adapter's attention layers replace the ones those compile and fuse"
+            )
         if self.fuse_qkv and self.lora_adapters:
             raise ValueError(
                 "FUSE_QKV cannot be combined with LORA_ADAPTERS: the fused projections "
@@ -344,8 +354,10 @@ class Settings(BaseModel):
 
     @functools.cached_property
     def control_types(self) -> list[str]:
-        """The control types requests may ask for."""
-        return controls.offered(self.controlnets)
+        """The control types requests may ask for: the ControlNets', and an image prompt
+        where an IP-Adapter is loaded."""
+        image_prompt = [controls.IMAGE_PROMPT] if self.sdxl_ip_adapter else []
+        return controls.offered(self.controlnets) + image_prompt
 
     @property
     def front_timeout_s(self) -> int:

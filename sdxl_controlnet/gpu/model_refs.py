@@ -29,6 +29,7 @@ BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 PREVIEW_REPO = "madebyollin/taesdxl"
+IP_ADAPTER_REPO = "h94/IP-Adapter"
 
 # The files the pipeline loads, in fp16: half the download of fp32, and what a GPU runs.
 # A CPU upcasts them. Never "*.safetensors": that also matches the single-file
@@ -54,6 +55,16 @@ UNION_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 # TAESD's diffusers files (10 MB); not its .pth encoder and decoder, which are the same weights.
 PREVIEW_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
+# h94/IP-Adapter's SDXL adapter (703 MB) and its ViT-bigG image encoder, where that
+# repository keeps them; a local folder for SDXL_IP_ADAPTER has the same layout. Not the
+# SD 1.5 adapters, the .bin copies, or the other encoders.
+IP_ADAPTER_WEIGHT = "sdxl_models/ip-adapter_sdxl.safetensors"
+IP_ADAPTER_ENCODER = "sdxl_models/image_encoder"
+IP_ADAPTER_INCLUDE = [
+    IP_ADAPTER_WEIGHT,
+    f"{IP_ADAPTER_ENCODER}/config.json",
+    f"{IP_ADAPTER_ENCODER}/model.safetensors",
+]
 
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")

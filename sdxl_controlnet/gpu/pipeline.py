@@ -37,10 +37,11 @@ from PIL import Image
 from .. import logs, metrics
 from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
 from ..errors import GenerationCancelled, GPUOutOfMemory
-from ..schemas import GenerationParams, LoraChoice, Scheduler
+from ..schemas import ControlSettings, GenerationParams, LoraChoice, Scheduler
 from ..settings import Settings, settings
-from . import control_skip
+from . import control_skip, image_prompts
 from .compilation import CompiledModels, graph_key, report_counts, without_compiling
+from .image_prompts import ImagePrompts
 from .previews import PreviewDecoder
 from .prompt_cache import PromptEmbeddings
 from .step_pacing import StepPacer
@@ -153,6 +154,7 @@ class ControlNetPipeline:
         preview: str | None,
         settings: Settings,
         adapters: Mapping[str, tuple[str, str]],
+        ip_adapter: str | None = None,
     ) -> ControlNetPipeline:
         """The pipeline as the operator configured it, on this worker's own GPU."""
         return cls(
@@ -166,6 +168,7 @@ class ControlNetPipeline:
             compile_mode=settings.torch_compile_mode,
             adapters=adapters,
             preview=preview,
+            ip_adapter=ip_adapter,
             prompt_cache_size=settings.prompt_cache_size,
         )
 
@@ -182,6 +185,7 @@ class ControlNetPipeline:
         compile_mode: str = "reduce-overhead",
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
+        ip_adapter: str | None = None,
         prompt_cache_size: int = settings.prompt_cache_size,
     ) -> None:
         self.device = device
@@ -204,6 +208,10 @@ class ControlNetPipeline:
             controlnet.to(device)
         # Image-to-image and inpainting: the same modules in other pipelines, no weight copied.
         # from_pipe casts every module to its dtype, float32 unless told (diffusers 0.42.1).
+        # An IP-Adapter for image prompts, before the other pipelines share the modules.
+        self.image_prompts = (
+            ImagePrompts(self.pipe, ip_adapter, prompt_cache_size) if ip_adapter else None
+        )
         self.img2img = image_to_image.from_pipe(self.pipe, dtype=dtype)
         self.inpaint = inpainting.from_pipe(self.pipe, dtype=dtype)
         for pipe in (self.pipe, self.img2img, self.inpaint):
@@ -366,11 +374,15 @@ class ControlNetPipeline:
             )
 
     def _steering(
-        self, edges: np.ndarray | None, controls: np.ndarray | None, params: GenerationParams
+        self,
+        edges: np.ndarray | None,
+        controls: np.ndarray | None,
+        params: GenerationParams,
+        settings: list[ControlSettings],
     ) -> tuple[torch.nn.Module, list[torch.Tensor], dict]:
         """The ControlNet module a request's controls run, their images as 1×3×H×W tensors
         in [0, 1], and the pipeline's arguments for their scales and windows: one
-        ControlNet, or several combined, each with its own."""
+        ControlNet, or several combined, each with its own ``settings``."""
         # torch.tensor copies: the arrays BentoML unpickles are read-only.
         if edges is not None:  # the one Canny control crosses the wire as one channel
             height, width = edges.shape
@@ -382,7 +394,7 @@ class ControlNetPipeline:
             stack = torch.tensor(controls, device=self.device).permute(0, 3, 1, 2)
             stack = stack.to(self.pipe.dtype).div_(255)
             images = list(stack.split(1))
-            steering = [(c.type, c.scale, c.start, c.end) for c in params.controls]
+            steering = [(c.type, c.scale, c.start, c.end) for c in settings]
         kinds, scales, starts, ends = (list(values) for values in zip(*steering, strict=True))
         arguments: dict[str, t.Any] = {}
         if self.union:
@@ -429,6 +441,8 @@ class ControlNetPipeline:
             pacer.step_done()  # on a GPU, what follows ticks as the GPU works
             if cancelled():
                 raise GenerationCancelled
+            if self.image_prompts is not None:  # the next step's scale, inside its window
+                self.image_prompts.set_scale(prompt, step + 1, pipe.num_timesteps)
             if preview is not None:
                 on_preview(preview[0], pipe.num_timesteps, preview[1].result())
                 preview = None
@@ -453,7 +467,15 @@ class ControlNetPipeline:
             }
         else:
             prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
-        controlnet, images, steering = self._steering(edges, controls, params)
+        controlnets, (prompt, picture) = params.controls, (None, None)
+        if controls is not None:  # an image prompt travels among them: it is no ControlNet's
+            controlnets, pictures, image_prompt = image_prompts.split(params.controls, controls)
+            controls, (prompt, picture) = np.stack(pictures), image_prompt or (None, None)
+        controlnet, images, steering = self._steering(edges, controls, params, controlnets)
+        if self.image_prompts is not None:
+            guided = params.guidance_scale > 1
+            steering["ip_adapter_image_embeds"] = self.image_prompts.embeddings(picture, guided)
+            self.image_prompts.set_scale(prompt, 0, params.steps)
         # A Union's pipelines take a list of control images, with a mode for each.
         control = images if self.union else (images[0] if len(images) == 1 else images)
         generators = [

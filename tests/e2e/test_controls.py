@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from devtools.harness import Server, decode, encode, photo, serving, shapes_image, tiny_controlnets
+from devtools.harness import (
+    Server,
+    decode,
+    encode,
+    photo,
+    serving,
+    shapes_image,
+    tiny_controlnets,
+    tiny_ip_adapter_env,
+)
 from tests.e2e.test_clients import ELSEWHERE, section
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +44,9 @@ DEPTH = data_uri(photo(96, 64).convert("L"))  # a stand-in depth map
 
 @pytest.fixture(scope="module")
 def canny_and_depth() -> Iterator[Server]:
-    with serving({**tiny_controlnets("canny+depth"), "FRONT_WORKERS": "2"}) as srv:
+    """Canny and depth ControlNets, and an IP-Adapter for image prompts."""
+    env = {**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env(), "FRONT_WORKERS": "2"}
+    with serving(env) as srv:
         yield srv
 
 
@@ -167,7 +178,7 @@ def test_the_schema_offers_what_each_server_loads(server, canny_and_depth, union
         return schemas["Control"]["properties"]["type"]["enum"]
 
     assert offered(server) == ["canny"]
-    assert offered(canny_and_depth) == ["canny", "depth"]
+    assert offered(canny_and_depth) == ["canny", "depth", "image_prompt"]
     assert set(offered(union)) == {
         "canny",
         "depth",
@@ -184,22 +195,86 @@ def test_the_schema_offers_what_each_server_loads(server, canny_and_depth, union
     assert batch(server, {**FAST, "controls": [{"type": "canny"}]}).status_code == 200
 
 
-def examples() -> tuple[str, str]:
-    """The curl and Python examples of docs/api.md's "Several controls", which
-    tests/e2e/test_clients.py leaves to this module."""
+def image_prompt(colour: str, **settings: object) -> dict:
+    picture = data_uri(Image.new("RGB", (80, 80), colour))
+    return {"type": "image_prompt", "image": picture, "scale": 0.8, **settings}
+
+
+def test_an_image_prompt_steers_beside_depth_at_every_endpoint(canny_and_depth: Server) -> None:
+    depth = {"type": "depth", "image": DEPTH}
+    red, blue = (
+        batch(canny_and_depth, {**FAST, "controls": [depth, image_prompt(colour)]})
+        for colour in ("red", "blue")
+    )
+    assert red.status_code == blue.status_code == 200, red.text
+    (red_image,), (blue_image,) = (
+        [decode(base64.b64decode(i["image"])) for i in r.json()["images"]] for r in (red, blue)
+    )
+    # Two steps of the tiny model: a small change, but a change.
+    assert np.abs(np.asarray(red_image, int) - np.asarray(blue_image, int)).mean() > 0.1
+    assert red.json()["params"]["controls"][1]["type"] == "image_prompt"
+    # A file part, as a job: the same picture, the same seed, the same bytes.
+    params = {**FAST, "controls": [depth, {**image_prompt("red"), "image": "look"}]}
+    submitted = httpx.post(
+        f"{canny_and_depth.url}/generate_task/submit",
+        **form(params, look=Image.new("RGB", (80, 80), "red")),
+        headers={"Prefer": "wait=60"},
+        timeout=90,
+    )
+    assert submitted.status_code == 200, submitted.text
+    task = httpx.get(
+        f"{canny_and_depth.url}/generate_task/get", params={"task_id": submitted.json()["task_id"]}
+    )
+    assert task.json()["images"][0]["image"] == red.json()["images"][0]["image"]
+
+
+@pytest.mark.parametrize(
+    ("controls", "said"),
+    [
+        ([image_prompt("red")], "an image_prompt goes beside at least one ControlNet control"),
+        (
+            [{"type": "canny"}, image_prompt("red"), image_prompt("blue")],
+            "at most one image_prompt per request",
+        ),
+        ([{"type": "canny"}, image_prompt("red", preprocessor="canny")], "takes its picture as"),
+    ],
+)
+def test_image_prompts_a_server_cannot_honour_are_400s(
+    canny_and_depth: Server, controls: list, said: str
+) -> None:
+    answer = batch(canny_and_depth, {**FAST, "controls": controls})
+    assert answer.status_code == 400, answer.text
+    assert said in answer.json()["error"]
+
+
+def test_a_server_without_an_ip_adapter_refuses_image_prompts_naming_its_types(server) -> None:
+    answer = batch(server, {**FAST, "controls": [{"type": "canny"}, image_prompt("red")]})
+    assert answer.status_code == 400, answer.text
+    assert "do not serve 'image_prompt'; they serve: canny" in answer.json()["error"]
+
+
+def examples() -> list[tuple[str, str]]:
+    """The curl and Python examples of docs/api.md's "Several controls" and its "Image
+    prompts", which tests/e2e/test_clients.py leaves to this module."""
     text = section(DOCS.read_text(), ELSEWHERE)
-    curl, python = re.findall(r"```(?:bash|python)\n(.*?)```", text, re.DOTALL)
-    return curl, python
+    blocks = re.findall(r"```(?:bash|python)\n(.*?)```", text, re.DOTALL)
+    return list(zip(blocks[::2], blocks[1::2], strict=True))
 
 
-def test_the_docs_examples_run(canny_and_depth: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("example", "output"), [(0, "two-controls.png"), (1, "depth-and-look.png")]
+)
+def test_the_docs_examples_run(
+    canny_and_depth: Server, tmp_path: Path, example: int, output: str
+) -> None:
     photo(96, 64).convert("RGB").save(tmp_path / "photo.jpg")
     photo(96, 64).convert("L").save(tmp_path / "depth.png")
+    shapes_image(80, 80).save(tmp_path / "style.png")
     curl, python = (
-        example.replace("http://localhost:3000", canny_and_depth.url) for example in examples()
+        code.replace("http://localhost:3000", canny_and_depth.url) for code in examples()[example]
     )
     subprocess.run(["bash", "-euc", curl], cwd=tmp_path, check=True, timeout=120)
-    assert decode((tmp_path / "two-controls.png").read_bytes()).size == (96, 64)
+    assert decode((tmp_path / output).read_bytes()).size == (96, 64)
     ran = subprocess.run(
         [sys.executable, "-c", python], cwd=tmp_path, check=True, capture_output=True, timeout=120
     )

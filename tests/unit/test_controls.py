@@ -50,6 +50,14 @@ def test_compiling_is_for_the_one_canny_controlnet() -> None:
         Settings.from_env({**compiled, "SDXL_CONTROLNETS": "canny=a,depth=b"})
 
 
+def test_an_ip_adapter_offers_image_prompts_and_is_kept_from_compiling_and_fusing() -> None:
+    adapter = {"SDXL_IP_ADAPTER": "/models/ip-adapter"}
+    assert Settings.from_env(adapter).control_types == ["canny", "image_prompt"]
+    for option in ("TORCH_COMPILE", "FUSE_QKV"):
+        with pytest.raises(SettingsError, match="SDXL_IP_ADAPTER cannot be combined"):
+            Settings.from_env({**adapter, option: "1"})
+
+
 def test_the_types_offered_are_the_names_or_what_the_union_serves() -> None:
     assert offered({"depth": "d", "canny": "c"}) == ["canny", "depth"]
     union = offered({"union": "u"})
@@ -63,6 +71,7 @@ def test_the_types_offered_are_the_names_or_what_the_union_serves() -> None:
     ("controls", "fields", "said"),
     [
         ([{"type": "depth"}], {}, "do not serve 'depth'; they serve: canny"),
+        ([{"type": "canny"}, {"type": "image_prompt"}], {}, "do not serve 'image_prompt'"),
         ([{"type": "canny", "preprocessor": "pose"}], {}, "deriving a pose image needs a model"),
         ([{"type": "canny", "start": 0.6, "end": 0.5}], {}, "start must be less than end"),
         ([{"type": "canny", "scale": 2.5}], {}, "less than or equal to 2"),
