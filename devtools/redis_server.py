@@ -31,6 +31,8 @@ def running_redis(timeout_s: float = 10.0) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="redis-") as folder:
         options = ["--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
         options += ["--save", "", "--appendonly", "no", "--protected-mode", "yes"]
+        # DEBUG SLEEP, from this host only: a test makes the store stop answering for a while.
+        options += ["--enable-debug-command", "local"]
         process = subprocess.Popen([server_binary(), *options], stdout=subprocess.DEVNULL)
         url = f"redis://127.0.0.1:{port}/0"
         try:

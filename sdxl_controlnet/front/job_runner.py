@@ -22,7 +22,7 @@ import typing as t
 import uuid
 
 from .. import logs
-from ..errors import ClientError, GPUServiceUnavailable, ServiceBusy
+from ..errors import ClientError, GPUServiceUnavailable, ServiceBusy, StoreUnreachable
 from ..metrics import JOB_WAIT, JOBS_RUNNING, JOBS_WAITING
 from ..settings import settings
 from . import gpu_call, job_input, webhooks
@@ -37,6 +37,8 @@ WATCH_S = 0.25
 COUNT_S = 1.0
 # How long a runner whose job met a busy GPU waits before it asks for a job again.
 BUSY_BACKOFF_S = 1.0
+# How often a job's end is tried again while the store cannot be reached.
+END_RETRY_S = 1.0
 
 
 class JobRunner:
@@ -136,18 +138,20 @@ class JobRunner:
 
         async def progress(kind: str, event: dict[str, t.Any]) -> None:
             nonlocal last_write
-            if kind == "preview":  # at most one every preview_every steps: each is kept
-                await self.store.record_preview(task_id, event["step"], event["image"])
-                return
-            hook.progressed(claimed.job, event["step"], event["total"])
-            if event["step"] < event["total"] and time.monotonic() - last_write < WATCH_S:
-                return
-            last_write = time.monotonic()
-            await self.store.record_step(task_id, event["step"], event["total"])
+            # Progress is for show: one a store that is down missed, the next step writes.
+            with contextlib.suppress(StoreUnreachable):
+                if kind == "preview":  # at most one every preview_every steps: each is kept
+                    await self.store.record_preview(task_id, event["step"], event["image"])
+                    return
+                hook.progressed(claimed.job, event["step"], event["total"])
+                if event["step"] < event["total"] and time.monotonic() - last_write < WATCH_S:
+                    return
+                last_write = time.monotonic()
+                await self.store.record_step(task_id, event["step"], event["total"])
 
         async def ended(status: str, result: t.Any = None, failure: t.Any = None) -> None:
             outcome = result.model_dump(mode="json") if result is not None else failure
-            if not await self.store.end(task_id, self.owner, status, outcome):
+            if not await self._end(task_id, status, outcome):
                 return  # canceled meanwhile, or taken over: whoever did tells the webhook
             job = await self.store.get(task_id)
             assert job is not None, "ended above"
@@ -192,13 +196,29 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
 
+    async def _end(self, task_id: str, status: str, outcome: t.Any) -> bool:
+        """The store's ``end``, tried again while the store cannot be reached, for as long
+        as the job's lease holds: a result is not lost to a store's short outage."""
+        deadline = time.monotonic() + settings.job_lease_s
+        while True:
+            try:
+                return await self.store.end(task_id, self.owner, status, outcome)
+            except StoreUnreachable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(END_RETRY_S)
+
     async def _watch(self, task_id: str, work: asyncio.Future[t.Any]) -> str | None:
         """Wait for ``work``, renewing the job's lease; stop it if the job is canceled or
-        the lease lost. The job's status then (IN_PROGRESS once the work is done)."""
+        the lease lost. The job's status then (IN_PROGRESS once the work is done). A store
+        that cannot be reached stops nothing: the lease holds ``JOB_LEASE_S``."""
         renewed = time.monotonic()
         while not (await asyncio.wait({work}, timeout=WATCH_S))[0]:
             renew = time.monotonic() - renewed > settings.job_lease_s / 3
-            status = await self.store.watch(task_id, self.owner, renew)
+            try:
+                status = await self.store.watch(task_id, self.owner, renew)
+            except StoreUnreachable:
+                continue
             if renew:
                 renewed = time.monotonic()
             if status != IN_PROGRESS:

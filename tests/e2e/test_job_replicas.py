@@ -111,3 +111,24 @@ def test_any_replica_answers_cancels_and_takes_over_every_job(redis_url: str) ->
     assert [d.status for d in retried] == [503, 200]
     data = Webhook(SECRET).verify(deliveries[-1].body, deliveries[-1].headers)["data"]
     assert data["task_id"] == job
+
+
+def test_a_store_that_stops_answering_for_a_while_fails_no_job(redis_url: str) -> None:
+    """Redis stops answering for longer than its clients wait (10 s), mid-job: every store
+    call of the runner fails meanwhile, and the job still ends completed, on its first run."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+    server = Server(["serve", "."], env={"JOB_STORE_URL": redis_url, "FRONT_WORKERS": "2"})
+    try:
+        server.wait_ready()
+        with server.slow_steps(STEP_S):
+            job = submit(server, {**QUICK, "num_inference_steps": 40})  # 16 s of steps
+            while status(server, job).get("progress", {}).get("step", 0) < 1:
+                time.sleep(0.05)
+            with redis.Redis.from_url(redis_url, socket_timeout=30) as client:
+                client.execute_command("DEBUG", "SLEEP", 11)  # returns when Redis does
+            ended = wait_for(server, job, ENDED, timeout_s=120)
+        assert (ended["status"], ended["attempt"]) == ("completed", 1), ended
+        assert "jobs: redis://127.0.0.1" in server.log.read_text()  # the outage was seen
+    finally:
+        server.stop()
