@@ -111,8 +111,9 @@ def load_controlnets(
 def select_device(allow_cpu: bool, worker_index: int | None) -> str:
     """The device this worker generates on: with several GPUs, worker i (from 1, as
     BentoML counts) takes GPU i-1, since BentoML shows every worker all of them. It is
-    made the worker's current device too: what names no index (a CUDA event, the graph
-    pool, a bare ``"cuda"``) would otherwise open a context on GPU 0 from every worker."""
+    made the worker's current device too (and the pipeline thread's: ``pipeline_thread``):
+    what names no index (a CUDA event, the graph pool, a bare ``"cuda"``) would otherwise
+    open a context on GPU 0 from every worker."""
     if torch.cuda.is_available():
         index = ((worker_index or 1) - 1) % torch.cuda.device_count()
         torch.cuda.set_device(index)
@@ -125,6 +126,17 @@ def select_device(allow_cpu: bool, worker_index: int | None) -> str:
         f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={visible}); check the driver "
         "and the GPU resource of this container, or set ALLOW_CPU=1 to serve on the CPU "
         "(development only: a generation takes minutes)"
+    )
+
+
+def pipeline_thread(device: str) -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread all of a pipeline's work runs on. A CUDA device is current per
+    thread: this one makes ``device`` its own, so that its events, graphs and pinned
+    memory are on this worker's GPU, not GPU 0."""
+    if not device.startswith("cuda"):
+        return concurrent.futures.ThreadPoolExecutor(1, "pipeline")
+    return concurrent.futures.ThreadPoolExecutor(
+        1, "pipeline", initializer=torch.cuda.set_device, initargs=(torch.device(device),)
     )
 
 
@@ -245,7 +257,7 @@ class ControlNetPipeline:
         for controlnet in self.controlnets.values():
             control_skip.skip_when_unscaled(controlnet)
         self._prompts = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._thread = pipeline_thread(device)
         # The pipeline holds the eager modules except during a compiled call, so that
         # diffusers always finds the adapters on them.
         self._eager = (self.pipe.unet, self.pipe.controlnet)

@@ -278,6 +278,16 @@ def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatc
     assert pipeline.submit(edges(), PARAMS).result().shape == (1, 64, 96, 3)
 
 
+def test_the_pipeline_thread_makes_the_worker_s_gpu_its_current_device(monkeypatch) -> None:
+    """A CUDA device is current per thread: the thread that generates sets its own."""
+    current: list[torch.device] = []
+    monkeypatch.setattr(pipeline_module.torch.cuda, "set_device", current.append)
+    pipeline_module.pipeline_thread("cuda:1").submit(lambda: None).result()
+    assert current == [torch.device("cuda:1")]
+    pipeline_module.pipeline_thread("cpu").submit(lambda: None).result()
+    assert current == [torch.device("cuda:1")]  # the CPU has nothing to set
+
+
 def test_without_cuda_the_gpu_service_refuses_to_start_unless_cpu_is_allowed() -> None:
     assert not torch.cuda.is_available()
     with pytest.raises(NoGPUError, match="set ALLOW_CPU=1"):
