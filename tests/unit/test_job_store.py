@@ -266,3 +266,16 @@ def test_a_redis_that_refuses_the_front_stops_the_start_at_once() -> None:
             RedisJobStore(wrong).open()
         assert time.monotonic() - start < redis_store.OPEN_RETRY_S
         assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@db:6379/0", "redis://:***@db:6379/0"),
+        ("rediss://user:s3cret@db:6380/1", "rediss://user:***@db:6380/1"),
+        ("redis://db:6379/0?password=s3cret", "redis://db:6379/0"),
+        ("unix:///run/redis.sock?db=0&password=s3cret", "unix:///run/redis.sock"),
+    ],
+)
+def test_a_store_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert redis_store.redacted(url) == shown

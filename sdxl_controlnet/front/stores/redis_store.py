@@ -3,7 +3,9 @@ or Valkey, through redis-py's asyncio client. What ``JOB_STORE_URL=redis://…``
 
 Every change that reads and then writes is one Lua script, so it is atomic on the server
 whatever the number of replicas; every script reads the time from the server (``TIME``),
-so leases do not depend on the replicas' clocks agreeing. The keys, under ``KEY_PREFIX``:
+so leases do not depend on the replicas' clocks agreeing. A full Redis refuses a script
+whose first write would grow it: the scripts that end and delete jobs write first what
+frees memory, so a full store can still empty itself. The keys, under ``KEY_PREFIX``:
 
 - ``job:<task_id>``, a hash: the job's fields, input and secret. An ended job's is deleted
   ``RETENTION_S`` after it ended, by the next submit.
@@ -87,9 +89,9 @@ local old = redis.call('ZRANGE', KEYS[3], '-inf', now - ARGV[7], 'BYSCORE', 'LIM
 for _, id in ipairs(old) do
   local key = ARGV[1] .. 'job:' .. id
   local size = redis.call('HSTRLEN', key, 'input') + redis.call('HSTRLEN', key, 'outcome')
-  redis.call('DECRBY', KEYS[2], size)
   redis.call('DEL', key)
   redis.call('ZREM', KEYS[3], id)
+  redis.call('DECRBY', KEYS[2], size)
 end
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting >= tonumber(ARGV[5]) then return {'queue_full', waiting} end
@@ -176,13 +178,13 @@ _END = (
     + """
 local status, owner = unpack(redis.call('HMGET', KEYS[1], 'status', 'owner'))
 if status ~= 'in_progress' or owner ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'completed_at', now)
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'outcome', ARGV[4])
   redis.call('INCRBY', KEYS[4], #ARGV[4])
 end
 redis.call('HDEL', KEYS[1], 'owner', 'preview')
-redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 return 1
 """
@@ -206,10 +208,10 @@ _CANCEL = (
     + """
 local before = redis.call('HGET', KEYS[1], 'status')
 if before == 'pending' or before == 'in_progress' then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_at', now)
-  redis.call('HDEL', KEYS[1], 'owner', 'preview')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_at', now)
+  redis.call('HDEL', KEYS[1], 'owner', 'preview')
   redis.call('ZADD', KEYS[4], now, ARGV[1])
 end
 return before
@@ -289,12 +291,13 @@ def _job(task_id: str, values: list[bytes | None], rank: int | None) -> Job | No
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
+    """``url`` without its password, for messages and logs: the one in it masked, and its
+    query left out (redis-py also reads ``?password=`` there)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 class RedisJobStore(JobStore):
