@@ -113,13 +113,20 @@ async def told(params: TaskParams, store: JobStore, work: t.Awaitable[T]) -> T:
     """``work``, a job's body called directly (``POST /generate_task``, as BentoCloud's task
     queue calls it), its outcome delivered to ``params.webhook`` as a queued job's is: under
     the task id BentoML gives the request, or a new one."""
-    notify = JobWebhook(params, store).ended
+    hook = JobWebhook(params, store)
     request = bentoml.Context().request if params.webhook else None
     task_id = getattr(getattr(request, "state", None), "task_id", None) or uuid.uuid4().hex
     started = time.time()
 
     def ended(status: str) -> Job:
         return Job(task_id, status, started, started, time.time())
+
+    async def notify(outcome: Outcome) -> None:
+        """Tell the webhook; a store that is down fails the telling, never the work."""
+        try:
+            await hook.ended(outcome)
+        except Exception:
+            logger.exception("task %s: its webhook could not be told", task_id)
 
     try:
         result = await work
@@ -216,9 +223,13 @@ def start(message: Message, outbox: Outbox, report: Report | None = None) -> boo
 async def _delivering(message: Message, outbox: Outbox, report: Report | None) -> None:
     """``deliver``, kept in the outbox while it is under way (a worker that dies leaves it
     to another), whatever goes wrong logged, counted and reported: no delivery dies
-    silently."""
+    silently. An outbox that cannot be written (its store is down) stops no delivery: it
+    is only needed should this worker die meanwhile."""
     try:
         await outbox.hold([message], OWNER, settings.job_lease_s)
+    except Exception:
+        logger.exception("webhook %s: not kept in the outbox; delivered anyway", message.message_id)
+    try:
         await asyncio.sleep(max(0.0, message.next_at - time.time()))
         result = await deliver(message)
     except asyncio.CancelledError:
@@ -227,9 +238,14 @@ async def _delivering(message: Message, outbox: Outbox, report: Report | None) -
         WEBHOOK_DELIVERIES.labels(result="error").inc()
         logger.exception("webhook %s: delivery failed on the server", message.message_id)
         result = "error"
-    await outbox.drop(message.message_id)
-    if report is not None:
-        await report(result)
+    try:
+        await outbox.drop(message.message_id)
+        if report is not None:
+            await report(result)
+    except Exception:
+        logger.exception(
+            "webhook %s: %s, but the store did not take it", message.message_id, result
+        )
 
 
 def wait_s(tries: int, retry_after: str | None = None) -> float:

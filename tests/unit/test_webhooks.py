@@ -247,6 +247,26 @@ async def test_a_delivery_that_fails_on_the_server_is_logged_not_lost(
     assert JOB_SECRET not in caplog.text
 
 
+async def test_an_outbox_that_cannot_be_written_stops_no_delivery(
+    receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """The store behind the outbox is down: the message is delivered all the same, and
+    that it could be neither kept nor reported is logged."""
+
+    async def down(*args: object) -> None:
+        raise ConnectionError("the store is down")
+
+    for method in ("hold", "drop"):
+        monkeypatch.setattr(store.outbox, method, down)
+    with caplog.at_level(logging.ERROR):
+        assert webhooks.start(message(receiver), store.outbox)
+        await settled()
+    (delivery,) = receiver.deliveries
+    assert verified(delivery, JOB_SECRET)["data"]["task_id"] == "a"
+    assert "webhook msg_a: not kept in the outbox; delivered anyway" in caplog.text
+    assert "webhook msg_a: delivered, but the store did not take it" in caplog.text
+
+
 async def test_a_job_s_webhook_is_signed_with_its_own_secret_and_reports_its_state(
     receiver: Receiver, store: JobStore
 ) -> None:
