@@ -281,6 +281,8 @@ def test_keda_example_scales_the_gpu_deployment_on_the_waiting_jobs_metric() -> 
     assert scaled["spec"]["scaleTargetRef"]["name"] == gpu_deployment["metadata"]["name"]
     assert gpu_scaler["spec"]["scaleTargetRef"]["name"] == gpu_deployment["metadata"]["name"]
     assert scaled["spec"]["maxReplicaCount"] == gpu_scaler["spec"]["maxReplicas"]
+    behaviour = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behaviour == gpu_scaler["spec"]["behavior"]
     queries = [trigger["metadata"]["query"] for trigger in scaled["spec"]["triggers"]]
     (waiting,) = JOBS_WAITING.describe()
     assert f"max({waiting.name})" in queries
