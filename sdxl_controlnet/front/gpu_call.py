@@ -80,7 +80,7 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
                 inputs.mask,
                 params.mask_blur,
             )
-    return Generation(inputs.first_control, images, params, prepared.timings)
+    return Generation(inputs.first_control(params.controls), images, params, prepared.timings)
 
 
 async def generate(

@@ -20,6 +20,7 @@ from pydantic import WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
+from ..controls import IMAGE_PROMPT
 from ..errors import InvalidRequest
 from ..schemas import Control, EdgeParams, Params, ResizeMode
 from ..settings import settings
@@ -332,10 +333,13 @@ class GPUInputs:
         pictures = {"init_image": self.init_image, "mask": self.mask}
         return {"edges": self.edges, **pictures, "controls": self.controls}
 
-    @property
-    def first_control(self) -> np.ndarray:
-        """The control image that steers first: the one, or the first of several."""
-        return self.edges if self.edges is not None else self.controls[0]
+    def first_control(self, controls: list[Control]) -> np.ndarray:
+        """The control image that steers first: the one, or the first ControlNet's of
+        ``controls`` (an image prompt is no control image)."""
+        if self.edges is not None:
+            return self.edges
+        steering = [i for i, control in enumerate(controls) if control.type != IMAGE_PROMPT]
+        return self.controls[steering[0]]
 
 
 def prepare(

@@ -213,6 +213,10 @@ def test_an_image_prompt_steers_beside_depth_at_every_endpoint(canny_and_depth: 
     # Two steps of the tiny model: a small change, but a change.
     assert np.abs(np.asarray(red_image, int) - np.asarray(blue_image, int)).mean() > 0.1
     assert red.json()["params"]["controls"][1]["type"] == "image_prompt"
+    # The edge map answered is a ControlNet's image, even with the image prompt listed first.
+    first = batch(canny_and_depth, {**FAST, "controls": [image_prompt("red"), depth]})
+    assert first.status_code == 200, first.text
+    assert first.json()["edge_map"] == red.json()["edge_map"]
     # A file part, as a job: the same picture, the same seed, the same bytes.
     params = {**FAST, "controls": [depth, {**image_prompt("red"), "image": "look"}]}
     submitted = httpx.post(
