@@ -391,10 +391,13 @@ def keep_unmasked(images: np.ndarray, start: np.ndarray, mask: np.ndarray, blur:
     if blur:
         side = 2 * blur + 1  # the kernel reaches ``blur`` pixels: beyond, the weight stays 0
         repaint = cv2.GaussianBlur(repaint, (side, side), blur / 2)
-    weight = repaint[None, :, :, None]
     # A convex mix of two uint8 pictures: a weight of 0 gives the start's value exactly.
-    mixed = start + (images.astype(np.float32) - start) * weight
-    return np.rint(mixed).astype(np.uint8)
+    # In place, on one float copy of the batch: 4 images at 1024² hold 48 MB, not 200.
+    mixed = images.astype(np.float32)
+    mixed -= start
+    mixed *= repaint[None, :, :, None]
+    mixed += start
+    return np.rint(mixed, out=mixed).astype(np.uint8)
 
 
 def control_fields(count: int) -> list[str]:
