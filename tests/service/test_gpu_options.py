@@ -19,7 +19,7 @@ from sdxl_controlnet.gpu import pipeline as pipeline_module
 from sdxl_controlnet.gpu.compilation import graph_key
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice
-from sdxl_controlnet.settings import settings
+from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
 pytestmark = pytest.mark.compile
 
@@ -32,20 +32,14 @@ def edges(height: int = 64, width: int = 96) -> np.ndarray:
     return edge_map
 
 
-def load(**options) -> ControlNetPipeline:
-    return ControlNetPipeline(
-        settings.sdxl_base_model, settings.sdxl_controlnet_model, settings.sdxl_vae_model, **options
-    )
-
-
 def test_sdpa_is_the_attention_diffusers_picks() -> None:
-    processors = load().pipe.unet.attn_processors.values()
+    processors = tiny_pipeline().pipe.unet.attn_processors.values()
     assert {type(p).__name__ for p in processors} == {"AttnProcessor2_0"}
 
 
 def test_channels_last_and_fused_qkv_give_the_same_image() -> None:
-    plain = load().generate(edges(), PARAMS)
-    fast = load(channels_last=True, fuse_qkv=True)
+    plain = tiny_pipeline().generate(edges(), PARAMS)
+    fast = tiny_pipeline(channels_last=True, fuse_qkv=True)
     assert fast.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert {type(p).__name__ for p in fast.pipe.unet.attn_processors.values()} == {
         "FusedAttnProcessor2_0"
@@ -66,20 +60,19 @@ def uncompiled(reason: str) -> float:
     return REGISTRY.get_sample_value(name, {"reason": reason}) or 0.0
 
 
-ADAPTERS = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
 STYLE = [LoraChoice(name="style", scale=0.8)]
 
 
 @pytest.fixture(scope="module")
 def eager() -> ControlNetPipeline:
-    return load(adapters=ADAPTERS)
+    return tiny_pipeline(adapters=ADAPTERS)
 
 
 @pytest.fixture(scope="module")
 def compiled() -> ControlNetPipeline:
     """Compiled for real with inductor (it compiles on the CPU too), warmed at 64×64."""
     torch._dynamo.reset()
-    pipeline = load(compile_sizes=[(64, 64)], adapters=ADAPTERS)
+    pipeline = tiny_pipeline(compile_sizes=[(64, 64)], adapters=ADAPTERS)
     assert compiled_graphs() > 0, "the warm-up compiled nothing"
     return pipeline
 
@@ -213,7 +206,7 @@ def test_a_graph_break_fails_its_sizes_compile_and_the_size_runs_eagerly(
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(ControlNetModel, "forward", breaking)
-    pipeline = load(compile_sizes=[(64, 64)])
+    pipeline = tiny_pipeline(compile_sizes=[(64, 64)])
     assert not pipeline.runs_compiled(64, 64, PARAMS)
     assert "compiling for 64×64 failed; requests of that size run uncompiled" in caplog.text
     shapes = uncompiled("shape")
@@ -261,7 +254,7 @@ def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> 
 
 
 def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatch) -> None:
-    pipeline = load()
+    pipeline = tiny_pipeline()
     real_call = type(pipeline.pipe).__call__
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))

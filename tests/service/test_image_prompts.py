@@ -12,31 +12,20 @@ from devtools.harness import TINY_MODEL
 from devtools.tiny_model import IP_ADAPTER_SUBDIR
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import ControlSettings, GenerationParams, LoraChoice
-from sdxl_controlnet.settings import settings
+from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
 FAST = {"prompt": "a red ball", "num_inference_steps": 4, "seed": 3}
 HEIGHT, WIDTH = 64, 96
 
 
-def load(**options) -> ControlNetPipeline:
-    adapters = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
-    return ControlNetPipeline(
-        settings.sdxl_base_model,
-        settings.sdxl_controlnet_model,
-        settings.sdxl_vae_model,
-        adapters=adapters,
-        **options,
-    )
-
-
 @pytest.fixture(scope="module")
 def plain() -> ControlNetPipeline:
-    return load()
+    return tiny_pipeline(adapters=ADAPTERS)
 
 
 @pytest.fixture(scope="module")
 def prompted() -> ControlNetPipeline:
-    return load(ip_adapter=str(TINY_MODEL / IP_ADAPTER_SUBDIR))
+    return tiny_pipeline(adapters=ADAPTERS, ip_adapter=str(TINY_MODEL / IP_ADAPTER_SUBDIR))
 
 
 def edges() -> np.ndarray:

@@ -13,9 +13,8 @@ import pytest
 from sdxl_controlnet.gpu import control_skip
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice
-from sdxl_controlnet.settings import settings
+from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
-ADAPTERS = {name: (a.model, a.weight_name) for name, a in settings.lora_adapters.items()}
 STYLE = [LoraChoice(name="style", scale=0.8)]
 BASE = {"prompt": "a red ball", "num_inference_steps": 4, "seed": 3}
 EDGES = np.zeros((64, 64), np.uint8)
@@ -26,13 +25,7 @@ MASK[:, 32:] = 255
 
 
 def load(**options: object) -> ControlNetPipeline:
-    return ControlNetPipeline(
-        settings.sdxl_base_model,
-        settings.sdxl_controlnet_model,
-        settings.sdxl_vae_model,
-        adapters=ADAPTERS,
-        **options,
-    )
+    return tiny_pipeline(adapters=ADAPTERS, **options)
 
 
 @pytest.fixture(scope="module")
