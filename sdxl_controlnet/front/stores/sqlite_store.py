@@ -76,6 +76,17 @@ def create_private(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+@contextlib.contextmanager
+def connected(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection of its own to the file ``path``, in autocommit, waiting up to
+    ``BUSY_TIMEOUT_S`` for the other workers' writes; closed afterwards."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def default_path() -> Path:
     """``JOB_STORE_PATH``, or beside BentoML's own task store, in ``$BENTOML_HOME``."""
     if settings.job_store_path:
@@ -95,11 +106,12 @@ class SQLiteJobStore(JobStore):
         self.outbox = SQLiteOutbox(path.with_name("sdxl_controlnet_webhook_outbox.db"))
 
     def open(self) -> None:
-        """Create the store where there is none, for the server's user only; a store left
-        by another version of this schema starts empty."""
+        """Create the store and its outbox where there are none, for the server's user
+        only; a store left by another version of this schema starts empty."""
         try:
             create_private(self.path)
-            with self._connection() as db:
+            self.outbox.open()
+            with connected(self.path) as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version == 2:  # outcome's size, kept beside it: length() reads all of a text
                     db.execute(
@@ -121,16 +133,8 @@ class SQLiteJobStore(JobStore):
             ) from exc
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        try:
-            yield db
-        finally:
-            db.close()
-
-    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connection() as db:
+        with connected(self.path) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -144,7 +148,7 @@ class SQLiteJobStore(JobStore):
 
     async def _write(self, sql: str, *args: t.Any) -> int:
         def write() -> int:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 return db.execute(sql, args).rowcount
 
         return await self._in_thread(write)
@@ -181,7 +185,7 @@ class SQLiteJobStore(JobStore):
 
     async def counts(self) -> tuple[int, int]:
         def count() -> tuple[int, int]:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 rows = dict(db.execute("SELECT status, count(*) FROM job GROUP BY status"))
             return rows.get(PENDING, 0), rows.get(IN_PROGRESS, 0)
 
@@ -189,14 +193,14 @@ class SQLiteJobStore(JobStore):
 
     async def get(self, task_id: str) -> Job | None:
         def read() -> Job | None:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 return self._job(db, task_id)
 
         return await self._in_thread(read)
 
     async def source(self, task_id: str) -> Claimed | None:
         def read() -> Claimed | None:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 row = db.execute(
                     "SELECT input, secret FROM job WHERE task_id = ?", (task_id,)
                 ).fetchone()
@@ -208,7 +212,7 @@ class SQLiteJobStore(JobStore):
     async def claim(self, owner: str) -> tuple[Claimed | None, list[Claimed]]:
         def claim() -> tuple[Claimed | None, list[Claimed]]:
             now = time.time()
-            with self._connection() as db:  # most polls find nothing: a read decides
+            with connected(self.path) as db:  # most polls find nothing: a read decides
                 (due,) = db.execute(
                     "SELECT count(*) FROM job WHERE status = 'pending' OR "
                     "(status = 'in_progress' AND lease_until < ?)",
@@ -260,7 +264,7 @@ class SQLiteJobStore(JobStore):
 
     async def watch(self, task_id: str, owner: str, renew: bool) -> str | None:
         def watch() -> str | None:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 if renew:
                     db.execute(
                         "UPDATE job SET lease_until = ? WHERE task_id = ? AND owner = ? "
@@ -347,11 +351,10 @@ class SQLiteOutbox(Outbox):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def open(self) -> None:
+        """Create the outbox where there is none, once, with the job store."""
         create_private(self.path)
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        try:
+        with connected(self.path) as db:
             if db.execute("PRAGMA user_version").fetchone()[0] != self._VERSION:
                 db.execute("DROP TABLE IF EXISTS outbox")
                 db.execute(f"PRAGMA user_version = {self._VERSION}")
@@ -360,13 +363,10 @@ class SQLiteOutbox(Outbox):
                 "body BLOB, secret TEXT, tries INTEGER, next_at REAL, owner TEXT, "
                 "lease_until REAL)"
             )
-            yield db
-        finally:
-            db.close()
 
     async def _run(self, sql: str, *args: t.Any, many: bool = False) -> list[t.Any]:
         def run() -> list[t.Any]:
-            with self._connection() as db:
+            with connected(self.path) as db:
                 if many:
                     db.executemany(sql, args[0])
                     return []
