@@ -25,13 +25,22 @@ class Served(t.Protocol):
     url: str
 
 
-def submit(server: Served, params: dict) -> str:
-    answer = httpx.post(
+def submitted(
+    server: Served, params: dict, headers: dict | None = None, timeout_s: float = 90
+) -> httpx.Response:
+    """The answer to a submit of ``params`` with the small picture, whatever it is."""
+    return httpx.post(
         f"{server.url}/generate_task/submit",
         files={"image": ("in.png", PICTURE, "image/png")},
         data={"params": json.dumps(params)},
-        timeout=60,
+        headers=headers,
+        timeout=timeout_s,
     )
+
+
+def submit(server: Served, params: dict) -> str:
+    """The task id of a submit of ``params``, which must be taken."""
+    answer = submitted(server, params, timeout_s=60)
     assert answer.status_code == 200, answer.text
     return answer.json()["task_id"]
 

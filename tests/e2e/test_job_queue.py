@@ -15,31 +15,18 @@ import httpx
 import pytest
 
 from devtools.bentoml_client import let_the_sync_client_submit_tasks
-from devtools.harness import Server, encode, serving, shapes_image
+from devtools.harness import Server, serving
+from devtools.job_client import ENDED, PICTURE, status, submitted
 
 pytestmark = pytest.mark.e2e
 
 let_the_sync_client_submit_tasks()
 
-PICTURE = encode(shapes_image(64, 64))
 QUICK = {"prompt": "a house", "num_inference_steps": 1, "width": 64, "height": 64}
-ENDED = ("completed", "failed", "canceled")
 
 
 def submit(server: Server, headers: dict | None = None, **params: object) -> httpx.Response:
-    return httpx.post(
-        f"{server.url}/generate_task/submit",
-        files={"image": ("in.png", PICTURE, "image/png")},
-        data={"params": json.dumps({**QUICK, **params})},
-        headers=headers,
-        timeout=90,
-    )
-
-
-def status(server: Server, task_id: str) -> dict:
-    answer = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
+    return submitted(server, {**QUICK, **params}, headers)
 
 
 def wait_ended(server: Server, task_ids: list[str], timeout_s: float = 180) -> list[dict]:
