@@ -250,8 +250,11 @@ def repaint_mask(image: Image.Image, size: tuple[int, int], resize_mode: ResizeM
     check_image_size(image)
     with _decoding("mask"):
         ImageOps.exif_transpose(image, in_place=True)
-        if _transparent(image):
-            gray = np.asarray(image.convert("RGBA").getchannel("A"))
+        alpha = image.convert("RGBA").getchannel("A") if _transparent(image) else None
+        # An alpha channel with no transparent pixel (a canvas's export) says nothing: the
+        # mask is painted in white.
+        if alpha is not None and alpha.getextrema() != (255, 255):
+            gray = np.asarray(alpha)
         else:
             gray = np.asarray(image.convert("L"))
     mask = fit(gray, size, resize_mode, lambda pixels: pixels)

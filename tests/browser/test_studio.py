@@ -4,15 +4,29 @@ Each state is saved as a screenshot under test-artifacts/studio/."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from devtools.harness import ROOT, Server, encode, serving, shapes_image, tiny_controlnets
+from devtools.harness import (
+    ROOT,
+    Server,
+    as_array,
+    decode,
+    encode,
+    serving,
+    shapes_image,
+    tiny_controlnets,
+    tiny_ip_adapter_env,
+)
+from sdxl_controlnet.schemas import Params
 
 pytestmark = pytest.mark.browser
 
@@ -198,6 +212,11 @@ def test_choosing_a_few_step_adapter_fills_in_its_preset_and_generates(page: Pag
     expect(page.locator("[name=scheduler]")).to_have_value("euler")
 
 
+# The mask canvas's opacity, pixel by pixel.
+ALPHA = """c => Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)
+    .filter((value, i) => i % 4 === 3)"""
+# The default mask_blur (schemas.Params): how far the repaint fades out past the brush.
+MASK_BLUR = Params.model_fields["mask_blur"].default
 # Pixels of the mask canvas painted opaquely enough to be sent as white.
 PAINTED = """c => Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)
     .filter((value, i) => i % 4 === 3 && value >= 128).length"""
@@ -230,6 +249,18 @@ def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
     expect(page.locator("#status")).to_contain_text("inpainting", timeout=120_000)
     expect(page.locator("#progress")).to_have_js_property("max", 2)  # 0.5 of 4 steps
     screenshot(page, "8-inpainted")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    # Outside the brush (and mask_blur's fade around it) the result is the upload, to the byte.
+    alpha = np.array(canvas.evaluate(ALPHA), np.uint8).reshape(120, 160)
+    fade = 2 * MASK_BLUR + 1
+    reached = cv2.dilate((alpha >= 128).astype(np.uint8), np.ones((fade, fade), np.uint8))
+    result = as_array(
+        decode(base64.b64decode(page.locator("#result").get_attribute("src").partition(",")[2]))
+    )
+    upload = as_array(shapes_image(160, 120))
+    assert np.array_equal(result[reached == 0], upload[reached == 0])
+    assert not np.array_equal(result[alpha >= 128], upload[alpha >= 128])
 
     # Inverted, the mask repaints everything but the stroke; cleared, nothing is inpainted.
     page.click("#invert_mask")
@@ -241,8 +272,9 @@ def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
 
 @pytest.fixture(scope="module")
 def canny_and_depth() -> Iterator[Server]:
-    """A server whose ControlNets serve two control types, canny and depth."""
-    with serving(tiny_controlnets("canny+depth")) as srv:
+    """A server whose ControlNets serve two control types, canny and depth, and which
+    takes image prompts."""
+    with serving({**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env()}) as srv:
         yield srv
 
 
@@ -267,7 +299,7 @@ def test_two_control_layers_are_sent_as_controls_and_generate(
     spec = httpx.get(f"{canny_and_depth.url}/docs.json", timeout=10).json()
     control = spec["components"]["schemas"]["Control"]["properties"]
     offered = control["type"]["enum"]
-    assert offered == ["canny", "depth"]
+    assert offered == ["canny", "depth", "image_prompt"]
     most = spec["components"]["schemas"]["Params"]["properties"]["controls"]["maxItems"]
 
     # As many layers as the schema allows, then one fewer.
@@ -315,4 +347,44 @@ def test_two_control_layers_are_sent_as_controls_and_generate(
     assert params["controls"][1]["image"] == "control_1"
     parts = page.evaluate("window.sentParts['../generate_stream']")
     assert sorted(parts) == ["control_1", "image", "params"]
+    page.close()
+
+
+def test_an_image_prompt_layer_sends_its_picture_beside_a_control_and_generates(
+    browser, canny_and_depth: Server, tmp_path: Path
+) -> None:
+    page = open_studio(browser, canny_and_depth, tmp_path)
+    page.click("#add_layer")
+    page.click("#add_layer")
+    canny, prompt = page.locator("#layers > li").nth(0), page.locator("#layers > li").nth(1)
+    # An image prompt derives nothing from the upload: it asks for a picture of its own.
+    prompt.locator(".type").select_option("image_prompt")
+    expect(prompt.locator(".source")).to_have_value("own")
+    expect(prompt.locator(".source option")).to_have_count(2)
+    style = tmp_path / "style.png"
+    style.write_bytes(encode(Image.new("RGB", (64, 64), (200, 40, 160))))
+    prompt.locator(".picture").set_input_files(style)
+    expect(prompt.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    prompt.locator(".scale").fill("0.6")
+    screenshot(page, "11-image-prompt")
+
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "2")
+    page.evaluate(RECORD_PARAMS)
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+    screenshot(page, "12-image-prompt-generated")
+
+    controls = page.evaluate("window.sentParams['../generate_stream']")["controls"]
+    assert [c["type"] for c in controls] == ["canny", "image_prompt"]
+    assert controls[1]["scale"] == 0.6
+    assert (controls[1]["image"], controls[1]["preprocessor"]) == ("control_1", "none")
+    assert sorted(page.evaluate("window.sentParts['../generate_stream']")) == [
+        "control_1",
+        "image",
+        "params",
+    ]
+    assert canny.locator(".source").input_value() == "canny"
     page.close()

@@ -208,14 +208,22 @@ def test_a_default_strength_that_leaves_no_step_is_a_400() -> None:
         Image.new("L", (48, 32), 255),  # smaller: fitted
         Image.new("1", (96, 64), 1),
         Image.new("RGB", (192, 128), "white"),
-        Image.new("RGBA", (96, 64), (0, 0, 0, 255)),  # opaque: the alpha says repaint
-        Image.new("LA", (96, 64), (0, 200)),
+        Image.new("RGBA", (96, 64), (255, 255, 255, 255)),  # opaque: read by its white
+        Image.new("LA", (96, 64), (0, 200)),  # transparent somewhat: the alpha says repaint
     ],
 )
 def test_masks_of_any_mode_and_size_are_fitted(mask) -> None:
     fitted = preprocessing.repaint_mask(mask, (96, 64), "crop_and_resize")
     assert fitted.shape == (64, 96) and fitted.dtype == np.uint8
     assert (fitted >= 128).all()
+
+
+def test_an_opaque_rgba_mask_is_read_by_its_white_as_a_canvas_exports_it() -> None:
+    """A browser canvas exports RGBA with every pixel opaque: its alpha says nothing."""
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    mask.paste((255, 255, 255, 255), (48, 0, 96, 64))
+    fitted = preprocessing.repaint_mask(mask, (96, 64), "crop_and_resize")
+    assert (fitted[:, 48:] == 255).all() and (fitted[:, :48] == 0).all()
 
 
 @pytest.mark.parametrize(
