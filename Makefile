@@ -35,12 +35,12 @@ $(TINY_MODEL)/preview/config.json: | $(TINY_MODEL)/base/model_index.json
 $(TINY_MODEL)/controlnet-union/config.json: | $(TINY_MODEL)/base/model_index.json
 	$(BIN)/python -m devtools.tiny_model --controls-only $(TINY_MODEL)
 
-# And the IP-Adapter (SDXL_IP_ADAPTER=models/tiny/ip-adapter).
-$(TINY_MODEL)/ip-adapter/sdxl_models/ip-adapter_sdxl.safetensors: | $(TINY_MODEL)/base/model_index.json
+# And the IP-Adapter (SDXL_IP_ADAPTER=models/tiny/ip-adapter), both variants.
+$(TINY_MODEL)/ip-adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors: | $(TINY_MODEL)/base/model_index.json
 	$(BIN)/python -m devtools.tiny_model --ip-adapter-only $(TINY_MODEL)
 
 tiny-model: $(TINY_MODEL)/base/model_index.json $(TINY_MODEL)/preview/config.json $(TINY_MODEL)/controlnet-union/config.json \
-	$(TINY_MODEL)/ip-adapter/sdxl_models/ip-adapter_sdxl.safetensors
+	$(TINY_MODEL)/ip-adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors
 
 serve: tiny-model
 	$(BIN)/bentoml serve . --port $(PORT)

@@ -51,7 +51,8 @@ class SDXLControlNetService:
     vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
     preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
     ip_adapter = model_refs.optional_reference(
-        settings.sdxl_ip_adapter, model_refs.IP_ADAPTER_INCLUDE
+        settings.sdxl_ip_adapter,
+        model_refs.IP_ADAPTER_VARIANTS[settings.sdxl_ip_adapter_variant].include,
     )
 
     def __init__(self) -> None:

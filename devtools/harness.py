@@ -33,6 +33,7 @@ from devtools.tiny_model import (
     build_ip_adapter,
     build_preview,
 )
+from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # A fault for tests (devtools/slow_gpu/sitecustomize.py): on the PYTHONPATH of every server
@@ -85,7 +86,7 @@ def ensure_tiny_model() -> Path:
         build_preview(TINY_MODEL)
     if not (TINY_MODEL / UNION_SUBDIR / "config.json").exists():
         build_controls(TINY_MODEL)
-    if not (TINY_MODEL / IP_ADAPTER_SUBDIR).is_dir():
+    if not (TINY_MODEL / IP_ADAPTER_SUBDIR / IP_ADAPTER_VARIANTS["plus-vit-h"].weight).exists():
         build_ip_adapter(TINY_MODEL)
     return TINY_MODEL
 

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from sdxl_controlnet.controls import UNION_MODE_COUNT
-from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_ENCODER, IP_ADAPTER_WEIGHT
+from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_VARIANTS
 
 # Where the three model paths live under the output directory; the service
 # loads them exactly like the three Hugging Face repositories they stand in for.
@@ -49,9 +49,10 @@ PREVIEW_SUBDIR = "preview"
 # SDXL_CONTROLNETS; built apart too.
 DEPTH_SUBDIR = "controlnet-depth"
 UNION_SUBDIR = "controlnet-union"
-# An IP-Adapter in h94/IP-Adapter's layout (model_refs.IP_ADAPTER_WEIGHT, its encoder
-# beside it), for SDXL_IP_ADAPTER; built apart too.
+# An IP-Adapter folder in h94/IP-Adapter's layout (model_refs.IP_ADAPTER_VARIANTS), for
+# SDXL_IP_ADAPTER; built apart too.
 IP_ADAPTER_SUBDIR = "ip-adapter"
+IMAGE_HIDDEN_SIZE = 32
 IMAGE_EMBED_DIM = 16
 
 TEXT_HIDDEN_SIZE = 32
@@ -210,41 +211,80 @@ def build_preview(output_dir: Path, seed: int = 0) -> Path:
 
 
 def build_ip_adapter(output_dir: Path, seed: int = 0) -> Path:
-    """A tiny IP-Adapter for the tiny UNet under ``output_dir``: the weight file of
-    h94/IP-Adapter's SDXL adapter in its layout (the image projection to four tokens, and
-    a key and value projection for each cross-attention), and a tiny
-    ``CLIPVisionModelWithProjection`` as its image encoder."""
+    """A tiny IP-Adapter folder for the tiny UNet under ``output_dir``, in h94/IP-Adapter's
+    layout, with both SDXL variants (model_refs.IP_ADAPTER_VARIANTS), each a tiny
+    ``CLIPVisionModelWithProjection`` as its image encoder and its weight file: the image
+    projection ("sdxl": to four tokens; "plus-vit-h": a Resampler of the encoder's patch
+    features) and a key and value projection for each cross-attention."""
     torch.manual_seed(seed + 2)
     root = Path(output_dir) / IP_ADAPTER_SUBDIR
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=IMAGE_EMBED_DIM,
-        )
-    )
-    encoder.save_pretrained(root / IP_ADAPTER_ENCODER)
     unet = UNet2DConditionModel.from_pretrained(Path(output_dir) / BASE_SUBDIR / "unet")
     context = unet.config.cross_attention_dim
-    weights = {
+    projections = {"sdxl": _image_projection(context), "plus-vit-h": _resampler(context)}
+    for variant, files in IP_ADAPTER_VARIANTS.items():
+        CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=IMAGE_HIDDEN_SIZE,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+                projection_dim=IMAGE_EMBED_DIM,
+            )
+        ).save_pretrained(root / files.encoder)
+        weights = dict(projections[variant])
+        # diffusers numbers the cross-attentions 1, 3, 5…, in the UNet's order of processors.
+        cross_attentions = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+        for number, name in zip(
+            range(1, 2 * len(cross_attentions), 2), cross_attentions, strict=True
+        ):
+            width = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+            for projection in ("to_k_ip", "to_v_ip"):
+                weights[f"ip_adapter.{number}.{projection}.weight"] = (
+                    torch.randn(width, context) * 0.3
+                )
+        (root / files.weight).parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, root / files.weight)
+    return root
+
+
+def _image_projection(context: int) -> dict[str, torch.Tensor]:
+    """ip-adapter_sdxl's projection of the pooled image embedding to four tokens."""
+    return {
         "image_proj.proj.weight": torch.randn(4 * context, IMAGE_EMBED_DIM) * 0.3,
         "image_proj.proj.bias": torch.zeros(4 * context),
         "image_proj.norm.weight": torch.ones(context),
         "image_proj.norm.bias": torch.zeros(context),
     }
-    # diffusers numbers the cross-attentions 1, 3, 5…, in the UNet's order of processors.
-    cross_attentions = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
-    for number, name in zip(range(1, 2 * len(cross_attentions), 2), cross_attentions, strict=True):
-        width = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
-        for projection in ("to_k_ip", "to_v_ip"):
-            weights[f"ip_adapter.{number}.{projection}.weight"] = torch.randn(width, context) * 0.3
-    (root / IP_ADAPTER_WEIGHT).parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, root / IP_ADAPTER_WEIGHT)
-    return root
+
+
+def _resampler(context: int, width: int = 64, tokens: int = 4) -> dict[str, torch.Tensor]:
+    """ip-adapter-plus's Resampler, in its original key names: learned queries attending to
+    the encoder's patch features through four blocks (diffusers reads one head per 64 of
+    the query's width)."""
+    weights = {
+        "latents": torch.randn(1, tokens, width) / width**0.5,
+        "proj_in.weight": torch.randn(width, IMAGE_HIDDEN_SIZE) * 0.3,
+        "proj_in.bias": torch.zeros(width),
+        "proj_out.weight": torch.randn(context, width) * 0.3,
+        "proj_out.bias": torch.zeros(context),
+        "norm_out.weight": torch.ones(context),
+        "norm_out.bias": torch.zeros(context),
+    }
+    for block in range(4):
+        attention, feed_forward = f"layers.{block}.0", f"layers.{block}.1"
+        for norm in (f"{attention}.norm1", f"{attention}.norm2", f"{feed_forward}.0"):
+            weights[f"{norm}.weight"], weights[f"{norm}.bias"] = (
+                torch.ones(width),
+                torch.zeros(width),
+            )
+        weights[f"{attention}.to_q.weight"] = torch.randn(width, width) * 0.3
+        weights[f"{attention}.to_kv.weight"] = torch.randn(2 * width, width) * 0.3
+        weights[f"{attention}.to_out.weight"] = torch.randn(width, width) * 0.3
+        weights[f"{feed_forward}.1.weight"] = torch.randn(4 * width, width) * 0.3
+        weights[f"{feed_forward}.3.weight"] = torch.randn(width, 4 * width) * 0.3
+    return {f"image_proj.{key}": value for key, value in weights.items()}
 
 
 def main() -> None:

@@ -171,10 +171,13 @@ class Settings(BaseModel):
     # (params.preview_every) in milliseconds; empty turns previews off. ~10 MB.
     sdxl_preview_model: str = "madebyollin/taesdxl@b20258aaef75ef61e659c1e0f14f251cf0ad153e"
     # An IP-Adapter, for image prompts (params.controls of type image_prompt): a folder in
-    # h94/IP-Adapter's layout (model_refs.IP_ADAPTER_WEIGHT and its image encoder), or that
-    # repository pinned, h94/IP-Adapter@018e402774aeeddd60609b4ecdb7e298259dc729 (2.6 GB).
+    # h94/IP-Adapter's layout (the variant's adapter and image encoder, below), or that
+    # repository pinned, h94/IP-Adapter@018e402774aeeddd60609b4ecdb7e298259dc729 (4.4 GB).
     # Empty (the default) loads none.
     sdxl_ip_adapter: str = ""
+    # Which of its SDXL adapters, with the image encoder it was trained with
+    # (model_refs.IP_ADAPTER_VARIANTS): "sdxl" (ViT-bigG) or "plus-vit-h".
+    sdxl_ip_adapter_variant: t.Literal["sdxl", "plus-vit-h"] = "sdxl"
 
     # Uploads: the body size is checked from Content-Length before it is read,
     # the pixel count from the image header before any pixel is decoded.

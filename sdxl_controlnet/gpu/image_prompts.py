@@ -23,24 +23,26 @@ from PIL import Image
 from .. import logs
 from ..controls import IMAGE_PROMPT
 from ..schemas import ControlSettings
-from .model_refs import IP_ADAPTER_ENCODER, IP_ADAPTER_WEIGHT
+from .model_refs import IP_ADAPTER_VARIANTS
 
 logger = logs.logger(__name__)
 
 
 class ImagePrompts:
-    """The IP-Adapter of ``pipe``, loaded from ``folder``, and its embeddings' cache."""
+    """The IP-Adapter of ``pipe``, the ``variant`` (model_refs.IP_ADAPTER_VARIANTS) found
+    in ``folder``, and its embeddings' cache."""
 
     def __init__(
-        self, pipe: StableDiffusionXLControlNetPipeline, folder: str, cache_size: int
+        self, pipe: StableDiffusionXLControlNetPipeline, folder: str, variant: str, cache_size: int
     ) -> None:
-        logger.info("loading the IP-Adapter %s", folder)
-        weight = PurePosixPath(IP_ADAPTER_WEIGHT)
+        logger.info("loading the IP-Adapter %s (%s)", folder, variant)
+        files = IP_ADAPTER_VARIANTS[variant]
+        weight = PurePosixPath(files.weight)
         pipe.load_ip_adapter(
             folder,
             subfolder=str(weight.parent),
             weight_name=weight.name,
-            image_encoder_folder=IP_ADAPTER_ENCODER,
+            image_encoder_folder=files.encoder,
         )
         self.pipe = pipe
         self.cache_size = max(cache_size, 1)

@@ -55,16 +55,32 @@ UNION_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 VAE_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
 # TAESD's diffusers files (10 MB); not its .pth encoder and decoder, which are the same weights.
 PREVIEW_INCLUDE = ["config.json", "diffusion_pytorch_model.safetensors"]
-# h94/IP-Adapter's SDXL adapter (703 MB) and its ViT-bigG image encoder, where that
-# repository keeps them; a local folder for SDXL_IP_ADAPTER has the same layout. Not the
-# SD 1.5 adapters, the .bin copies, or the other encoders.
-IP_ADAPTER_WEIGHT = "sdxl_models/ip-adapter_sdxl.safetensors"
-IP_ADAPTER_ENCODER = "sdxl_models/image_encoder"
-IP_ADAPTER_INCLUDE = [
-    IP_ADAPTER_WEIGHT,
-    f"{IP_ADAPTER_ENCODER}/config.json",
-    f"{IP_ADAPTER_ENCODER}/model.safetensors",
-]
+
+
+@dataclass(frozen=True)
+class IPAdapterFiles:
+    """Where h94/IP-Adapter keeps one SDXL adapter and the image encoder it was trained
+    with; a local folder for SDXL_IP_ADAPTER has the same layout."""
+
+    weight: str
+    encoder: str
+
+    @property
+    def include(self) -> list[str]:
+        """Just these files: not the SD 1.5 adapters, the .bin copies or other encoders."""
+        return [self.weight, f"{self.encoder}/config.json", f"{self.encoder}/model.safetensors"]
+
+
+# SDXL_IP_ADAPTER_VARIANT: the adapter (fp16) and its encoder (as stored) in that repository.
+IP_ADAPTER_VARIANTS = {
+    # Four image tokens from ViT-bigG's pooled embedding: 703 MB + 3.69 GB.
+    "sdxl": IPAdapterFiles("sdxl_models/ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder"),
+    # Sixteen tokens from ViT-H's patch features through a Resampler, which follow the
+    # picture's detail more closely: 848 MB + 2.53 GB (fp32, loaded in fp16).
+    "plus-vit-h": IPAdapterFiles(
+        "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder"
+    ),
+}
 
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")

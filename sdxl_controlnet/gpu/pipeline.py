@@ -181,6 +181,7 @@ class ControlNetPipeline:
             adapters=adapters,
             preview=preview,
             ip_adapter=ip_adapter,
+            ip_adapter_variant=settings.sdxl_ip_adapter_variant,
             prompt_cache_size=settings.prompt_cache_size,
         )
 
@@ -198,6 +199,7 @@ class ControlNetPipeline:
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
         ip_adapter: str | None = None,
+        ip_adapter_variant: str = "sdxl",
         prompt_cache_size: int = settings.prompt_cache_size,
     ) -> None:
         self.device = device
@@ -222,7 +224,9 @@ class ControlNetPipeline:
         # from_pipe casts every module to its dtype, float32 unless told (diffusers 0.42.1).
         # An IP-Adapter for image prompts, before the other pipelines share the modules.
         self.image_prompts = (
-            ImagePrompts(self.pipe, ip_adapter, prompt_cache_size) if ip_adapter else None
+            ImagePrompts(self.pipe, ip_adapter, ip_adapter_variant, prompt_cache_size)
+            if ip_adapter
+            else None
         )
         self.img2img = image_to_image.from_pipe(self.pipe, dtype=dtype)
         self.inpaint = inpainting.from_pipe(self.pipe, dtype=dtype)

@@ -122,3 +122,20 @@ def test_lora_adapters_and_an_image_prompt_together(prompted) -> None:
     styled = params.model_copy(update={"loras": [LoraChoice(name="style", scale=0.8)]})
     with_style = prompted.submit(None, styled, controls=stack).result()
     assert np.abs(with_style.astype(int) - generate(prompted)).mean() > 1
+
+
+def test_the_plus_variant_loads_its_resampler_and_encoder_and_steers(plain) -> None:
+    """SDXL_IP_ADAPTER_VARIANT=plus-vit-h: the Resampler over the ViT-H encoder's patch
+    features, from the same folder; unchanged without an image prompt, as "sdxl" is."""
+    plus = tiny_pipeline(
+        ip_adapter=str(TINY_MODEL / IP_ADAPTER_SUBDIR), ip_adapter_variant="plus-vit-h"
+    )
+    assert type(plus.pipe.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == (
+        "IPAdapterPlusImageProjection"
+    )
+    params = GenerationParams(**FAST)
+    canny_alone = plain.submit(edges(), params).result()
+    assert np.array_equal(plus.submit(edges(), params).result(), canny_alone)
+    red, blue = generate(plus, (200, 30, 30)), generate(plus, (30, 30, 200))
+    assert np.abs(red.astype(int) - blue).mean() > 1
+    assert np.abs(red.astype(int) - canny_alone).mean() > 1
