@@ -1,10 +1,6 @@
-"""Distributed SDXL ControlNet on BentoML.
-
-A request enters ``ControlNet`` (CPU, ``sdxl_controlnet/front/``), which checks the upload,
-turns it into an edge map at the output size and sends it to ``SDXLControlNetService`` (GPU,
-``sdxl_controlnet/gpu/``, the only code that imports torch). That runs diffusers' SDXL
-ControlNet pipeline and returns uint8 images, which the front encodes once, as asked.
-"""
+"""Distributed SDXL ControlNet on BentoML: ``ControlNet`` (CPU, ``sdxl_controlnet/front/``)
+checks the upload, turns it into an edge map and sends it to ``SDXLControlNetService`` (GPU,
+``sdxl_controlnet/gpu/``), which runs diffusers' SDXL ControlNet pipeline."""
 
 from __future__ import annotations
 
@@ -25,6 +21,7 @@ from sdxl_controlnet.front import admission, gpu_call, preprocessing, readiness,
 from sdxl_controlnet.front.job_endpoints import JobEndpoints
 from sdxl_controlnet.front.job_runner import JobRunner
 from sdxl_controlnet.front.preprocessing import ImageUpload
+from sdxl_controlnet.front.references import ResolveReferences
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
@@ -32,6 +29,8 @@ from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params
 from sdxl_controlnet.settings import settings
 
 JOBS = stores.from_settings()  # the front's jobs: one host's, or every replica's (JOB_STORE_URL)
+# The browser studio: plain files that call the front's APIs, like any other client.
+STUDIO = StaticFiles(directory=Path(__file__).parent / "studio", html=True)
 
 
 @bentoml.service(
@@ -92,15 +91,11 @@ class SDXLControlNetService:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` after each step (``"image"``,
         a WebP preview, every ``params.preview_every``), then ``{"shape", "images"}`` (raw
         uint8) or ``{"status", "error"}``; closing it stops the generation."""
-        pictures = {"init_image": init_image, "mask": mask, "controls": controls}
-        async for line in self.worker.stream(edges, params, **pictures):
+        async for line in self.worker.stream(edges, params, init_image, mask, controls):
             yield line
 
 
-# The browser studio: plain files that call the APIs below, like any other client.
-@bentoml.asgi_app(
-    StaticFiles(directory=Path(__file__).parent / "studio", html=True), path="/studio"
-)
+@bentoml.asgi_app(STUDIO, path="/studio")
 @bentoml.service(
     workers=settings.front_workers,
     traffic={"timeout": settings.front_timeout_s},
@@ -110,7 +105,7 @@ class SDXLControlNetService:
 class ControlNet:
     """The public CPU front; the name is the original example's, which clients use."""
 
-    gpu = bentoml.depends(SDXLControlNetService)
+    controlnet_service = bentoml.depends(SDXLControlNetService)
 
     def __init__(self) -> None:
         bentoml_compat.apply_to_front(allow_untested=settings.allow_untested_bentoml)
@@ -121,7 +116,8 @@ class ControlNet:
 
     @bentoml.on_startup  # each worker runs jobs and delivers their webhooks
     async def start_jobs(self) -> None:
-        self.jobs = JobRunner(JOBS, self.gpu, ControlNet.apis["generate_task"].input_spec)
+        spec = ControlNet.apis["generate_task"].input_spec
+        self.jobs = JobRunner(JOBS, self.controlnet_service, spec)
         self.jobs.start()
 
     @bentoml.on_shutdown  # each worker, at a graceful stop: its jobs and webhooks handed back
@@ -129,7 +125,7 @@ class ControlNet:
         await self.jobs.stop()
 
     async def __is_ready__(self) -> bool:  # /readyz: whether the GPU Service answers ready
-        return await readiness.dependency_ready(self.gpu)
+        return await readiness.dependency_ready(self.controlnet_service)
 
     @bentoml.api
     @answers_errors
@@ -144,7 +140,9 @@ class ControlNet:
         (``params.strength``), repainting where ``mask`` is white; X- headers say how."""
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
-        generation = await gpu_call.generate(self.gpu, image, params, init_image, mask)
+        generation = await gpu_call.generate(
+            self.controlnet_service, image, params, init_image, mask
+        )
         return await generation.response()
 
     @bentoml.api
@@ -157,7 +155,7 @@ class ControlNet:
         mask: ImageUpload | None = None,
     ) -> BatchResult:
         """``params.num_images`` images, base64, with their seeds, settings and timings."""
-        return await gpu_call.batch_result(self.gpu, image, params, init_image, mask)
+        return await gpu_call.batch_result(self.controlnet_service, image, params, init_image, mask)
 
     @bentoml.task
     @answers_errors
@@ -171,7 +169,7 @@ class ControlNet:
         """``/generate_batch`` as a job: ``/submit`` answers a ``task_id`` for ``/status``,
         ``/get``, ``/cancel`` and ``/retry``; ``params.webhook`` is told how it ended. Jobs
         wait in the job store and run on any worker (front/job_endpoints.py, docs/api.md)."""
-        work = gpu_call.batch_result(self.gpu, image, params, init_image, mask)
+        work = gpu_call.batch_result(self.controlnet_service, image, params, init_image, mask)
         # Called directly (BentoCloud's queue calls it so), it tells the webhook itself.
         return await webhooks.told(params, JOBS, work)
 
@@ -187,7 +185,7 @@ class ControlNet:
         ``preview`` every ``params.preview_every``, then ``result`` or ``error`` (with the
         status ``/generate_batch`` would answer). Bad input is a 400; leaving stops the GPU."""
         prepared = await gpu_call.prepare(image, params, init_image, mask)
-        async for event in gpu_call.events(self.gpu, prepared):
+        async for event in gpu_call.events(self.controlnet_service, prepared):
             yield event
 
     @bentoml.api
@@ -200,9 +198,10 @@ class ControlNet:
         return Response(png, media_type="image/png")
 
 
-# Every error answer is {"error": ...}, whoever builds it; oversized or malformed uploads
-# are refused before they are read, let alone decoded; jobs answer as docs/api.md says.
+# Every error answer is {"error": ...}; oversized or malformed uploads are refused unread;
+# pictures given by URL are fetched under the outbound policy; jobs answer as docs/api.md says.
 ControlNet.add_asgi_middleware(ErrorBodies)
 ControlNet.add_asgi_middleware(BodyGuard, max_bytes=settings.max_upload_bytes)
+ControlNet.add_asgi_middleware(ResolveReferences, service=ControlNet)
 ControlNet.add_asgi_middleware(JobEndpoints, service=ControlNet, api="generate_task", store=JOBS)
 SDXLControlNetService.add_asgi_middleware(ErrorBodies)

@@ -17,6 +17,7 @@ from http import HTTPStatus
 import aiohttp
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.responses import JSONResponse, Response
 
 from . import logs
@@ -110,6 +111,17 @@ def validation_body(detail: ValidationError | list[dict[str, t.Any]]) -> dict[st
     else:
         detail = [{k: v for k, v in item.items() if k != "url"} for item in detail]
     return error_body("; ".join(sentence(error) for error in detail), detail=detail)
+
+
+def field_error(title: str, field: str, message: str) -> ValidationError:
+    """``message`` about ``field`` of the model ``title`` as the validation error BentoML
+    answers with a 400, for what pydantic cannot see (a picture sent twice, a failed fetch)."""
+    error: InitErrorDetails = {
+        "type": PydanticCustomError("request_unreadable", message),
+        "loc": (field,),
+        "input": None,
+    }
+    return ValidationError.from_exception_data(title, [error])
 
 
 class ClientError(BentoMLException):
@@ -215,7 +227,7 @@ class JobCanceled(ClientError):
     error_code = HTTPStatus.CONFLICT
 
 
-class GenerationCancelled(Exception):
+class GenerationCanceled(Exception):
     """The caller went away, so the pipeline stopped between two steps."""
 
 

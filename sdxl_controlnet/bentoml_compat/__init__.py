@@ -35,6 +35,10 @@ Handled with BentoML's public hooks, named here so that the list is whole:
   (``AccessLogMiddleware``, ``bentoml/_internal/server/http/access.py``), and breaks the
   answer off on any other byte: the front's access log leaves the type out
   (``middleware.ACCESS_LOG``).
+- ``MultipartSerde.ensure_file`` (``_bentoml_impl/serde.py``) downloads a form text field
+  in a file's place itself, with no size or time limit, following redirects:
+  ``front/references.ResolveReferences`` resolves every such text under the outbound
+  policy, or refuses it, before BentoML reads the request.
 - ``api_endpoint_wrapper`` answers a 4xx ``BentoMLException`` with a list,
   ``[{"error": ...}]``, logging a stack trace: ``middleware.ErrorBodies`` puts every error
   answer into one shape (``errors.in_shape``).

@@ -17,7 +17,6 @@ from starlette.requests import Request
 
 from ..middleware import READABLE_MEDIA_TYPES
 from ..schemas import WHOLE_IMAGES
-from . import references
 
 PICTURES = ("image", "init_image", "mask")
 
@@ -48,14 +47,12 @@ async def read(input_spec: t.Any, request: Request) -> tuple[bytes, str | None]:
 
 
 async def _picture(request: Request, field: str) -> bytes:
-    """The bytes of picture ``field``: its file part, or what its reference resolved to."""
-    if request.headers.get("content-type", "").partition(";")[0] in references.FORMS:
-        part = (await request.form()).get(field)  # the form as read, references resolved
-        assert isinstance(part, UploadFile), "a picture field is a file once read"
-        await part.seek(0)
-        return await part.read()
-    reference = json.loads(await request.body())[field]
-    return request.scope[references.RESOLVED][field, reference]
+    """The bytes of picture ``field``, a file part: references.ResolveReferences, in front
+    of the job endpoints, made every picture one."""
+    part = (await request.form()).get(field)
+    assert isinstance(part, UploadFile), "a picture field is a file once read"
+    await part.seek(0)
+    return await part.read()
 
 
 def decode(input_spec: t.Any, stored: bytes, secret: str | None) -> t.Any:

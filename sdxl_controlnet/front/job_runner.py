@@ -22,6 +22,7 @@ import typing as t
 import uuid
 
 from .. import logs
+from ..cancellation import stopped
 from ..errors import ClientError, GPUServiceUnavailable, ServiceBusy, StoreUnreachable
 from ..metrics import JOB_WAIT, JOBS_RUNNING, JOBS_WAITING
 from ..settings import settings
@@ -42,12 +43,12 @@ END_RETRY_S = 1.0
 
 
 class JobRunner:
-    """Runs the store's jobs on ``gpu`` (what ``bentoml.depends`` gave), reading each one's
-    input through ``input_spec``, the job API's input model."""
+    """Runs the store's jobs on ``controlnet_service`` (what ``bentoml.depends`` gave),
+    reading each one's input through ``input_spec``, the job API's input model."""
 
-    def __init__(self, store: JobStore, gpu: t.Any, input_spec: t.Any) -> None:
+    def __init__(self, store: JobStore, controlnet_service: t.Any, input_spec: t.Any) -> None:
         self.store = store
-        self.gpu = gpu
+        self.controlnet_service = controlnet_service
         self.input_spec = input_spec
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -158,7 +159,8 @@ class JobRunner:
             await hook.ended(webhooks.Outcome(job, result, failure))
 
         pictures = (request.image, request.params, request.init_image, request.mask)
-        work = asyncio.ensure_future(gpu_call.batch_result(self.gpu, *pictures, progress))
+        generation = gpu_call.batch_result(self.controlnet_service, *pictures, progress)
+        work = asyncio.ensure_future(generation)
         try:
             status = await self._watch(task_id, work)
             if status == CANCELED:
@@ -212,16 +214,17 @@ class JobRunner:
         """Wait for ``work``, renewing the job's lease; stop it if the job is canceled or
         the lease lost. The job's status then (IN_PROGRESS once the work is done). A store
         that cannot be reached stops nothing: the lease holds ``JOB_LEASE_S``."""
-        renewed = time.monotonic()
-        while not (await asyncio.wait({work}, timeout=WATCH_S))[0]:
+        renewed, status = time.monotonic(), IN_PROGRESS
+
+        async def ended() -> bool:
+            nonlocal renewed, status
             renew = time.monotonic() - renewed > settings.job_lease_s / 3
             try:
                 status = await self.store.watch(task_id, self.owner, renew)
             except StoreUnreachable:
-                continue
+                return False
             if renew:
                 renewed = time.monotonic()
-            if status != IN_PROGRESS:
-                work.cancel()
-                return status
-        return IN_PROGRESS
+            return status != IN_PROGRESS
+
+        return status if await stopped(work, ended, WATCH_S) else IN_PROGRESS

@@ -2,9 +2,10 @@
 outbound policy (``fetching.py``), or a ``data:image/…;base64,`` URI.
 
 Wherever a request takes an image (``image``, ``init_image``, ``mask``), a form text field
-or a JSON string may hold one. It is resolved while the request is read, before BentoML
-sees it, into the file an upload would have been, so that every guard of an upload
-applies after it (size from the header, decompression bombs). BentoML's own downloader
+or a JSON string may hold one. ASGI middleware (``ResolveReferences``) resolves it before
+BentoML reads the request, into the file part an upload would have been, so that every
+guard of an upload applies after it (size from the header, decompression bombs), and a
+job stores the picture, not the reference. BentoML's own downloader
 (``MultipartSerde.ensure_file``, for a form text field in a file's place) is never reached:
 every text in a file's place is resolved here or refused.
 
@@ -25,27 +26,28 @@ import io
 import json
 import re
 import typing as t
+import uuid
 
 from PIL import Image
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from .. import logs
-from ..errors import InvalidRequest, sentence
+from ..errors import ClientError, InvalidRequest, field_error, sentence, validation_body
 from ..metrics import OUTBOUND_FAILURES
 from ..schemas import Control
 from . import fetching, preprocessing
 from .admission import FETCHES
 from .fetching import Policy, Refused
-from .request_errors import field_error
+
+if t.TYPE_CHECKING:
+    from ..middleware import ASGIApp, Message, Receive, Scope, Send
 
 logger = logs.logger(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SCHEMES = ("https://", "http://")
-# Fetched once per request, by field and reference: a task's request is read at submit
-# and again when it runs, and must not be fetched twice (nor change in between).
-RESOLVED = "sdxl_controlnet.resolved_images"
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 # The most a form's text field holds (starlette's limit), params sent as a file part too.
 PARAMS_MAX_BYTES = 1024 * 1024
@@ -150,58 +152,54 @@ def _urls(values: t.Iterable[t.Any]) -> int:
     return sum(isinstance(v, str) and not DATA_URI.match(v.strip()) for v in values)
 
 
-async def _as_upload(
-    request: Request, title: str, field: str, value: str, in_form: bool
-) -> UploadFile:
+async def _as_upload(title: str, field: str, value: str, in_form: bool) -> UploadFile:
     if not is_reference(value):
         raise field_error(title, field, _not_a_reference(in_form))
-    resolved = request.scope.setdefault(RESOLVED, {})
-    if (field, value) not in resolved:
-        try:
-            resolved[field, value] = await resolve(value)
-        except Refused as exc:
-            raise field_error(title, field, exc.reason) from None
-    data = resolved[field, value]
+    try:
+        data = await resolve(value)
+    except Refused as exc:
+        raise field_error(title, field, exc.reason) from None
     # No Content-Type: Pillow identifies the image from its bytes.
     return UploadFile(io.BytesIO(data), size=len(data), filename=field, headers=Headers())
 
 
-async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str, t.Any] | None:
-    """Resolve the references ``request`` holds in ``model``'s file fields. A form is
-    rewritten in place, where BentoML reads it (None is returned); a JSON body with a
-    reference is returned parsed, the images in place, for the caller to validate. A
-    picture field sent twice is refused, and nothing is fetched before ``params`` is valid."""
+async def rewritten(request: Request, model: type[BaseModel]) -> list[tuple[str, t.Any]] | None:
+    """The form ``request`` becomes, for ``model``: every reference in a file field
+    resolved into the file an upload would have been, ``params`` sent as a file part made
+    text, and the file parts ``params.controls`` names moved into it. None where nothing
+    changes, or where the body is not one to read here (BentoML reads it, and says what is
+    wrong). A picture field sent twice is refused, and nothing is fetched before ``params``
+    is valid."""
     title, file_fields = model.__name__, model.multipart_fields  # type: ignore[attr-defined]
     # In the one spelling middleware.BodyGuard checked and let through.
     media_type = request.headers.get("content-type", "").partition(";")[0]
-    if not file_fields:
-        return None
     if media_type in FORMS:
-        form = await request.form()
-        items = await _control_parts(await _params_as_text(title, form.multi_items()), file_fields)
-        request._form = FormData(items)
+        try:
+            sent = (await request.form()).multi_items()
+        except Exception:
+            return None
+        items = await _control_parts(await _params_as_text(title, sent), file_fields)
         names = [k for k, _ in items if k in file_fields]
         if repeated := sorted({k for k in names if names.count(k) > 1}):
             raise field_error(title, repeated[0], "sent more than once: one picture per field")
         texts = [v for k, v in items if k in file_fields and isinstance(v, str)]
         if not texts:
-            return None
-        _params_checked(model, request._form, in_form=True)
+            return None if items == sent else items
+        _params_checked(model, dict(items), in_form=True)
         with FETCHES.held(_urls(texts), request):
             values = await _all(
                 [
-                    _as_upload(request, title, k, v, in_form=True)
+                    _as_upload(title, k, v, in_form=True)
                     if k in file_fields and isinstance(v, str)
                     else _same(v)
                     for k, v in items
                 ]
             )
-        request._form = FormData([(k, v) for (k, _), v in zip(items, values, strict=True)])
-        return None
+        return [(k, v) for (k, _), v in zip(items, values, strict=True)]
     try:
         data = json.loads(await request.body())
     except (ValueError, RecursionError):
-        return None  # BentoML reads it, and reports what is wrong
+        return None
     if not isinstance(data, dict):
         return None
     texts = {k: v for k, v in data.items() if k in file_fields and isinstance(v, str)}
@@ -209,10 +207,10 @@ async def resolve_request(request: Request, model: type[BaseModel]) -> dict[str,
         return None
     _params_checked(model, data, in_form=False)
     with FETCHES.held(_urls(texts.values()), request):
-        files = await _all(
-            [_as_upload(request, title, k, v, in_form=False) for k, v in texts.items()]
-        )
-    return {**data, **dict(zip(texts, files, strict=True))}
+        files = await _all([_as_upload(title, k, v, in_form=False) for k, v in texts.items()])
+    # The other fields as a form's text fields, which BentoML reads as JSON.
+    fields = [(k, json.dumps(v)) for k, v in data.items() if k not in texts]
+    return fields + list(zip(texts, files, strict=True))
 
 
 async def _same(value: t.Any) -> t.Any:
@@ -299,3 +297,83 @@ async def _control_picture(field: str, value: str) -> Image.Image:
         raise InvalidRequest(f"{field}: {exc.message}") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(f"{field}: could not be read: {exc}") from None
+
+
+class ResolveReferences:
+    """ASGI middleware in front of every API that takes pictures: a request with a picture
+    given by reference goes on as the multipart form an upload would have been (``rewritten``),
+    so that BentoML, and the job store, only ever read files. A refusal is the 400 the API
+    would give, naming the field; a request with nothing to resolve goes on as it came."""
+
+    def __init__(self, app: ASGIApp, service: t.Any) -> None:
+        self.app = app
+        self.models = {
+            api.route + ("/submit" if api.is_task else ""): api.input_spec
+            for api in service.apis.values()
+            if api.input_spec.multipart_fields
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        is_post = scope["type"] == "http" and scope["method"] == "POST"
+        if (model := self.models.get(scope["path"]) if is_post else None) is None:
+            return await self.app(scope, receive, send)
+        # Bounded: middleware.BodyGuard, outside this one, refused a body over the limit.
+        body = await Request(scope, receive).body()
+        try:
+            items = await rewritten(Request(scope, given(body, receive)), model)
+        except ValidationError as exc:
+            answer: Response = JSONResponse(validation_body(exc), status_code=400)
+            return await answer(scope, receive, send)
+        except ClientError as exc:
+            return await exc.response()(scope, receive, send)
+        if items is not None:
+            content_type, body = await _form_body(items)
+            kept = [(k, v) for k, v in scope["headers"] if k not in CONTENT_HEADERS]
+            length = str(len(body)).encode()
+            headers = [*kept, (b"content-type", content_type), (b"content-length", length)]
+            scope = {**scope, "headers": headers}
+        await self.app(scope, given(body, receive), send)
+
+
+CONTENT_HEADERS = (b"content-type", b"content-length")
+
+
+def given(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` first, then what ``receive`` hears (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _form_body(items: list[tuple[str, t.Any]]) -> tuple[bytes, bytes]:
+    """``items`` (text fields and UploadFiles) as a multipart/form-data body, and its
+    Content-Type."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in items:
+        head = f'Content-Disposition: form-data; name="{_quoted(name)}"'
+        if isinstance(value, UploadFile):
+            await value.seek(0)
+            data = await value.read()
+            head += f'; filename="{_quoted(value.filename or name)}"'
+            if value.content_type:
+                head += f"\r\nContent-Type: {value.content_type}"
+        else:
+            data = value.encode()
+            if len(data) > PARAMS_MAX_BYTES:  # params holding control pictures: read alike
+                head += f'; filename="{_quoted(name)}"\r\nContent-Type: application/json'
+        parts.append(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), head.encode(), data))
+    parts.append(b"--%s--\r\n" % boundary.encode())
+    return f"multipart/form-data; boundary={boundary}".encode(), b"".join(parts)
+
+
+def _quoted(name: str) -> str:
+    """A field or file name inside a quoted header parameter, as browsers escape it."""
+    return name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")

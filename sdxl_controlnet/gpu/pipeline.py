@@ -36,7 +36,7 @@ from PIL import Image
 
 from .. import logs, metrics
 from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
-from ..errors import GenerationCancelled, GPUOutOfMemory
+from ..errors import GenerationCanceled, GPUOutOfMemory
 from ..schemas import ControlSettings, GenerationParams, LoraChoice, Scheduler
 from ..settings import Settings, settings
 from . import control_skip, image_prompts
@@ -456,7 +456,7 @@ class ControlNetPipeline:
             nonlocal preview
             pacer.step_done()  # on a GPU, what follows ticks as the GPU works
             if cancelled():
-                raise GenerationCancelled
+                raise GenerationCanceled
             if self.image_prompts is not None:  # the next step's scale, inside its window
                 self.image_prompts.set_scale(prompt, step + 1, pipe.num_timesteps)
             if preview is not None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from .. import logs, metrics, streaming
-from ..errors import ClientError, GenerationCancelled
+from ..errors import ClientError, GenerationCanceled
 from ..schemas import GenerationParams, check_gpu_request
 from .queue import GPUQueue, Work
 
@@ -53,7 +53,7 @@ class GPUWorker:
                 if on_step is not None:
                     on_step(done, total)
 
-            job = asyncio.wrap_future(
+            generation = asyncio.wrap_future(
                 self.pipeline.submit(
                     edges,
                     params,
@@ -66,11 +66,11 @@ class GPUWorker:
                 )
             )
             try:
-                images = await asyncio.shield(job)
+                images = await asyncio.shield(generation)
             except asyncio.CancelledError:
                 stop.set()
-                with contextlib.suppress(GenerationCancelled):
-                    await job
+                with contextlib.suppress(GenerationCanceled):
+                    await generation
                 logger.info("generation cancelled: its caller went away or timed out")
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
@@ -86,7 +86,6 @@ class GPUWorker:
         self,
         edges: np.ndarray | None,
         params: GenerationParams,
-        *,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         controls: np.ndarray | None = None,
@@ -106,16 +105,16 @@ class GPUWorker:
 
         yield streaming.progress_line(0, params.steps)
         pictures = {"init_image": init_image, "mask": mask, "controls": controls}
-        job = asyncio.ensure_future(
+        generation = asyncio.ensure_future(
             self.run(edges, params, on_step, **pictures, on_preview=on_preview)
         )
         # After any line already sent: call_soon queues behind call_soon_threadsafe.
-        job.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))
+        generation.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))
         try:
             while line := await lines.get():
                 yield line
-            yield streaming.images_line(job.result())
+            yield streaming.images_line(generation.result())
         except ClientError as exc:
             yield streaming.error_line(exc)
         finally:
-            job.cancel()
+            generation.cancel()

@@ -33,7 +33,7 @@ def front():
 def pipeline_calls(front, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """The arguments of each diffusers call, with the scheduler and its spacing."""
     calls: list[dict] = []
-    pipe = front.gpu.worker.pipeline.pipe
+    pipe = front.controlnet_service.worker.pipeline.pipe
     real_call = type(pipe).__call__
 
     def recording_call(self, *args, **kwargs):
@@ -54,7 +54,7 @@ async def pixels(front, **params) -> np.ndarray:
 
 
 def test_the_declared_adapters_are_loaded_once_and_left_unfused(front) -> None:
-    pipe = front.gpu.worker.pipeline.pipe
+    pipe = front.controlnet_service.worker.pipeline.pipe
     assert set(settings.lora_adapters) == {"style", "detail", "fast"}
     assert sorted(pipe.get_list_adapters()["unet"]) == ["detail", "fast", "style"]
     assert not any(getattr(m, "merged", False) for m in pipe.unet.modules())
@@ -90,7 +90,7 @@ async def test_the_base_model_ignores_declared_adapters_bit_for_bit(front) -> No
     edges = np.zeros((64, 96), np.uint8)
     edges[16:48, 24] = 255
     params = GenerationParams(**FAST)
-    served = front.gpu.worker.pipeline.submit(edges, params).result()
+    served = front.controlnet_service.worker.pipeline.submit(edges, params).result()
     assert np.array_equal(plain.generate(edges, params), served)
 
 

@@ -38,7 +38,7 @@ def front():
 
 @pytest.fixture
 def gpu(front):
-    return front.gpu
+    return front.controlnet_service
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from PIL import Image
 
 import service
 from devtools.harness import as_array, decode, photo, shapes_image
-from sdxl_controlnet.errors import GenerationCancelled, GPUOutOfMemory, InvalidRequest
+from sdxl_controlnet.errors import GenerationCanceled, GPUOutOfMemory, InvalidRequest
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.schemas import GenerationParams, LoraChoice, Params
 
@@ -30,7 +30,7 @@ def front():
 
 @pytest.fixture(scope="module")
 def pipeline(front):
-    return front.gpu.worker.pipeline
+    return front.controlnet_service.worker.pipeline
 
 
 def pictures() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -284,7 +284,7 @@ def test_a_few_step_preset_runs_its_share_of_steps_from_a_picture(pipeline) -> N
 def test_a_cancelled_inpainting_stops_at_its_next_step(pipeline) -> None:
     edges, start, mask = pictures()
     progress: list[int] = []
-    with pytest.raises(GenerationCancelled):
+    with pytest.raises(GenerationCanceled):
         pipeline.generate(
             edges,
             GenerationParams(**FAST, strength=1.0),

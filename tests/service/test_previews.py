@@ -29,7 +29,7 @@ def front():
 
 @pytest.fixture(scope="module")
 def gpu(front):
-    return front.gpu
+    return front.controlnet_service
 
 
 def webp(data: str) -> Image.Image:

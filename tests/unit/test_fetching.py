@@ -19,7 +19,6 @@ from starlette.requests import Request
 
 from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
-from sdxl_controlnet.bentoml_compat import request_reading
 from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import admission, fetching, references
 from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
@@ -295,8 +294,11 @@ def raw_request(built: httpx.Request) -> Request:
 
 async def test_bentoml_never_downloads_a_text_in_a_files_place(monkeypatch) -> None:
     """BentoML 1.4.40's MultipartSerde.ensure_file would download a form text field in a
-    file's place itself; the references are resolved first, so it only ever sees files."""
+    file's place itself; ResolveReferences, in front of the API, resolves the references
+    first, so that BentoML only ever reads files, whether the request was a form or JSON."""
     from _bentoml_impl.serde import ALL_SERDE, MultipartSerde
+
+    import service
 
     seen: list[object] = []
     ensure_file = MultipartSerde.ensure_file
@@ -306,25 +308,34 @@ async def test_bentoml_never_downloads_a_text_in_a_files_place(monkeypatch) -> N
         return await ensure_file(value)
 
     monkeypatch.setattr(MultipartSerde, "ensure_file", staticmethod(recording))
-    request_reading.apply()
-    import service
-
     spec = service.ControlNet.apis["generate"].input_spec
+    read: list[object] = []
+
+    async def api(scope: dict, receive: object, send: object) -> None:  # as BentoML reads
+        request = Request(scope, receive)
+        media_type = request.headers["content-type"].partition(";")[0]
+        read.append(await spec.from_http_request(request, ALL_SERDE[media_type]()))
+
     data_uri = "data:image/png;base64," + base64.b64encode(PICTURE).decode()
-    serde = ALL_SERDE["multipart/form-data"]()
-    read = await spec.from_http_request(
-        form_request(image=data_uri, params='{"prompt": "x"}'), serde
-    )
-    assert read.image.size == (96, 64)
+    for built in (
+        httpx.Request(
+            "POST", "http://front/generate", files={"image": (None, data_uri)}, data=PARAMS
+        ),
+        httpx.Request("POST", "http://front/generate", json={"image": data_uri, **PARAMS_JSON}),
+    ):
+        request = raw_request(built)
+        await references.ResolveReferences(api, service=service.ControlNet)(
+            {**request.scope, "path": "/generate"}, request.receive, None
+        )
+    assert [model.image.size for model in read] == [(96, 64), (96, 64)]
     assert seen and not any(isinstance(value, str) for value in seen)
-    json_read = await spec.from_http_request(
-        bentoml_request(image=data_uri, params={"prompt": "x"}), ALL_SERDE["application/json"]()
-    )
-    assert json_read.image.size == (96, 64)
+
+
+PARAMS_JSON = {"params": {"prompt": "x"}}
+PARAMS = {"params": json.dumps(PARAMS_JSON["params"])}
 
 
 def input_spec(api: str = "generate") -> type:
-    request_reading.apply()
     import service
 
     return service.ControlNet.apis[api].input_spec
@@ -342,7 +353,7 @@ async def test_a_picture_field_sent_twice_is_refused_before_any_fetch(receiver: 
     )
     request = raw_request(built)
     with pytest.raises(ValidationError) as refused:
-        await references.resolve_request(request, input_spec())
+        await references.rewritten(request, input_spec())
     error = validation_body(refused.value)["error"]
     assert "image: sent more than once: one picture per field" in error
     assert receiver.fetches[fetched:] == []
@@ -358,7 +369,7 @@ async def test_nothing_is_fetched_for_invalid_params(receiver: Receiver) -> None
         bentoml_request(image=f"{receiver.url}/picture"),
     ):
         with pytest.raises(ValidationError) as refused:
-            await references.resolve_request(request, input_spec())
+            await references.rewritten(request, input_spec())
         assert "params" in validation_body(refused.value)["error"]
     assert receiver.fetches[fetched:] == []
 
@@ -379,7 +390,7 @@ async def test_when_one_fetch_fails_its_siblings_are_cancelled(
     )
     start = time.monotonic()
     with pytest.raises(ValidationError) as refused:
-        await references.resolve_request(request, input_spec())
+        await references.rewritten(request, input_spec())
     error = validation_body(refused.value)["error"]
     assert "mask: URL not fetched: the server answered 404" in error
     assert time.monotonic() - start < CAP_S  # the silent ones were not waited for
@@ -402,7 +413,7 @@ async def test_past_the_worker_s_fetch_cap_a_request_is_a_503_to_retry(
         image=f"{receiver.url}/picture", mask=f"{receiver.url}/picture", params={"prompt": "x"}
     )
     with pytest.raises(ServiceBusy) as busy:
-        await references.resolve_request(request, input_spec())
+        await references.rewritten(request, input_spec())
     assert busy.value.error_code == 503 and busy.value.retry_after_s == 1
     assert "fetching all the pictures it can at once" in busy.value.message
     assert request.scope[RETRY_AFTER] == 1  # ErrorBodies sends it as Retry-After

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_controlnet import errors
-from sdxl_controlnet.front import request_errors
+from sdxl_controlnet.bentoml_compat import request_reading
 from sdxl_controlnet.schemas import Params
 
 
@@ -30,7 +30,7 @@ def test_a_value_error_loses_its_prefix() -> None:
 
 
 def test_a_field_error_names_its_field() -> None:
-    exc = request_errors.field_error("Input", "params", "JSON nested too deeply")
+    exc = errors.field_error("Input", "params", "JSON nested too deeply")
     assert errors.validation_body(exc)["error"] == "params: JSON nested too deeply"
 
 
@@ -72,7 +72,7 @@ def test_bentomls_validation_error_is_rewritten_as_sentences() -> None:
     ],
 )
 def test_json_failures_that_bentoml_does_not_catch(text: str | bytes, problem: str | None) -> None:
-    found = request_errors._json_failure(text)
+    found = request_reading._json_failure(text)
     assert (found or None) == problem or (problem and found.startswith(problem))
 
 
