@@ -46,21 +46,15 @@ STUDIO = StaticFiles(directory=Path(__file__).parent / "studio", html=True)
 class SDXLControlNetService:
     # Model references (`bentoml build` records them, `bentoml serve` downloads the included
     # files before the workers start) or local directories; the preview decoder is optional.
-    base = model_refs.reference(settings.sdxl_base_model, model_refs.BASE_INCLUDE)
-    vae = model_refs.reference(settings.sdxl_vae_model, model_refs.VAE_INCLUDE)
-    preview = model_refs.optional_reference(settings.sdxl_preview_model, model_refs.PREVIEW_INCLUDE)
-    ip_adapter = model_refs.optional_reference(
-        settings.sdxl_ip_adapter,
-        model_refs.IP_ADAPTER_VARIANTS[settings.sdxl_ip_adapter_variant].include,
-    )
+    base = model_refs.reference("SDXL_BASE_MODEL", model_refs.BASE_INCLUDE)
+    vae = model_refs.reference("SDXL_VAE_MODEL", model_refs.VAE_INCLUDE)
+    preview = model_refs.optional_reference("SDXL_PREVIEW_MODEL", model_refs.PREVIEW_INCLUDE)
+    ip_adapter = model_refs.optional_reference("SDXL_IP_ADAPTER", model_refs.ip_adapter_include())
 
     def __init__(self) -> None:
         from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 
-        controlnets = model_refs.controlnet_sources(self, settings.controlnets)
-        models = (self.base, controlnets, self.vae, self.preview)
-        adapters = model_refs.adapter_sources(self, settings.lora_adapters)
-        pipeline = ControlNetPipeline.from_settings(*models, settings, adapters, self.ip_adapter)
+        pipeline = ControlNetPipeline.from_settings(settings, **model_refs.folders(self))
         self.worker = GPUWorker(pipeline, settings.generation_timeout_s)
 
     @bentoml.api
@@ -73,9 +67,8 @@ class SDXLControlNetService:
         mask: schemas.OptionalMask = None,
         controls: schemas.OptionalControlImages = None,
     ) -> schemas.Images:
-        """Generate images that follow ``edges``, an H×W uint8 Canny edge map, or
-        ``controls``, one K×H×W×3 image per ``params.controls``: from noise, or from
-        ``init_image`` at ``params.strength``, repainting where ``mask`` is white."""
+        """Images following ``edges`` (H×W, Canny) or ``controls`` (K×H×W×3, one per control),
+        from noise or ``init_image`` (``params.strength``), repainting where ``mask`` is white."""
         run = self.worker.run(edges, params, init_image=init_image, mask=mask, controls=controls)
         return await cancel_on_disconnect(run)
 

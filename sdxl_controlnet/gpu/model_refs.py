@@ -11,17 +11,22 @@ LoRA adapters are declared the same way, each downloading just its weight file.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import typing as t
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import attrs
+from bentoml.exceptions import BentoMLException
+from bentoml.models import HuggingFaceModel
+
 from ..controls import UNION
+from ..settings import settings
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-
-    from bentoml.models import HuggingFaceModel
 
     from ..settings import LoraAdapter
 
@@ -82,6 +87,12 @@ IP_ADAPTER_VARIANTS = {
     ),
 }
 
+
+def ip_adapter_include() -> list[str]:
+    """The files of the adapter SDXL_IP_ADAPTER_VARIANT chooses, and its encoder's."""
+    return IP_ADAPTER_VARIANTS[settings.sdxl_ip_adapter_variant].include
+
+
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
@@ -110,24 +121,72 @@ def parse(value: str) -> Path | HubRepo:
     return HubRepo(match["id"], match["revision"] or "main")
 
 
-def reference(value: str, include: list[str]) -> HuggingFaceModel | str:
-    """What the GPU Service declares as a class attribute for one model setting.
+def reference(setting: str, include: list[str]) -> HuggingFaceModel | str:
+    """What the GPU Service declares as a class attribute for the model setting named
+    ``setting`` (its environment variable, ``SDXL_BASE_MODEL``).
 
     A ``HuggingFaceModel`` for a repository (BentoML collects it, and on an instance the
     attribute reads as the local snapshot directory); the directory itself otherwise, which
     BentoML ignores. Either way ``self.<attribute>`` is a path ``from_pretrained`` takes.
     """
+    return model_reference(getattr(settings, setting.lower()), include, setting)
+
+
+def optional_reference(setting: str, include: list[str]) -> HuggingFaceModel | str | None:
+    """``reference`` for a model the Service can do without: None where it is empty."""
+    value = getattr(settings, setting.lower())
+    return model_reference(value, include, setting, optional=True) if value else None
+
+
+def model_reference(
+    value: str, include: list[str], setting: str, optional: bool = False
+) -> HuggingFaceModel | str:
+    """``reference`` for ``value``, a model given in ``setting``."""
     source = parse(value)
     if isinstance(source, Path):
         return str(source)
-    from bentoml.models import HuggingFaceModel
+    return _HubModel(
+        source.model_id,
+        revision=source.revision,
+        include=include,
+        setting=setting,
+        optional=optional,
+    )
 
-    return HuggingFaceModel(source.model_id, revision=source.revision, include=include)
+
+class ModelUnavailable(BentoMLException):
+    """A hub model that cannot be had, named by its setting: ``bentoml build`` and
+    ``bentoml serve`` stop on it in one line."""
 
 
-def optional_reference(value: str, include: list[str]) -> HuggingFaceModel | str | None:
-    """``reference`` for a model the Service can do without: None where ``value`` is empty."""
-    return reference(value, include) if value else None
+@attrs.define(unsafe_hash=True)
+class _HubModel(HuggingFaceModel):
+    """BentoML's hub reference, which names its setting where the hub cannot be reached
+    (offline, a revision gone): BentoML would stop with the hub client's traceback."""
+
+    setting: str = attrs.field(default="", eq=False)
+    optional: bool = attrs.field(default=False, eq=False)
+
+    def to_info(self, alias: str | None = None) -> t.Any:  # `bentoml build`: the commit
+        with self._named():
+            return super().to_info(alias)
+
+    def resolve(self, base_path: t.Any = None) -> str:  # `bentoml serve`: the download
+        with self._named():
+            return super().resolve(base_path)
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            without = ", or empty to do without it" if self.optional else ""
+            raise ModelUnavailable(
+                f"{self.setting}={self.model_id}@{self.revision}: not available from the "
+                f"Hugging Face hub ({type(exc).__name__}: {reason}); set {self.setting} to "
+                f"a local folder of the model{without}"
+            ) from None
 
 
 # BentoML collects the models of a Service from its class attributes, one Model instance
@@ -141,18 +200,18 @@ def with_controlnets(controlnets: Mapping[str, str]) -> Callable[[type], type]:
     """A class decorator, under ``@bentoml.service``, that declares each ControlNet of
     SDXL_CONTROLNETS (controls.py) like the base models."""
 
+    declared_in = (
+        "SDXL_CONTROLNETS" if settings.sdxl_controlnets.strip() else "SDXL_CONTROLNET_MODEL"
+    )
+
     def declare(cls: type) -> type:
         for name, value in controlnets.items():
             include = UNION_INCLUDE if name == UNION else CONTROLNET_INCLUDE
-            setattr(cls, CONTROLNET_ATTRIBUTE.format(name), reference(value, include))
+            ref = model_reference(value, include, declared_in)
+            setattr(cls, CONTROLNET_ATTRIBUTE.format(name), ref)
         return cls
 
     return declare
-
-
-def controlnet_sources(service: object, controlnets: Mapping[str, str]) -> dict[str, str]:
-    """Each ControlNet's directory on this instance, by name, downloaded if a reference."""
-    return {name: getattr(service, CONTROLNET_ATTRIBUTE.format(name)) for name in controlnets}
 
 
 def with_adapters(adapters: Mapping[str, LoraAdapter]) -> Callable[[type], type]:
@@ -161,18 +220,27 @@ def with_adapters(adapters: Mapping[str, LoraAdapter]) -> Callable[[type], type]
 
     def declare(cls: type) -> type:
         for name, adapter in adapters.items():
-            ref = reference(adapter.model, [adapter.weight_name])
+            ref = model_reference(adapter.model, [adapter.weight_name], "LORA_ADAPTERS")
             setattr(cls, ADAPTER_ATTRIBUTE.format(name), ref)
         return cls
 
     return declare
 
 
-def adapter_sources(
-    service: object, adapters: Mapping[str, LoraAdapter]
-) -> dict[str, tuple[str, str]]:
-    """Each adapter's (directory, weight file) on this instance, downloaded if a reference."""
+def folders(service: t.Any) -> dict[str, t.Any]:
+    """The folders of the models the GPU Service declares, on this instance (downloaded
+    where they are references), as ``ControlNetPipeline.from_settings`` takes them."""
     return {
-        name: (getattr(service, ADAPTER_ATTRIBUTE.format(name)), adapter.weight_name)
-        for name, adapter in adapters.items()
+        "base": service.base,
+        "controlnets": {
+            name: getattr(service, CONTROLNET_ATTRIBUTE.format(name))
+            for name in settings.controlnets
+        },
+        "vae": service.vae,
+        "preview": service.preview,
+        "adapters": {
+            name: (getattr(service, ADAPTER_ATTRIBUTE.format(name)), adapter.weight_name)
+            for name, adapter in settings.lora_adapters.items()
+        },
+        "ip_adapter": service.ip_adapter,
     }

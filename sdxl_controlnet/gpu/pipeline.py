@@ -160,13 +160,14 @@ class ControlNetPipeline:
     @classmethod
     def from_settings(
         cls,
+        settings: Settings,
+        *,
         base: str,
         controlnets: Mapping[str, str],
         vae: str,
         preview: str | None,
-        settings: Settings,
         adapters: Mapping[str, tuple[str, str]],
-        ip_adapter: str | None = None,
+        ip_adapter: str | None,
     ) -> ControlNetPipeline:
         """The pipeline as the operator configured it, on this worker's own GPU."""
         return cls(
@@ -371,7 +372,7 @@ class ControlNetPipeline:
         uint8) at ``params.strength``, repainting only where ``mask`` (H×W uint8) is white.
 
         After each denoising step ``on_step(done, total)`` reports progress, and
-        ``cancelled()`` can stop the run (raising GenerationCancelled), so an
+        ``cancelled()`` can stop the run (raising GenerationCanceled), so an
         abandoned request frees the GPU within one step. Every ``params.preview_every``
         steps before the last, ``on_preview(done, total, webp)`` receives a preview of the
         first image. Nothing is compiled here: what the warmed graphs do not fit runs the

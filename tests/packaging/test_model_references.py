@@ -275,7 +275,9 @@ def test_build_asks_the_hub_even_for_a_pinned_commit(hub: Hub) -> None:
 def test_a_local_directory_is_no_reference_and_never_reaches_the_hub(hub: Hub) -> None:
     directory = str(TINY_MODEL / "vae")
 
-    assert model_refs.reference(directory, model_refs.VAE_INCLUDE) == directory
+    assert (
+        model_refs.model_reference(directory, model_refs.VAE_INCLUDE, "SDXL_VAE_MODEL") == directory
+    )
     assert hub.requests == []
 
 
@@ -302,7 +304,7 @@ def test_an_adapter_reference_downloads_only_its_weight_file(hub: Hub) -> None:
     from sdxl_controlnet.settings import LoraAdapter
 
     adapter = LoraAdapter(model=f"{LORA_REPO}@{commit(hub, LORA_REPO)}", weight_name=LORA_WEIGHTS)
-    ref = model_refs.reference(adapter.model, [adapter.weight_name])
+    ref = model_refs.model_reference(adapter.model, [adapter.weight_name], "LORA_ADAPTERS")
     assert isinstance(ref, HuggingFaceModel)
     ref.endpoint = hub.url
 
@@ -516,3 +518,47 @@ def serving_bento(tag: str, env: dict[str, str]) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.mark.build
+@pytest.mark.e2e
+def test_an_unreachable_hub_stops_build_and_start_in_one_line_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    """Local models, and the preview decoder left at its hub default, offline: one line that
+    names SDXL_PREVIEW_MODEL and what to do, not the hub client's traceback."""
+    from sdxl_controlnet.settings import Settings
+
+    preview = Settings.model_fields["sdxl_preview_model"].default
+    env = {
+        **tiny_model_env(),
+        "SDXL_PREVIEW_MODEL": preview,
+        "HF_HUB_OFFLINE": "1",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+    expected = (
+        f"SDXL_PREVIEW_MODEL={preview}: not available from the Hugging Face hub (",
+        "set SDXL_PREVIEW_MODEL to a local folder of the model, or empty to do without it",
+    )
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "."],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode != 0
+    assert all(part in built.stderr for part in expected), built.stderr[-2000:]
+    assert "Traceback" not in built.stderr
+
+    server = Server(["serve", "."], env=env)
+    try:
+        with pytest.raises(RuntimeError, match="server exited early"):
+            server.wait_ready()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert all(part in log for part in expected), log[-2000:]
+    assert "Traceback" not in log
