@@ -61,6 +61,30 @@ async def read_lines(chunks: AsyncIterator[str]) -> AsyncIterator[dict[str, t.An
         partial.append(rest)
 
 
+async def pushed(
+    run: t.Callable[[t.Callable[[str], None]], t.Awaitable[str]],
+) -> AsyncIterator[str]:
+    """Each line ``run`` pushes while it runs (from any thread: the GPU's pushes from the
+    pipeline's), then the line it returns. Closing it cancels ``run``, and waits for it."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def push(line: str) -> None:
+        loop.call_soon_threadsafe(lines.put_nowait, line)
+
+    running = asyncio.ensure_future(run(push))
+    # After every line pushed before it ended: call_soon queues behind call_soon_threadsafe.
+    running.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))
+    try:
+        while (line := await lines.get()) is not None:
+            yield line
+        yield running.result()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 def server_sent_event(event: str, data: dict[str, t.Any] | str) -> str:
     """One server-sent event; ``data`` is JSON, on one line as the format requires."""
     payload = data if isinstance(data, str) else json.dumps(data)

@@ -4,7 +4,6 @@ Service, and take its images back, with the settings and stage times that made t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import typing as t
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,27 +111,16 @@ async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
     """``run`` as server-sent events: ``progress`` after each step, ``preview`` where asked,
     then ``result`` (what ``/generate_batch`` answers) or ``error``. Closing it stops the
     generation."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()  # None: the last event was sent
 
-    async def progress(kind: str, event: dict[str, t.Any]) -> None:
-        await queue.put(streaming.server_sent_event(kind, event))
+    async def generate(push: t.Callable[[str], None]) -> str:
+        async def progress(kind: str, event: dict[str, t.Any]) -> None:
+            push(streaming.server_sent_event(kind, event))
 
-    async def generate() -> None:
         try:
             result = await (await run(gpu, prepared, progress)).batch_result()
-            await queue.put(streaming.server_sent_event("result", result.model_dump_json()))
+            return streaming.server_sent_event("result", result.model_dump_json())
         except Exception as exc:  # every failure reaches the client as an event
-            await queue.put(
-                streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
-            )
-        finally:
-            queue.put_nowait(None)
+            return streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
 
-    generating = asyncio.ensure_future(generate())
-    try:
-        while (event := await queue.get()) is not None:
-            yield event
-    finally:
-        generating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await generating
+    async for event in streaming.pushed(generate):
+        yield event

@@ -93,28 +93,21 @@ class GPUWorker:
         """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
         each step, a preview every ``params.preview_every`` steps, then the images, or the
         error. Closing it stops the generation."""
-        loop = asyncio.get_running_loop()
-        lines: asyncio.Queue[str | None] = asyncio.Queue()
 
-        def on_step(done: int, total: int) -> None:
-            loop.call_soon_threadsafe(lines.put_nowait, streaming.progress_line(done, total))
+        async def generate(push: t.Callable[[str], None]) -> str:
+            def on_step(done: int, total: int) -> None:  # on the pipeline's thread
+                push(streaming.progress_line(done, total))
 
-        def on_preview(done: int, total: int, webp: bytes) -> None:
-            line = streaming.preview_line(done, total, webp)
-            loop.call_soon_threadsafe(lines.put_nowait, line)
+            def on_preview(done: int, total: int, webp: bytes) -> None:
+                push(streaming.preview_line(done, total, webp))
+
+            pictures = {"init_image": init_image, "mask": mask, "controls": controls}
+            images = await self.run(edges, params, on_step, **pictures, on_preview=on_preview)
+            return streaming.images_line(images)
 
         yield streaming.progress_line(0, params.steps)
-        pictures = {"init_image": init_image, "mask": mask, "controls": controls}
-        generation = asyncio.ensure_future(
-            self.run(edges, params, on_step, **pictures, on_preview=on_preview)
-        )
-        # After any line already sent: call_soon queues behind call_soon_threadsafe.
-        generation.add_done_callback(lambda _: loop.call_soon(lines.put_nowait, None))
         try:
-            while line := await lines.get():
+            async for line in streaming.pushed(generate):
                 yield line
-            yield streaming.images_line(generation.result())
         except ClientError as exc:
             yield streaming.error_line(exc)
-        finally:
-            generation.cancel()
