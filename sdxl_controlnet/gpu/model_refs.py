@@ -23,12 +23,11 @@ from bentoml.exceptions import BentoMLException
 from bentoml.models import HuggingFaceModel
 
 from ..controls import UNION
-from ..settings import settings
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ..settings import LoraAdapter
+    from ..settings import LoraAdapter, Settings
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CONTROLNET_REPO = "diffusers/controlnet-canny-sdxl-1.0"
@@ -90,7 +89,13 @@ IP_ADAPTER_VARIANTS = {
 
 def ip_adapter_include() -> list[str]:
     """The files of the adapter SDXL_IP_ADAPTER_VARIANT chooses, and its encoder's."""
-    return IP_ADAPTER_VARIANTS[settings.sdxl_ip_adapter_variant].include
+    return IP_ADAPTER_VARIANTS[_settings().sdxl_ip_adapter_variant].include
+
+
+def _settings() -> Settings:
+    from ..settings import settings  # when asked: importing this module reads no environment
+
+    return settings
 
 
 # org/name, optionally @revision: the hub's own rules for names (letters, digits, - _ .).
@@ -129,12 +134,12 @@ def reference(setting: str, include: list[str]) -> HuggingFaceModel | str:
     attribute reads as the local snapshot directory); the directory itself otherwise, which
     BentoML ignores. Either way ``self.<attribute>`` is a path ``from_pretrained`` takes.
     """
-    return model_reference(getattr(settings, setting.lower()), include, setting)
+    return model_reference(getattr(_settings(), setting.lower()), include, setting)
 
 
 def optional_reference(setting: str, include: list[str]) -> HuggingFaceModel | str | None:
     """``reference`` for a model the Service can do without: None where it is empty."""
-    value = getattr(settings, setting.lower())
+    value = getattr(_settings(), setting.lower())
     return model_reference(value, include, setting, optional=True) if value else None
 
 
@@ -201,7 +206,7 @@ def with_controlnets(controlnets: Mapping[str, str]) -> Callable[[type], type]:
     SDXL_CONTROLNETS (controls.py) like the base models."""
 
     declared_in = (
-        "SDXL_CONTROLNETS" if settings.sdxl_controlnets.strip() else "SDXL_CONTROLNET_MODEL"
+        "SDXL_CONTROLNETS" if _settings().sdxl_controlnets.strip() else "SDXL_CONTROLNET_MODEL"
     )
 
     def declare(cls: type) -> type:
@@ -234,13 +239,13 @@ def folders(service: t.Any) -> dict[str, t.Any]:
         "base": service.base,
         "controlnets": {
             name: getattr(service, CONTROLNET_ATTRIBUTE.format(name))
-            for name in settings.controlnets
+            for name in _settings().controlnets
         },
         "vae": service.vae,
         "preview": service.preview,
         "adapters": {
             name: (getattr(service, ADAPTER_ATTRIBUTE.format(name)), adapter.weight_name)
-            for name, adapter in settings.lora_adapters.items()
+            for name, adapter in _settings().lora_adapters.items()
         },
         "ip_adapter": service.ip_adapter,
     }

@@ -156,3 +156,19 @@ def test_the_configuration_docs_list_every_setting_with_its_default() -> None:
     assert defaults["front_workers"] == min(len(os.sched_getaffinity(0)), FRONT_WORKERS_CAP)
     expected["FRONT_WORKERS"] = f"min(CPUs, {FRONT_WORKERS_CAP})"
     assert documented == expected
+
+
+def test_importing_the_development_tools_reads_no_settings() -> None:
+    """The test set-up puts the tiny model in the environment after importing devtools:
+    settings read first would serve the production models (and no LoRA adapters)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, devtools.harness, devtools.tiny_model\n"
+        "print('sdxl_controlnet.settings' in sys.modules)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False"
