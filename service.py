@@ -44,8 +44,7 @@ STUDIO = StaticFiles(directory=Path(__file__).parent / "studio", html=True)
 @model_refs.with_controlnets(settings.controlnets)  # SDXL_CONTROLNETS: one, several, a Union
 @model_refs.with_adapters(settings.lora_adapters)  # LoRA adapters, declared like the models
 class SDXLControlNetService:
-    # Model references (`bentoml build` records them, `bentoml serve` downloads the included
-    # files before the workers start) or local directories; the preview decoder is optional.
+    # Pinned references (`bentoml build` records, `bentoml serve` downloads them) or folders.
     base = model_refs.reference("SDXL_BASE_MODEL", model_refs.BASE_INCLUDE)
     vae = model_refs.reference("SDXL_VAE_MODEL", model_refs.VAE_INCLUDE)
     preview = model_refs.optional_reference("SDXL_PREVIEW_MODEL", model_refs.PREVIEW_INCLUDE)
@@ -69,8 +68,8 @@ class SDXLControlNetService:
     ) -> schemas.Images:
         """Images following ``edges`` (H×W, Canny) or ``controls`` (K×H×W×3, one per control),
         from noise or ``init_image`` (``params.strength``), repainting where ``mask`` is white."""
-        run = self.worker.run(edges, params, init_image=init_image, mask=mask, controls=controls)
-        return await cancel_on_disconnect(run)
+        request = schemas.GPURequest.of(params, edges, controls, init_image, mask)
+        return await cancel_on_disconnect(self.worker.run(request))
 
     @bentoml.api
     async def generate_stream(
@@ -84,7 +83,8 @@ class SDXLControlNetService:
         """Like ``generate``, as JSON lines: ``{"step", "total"}`` after each step (``"image"``,
         a WebP preview, every ``params.preview_every``), then ``{"shape", "images"}`` (raw
         uint8) or ``{"status", "error"}``; closing it stops the generation."""
-        async for line in self.worker.stream(edges, params, init_image, mask, controls):
+        request = schemas.GPURequest.of(params, edges, controls, init_image, mask)
+        async for line in self.worker.stream(request):
             yield line
 
 

@@ -31,6 +31,7 @@ from sdxl_controlnet.gpu.previews import PreviewDecoder
 from sdxl_controlnet.schemas import (
     ControlSettings,
     GenerationParams,
+    GPURequest,
     LoraChoice,
     OutputFormat,
     Params,
@@ -184,11 +185,13 @@ def batching_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     edges = preprocessing.edge_map(photo(256, 256), Params(prompt="bench"))
     one = GenerationParams(prompt="bench", num_inference_steps=2, seed=1)
     four = one.model_copy(update={"num_images": 4})
-    pipeline.generate(edges, one)  # first call at a new size sets up kernels: not counted
+    pipeline.generate(
+        GPURequest.of(one, edges)
+    )  # first call at a new size sets up kernels: not counted
     batched, single = interleaved(
         runs,
-        lambda: pipeline.generate(edges, four),
-        lambda: [pipeline.generate(edges, one) for _ in range(4)],
+        lambda: pipeline.generate(GPURequest.of(four, edges)),
+        lambda: [pipeline.generate(GPURequest.of(one, edges)) for _ in range(4)],
     )
     return [Row("batching", "4 images 256² steps=2, one call vs four", "ms", batched, single)]
 
@@ -205,9 +208,9 @@ def mode_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     half = text.model_copy(update={"strength": 0.5})
     whole = text.model_copy(update={"strength": 1.0})
     calls = (
-        lambda: pipeline.generate(edges, text),
-        lambda: pipeline.generate(edges, half, init_image=picture),
-        lambda: pipeline.generate(edges, whole, init_image=picture, mask=mask),
+        lambda: pipeline.generate(GPURequest.of(text, edges)),
+        lambda: pipeline.generate(GPURequest.of(half, edges, init_image=picture)),
+        lambda: pipeline.generate(GPURequest.of(whole, edges, init_image=picture, mask=mask)),
     )
     for call in calls:  # first calls set up kernels: not counted
         call()
@@ -232,9 +235,11 @@ def adapter_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     plain = GenerationParams(prompt="bench", seed=1, num_inference_steps=steps)
     styled = plain.model_copy(update={"loras": [LoraChoice(name="style")]})
     for warm_up in (plain, styled, preset):  # first calls set up kernels: not counted
-        pipeline.generate(edges, warm_up)
+        pipeline.generate(GPURequest.of(warm_up, edges))
     full, few = interleaved(
-        runs, lambda: pipeline.generate(edges, default), lambda: pipeline.generate(edges, preset)
+        runs,
+        lambda: pipeline.generate(GPURequest.of(default, edges)),
+        lambda: pipeline.generate(GPURequest.of(preset, edges)),
     )
     rows = [
         Row(
@@ -281,10 +286,14 @@ def preview_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     sizes: list[int] = []
 
     def watched() -> None:
-        pipeline.generate(edges, every_5, on_preview=lambda *preview: sizes.append(len(preview[2])))
+        pipeline.generate(
+            GPURequest.of(every_5, edges), on_preview=lambda *preview: sizes.append(len(preview[2]))
+        )
 
     watched()  # first calls set up kernels: not counted
-    with_ms, without_ms = interleaved(runs, watched, lambda: pipeline.generate(edges, none))
+    with_ms, without_ms = interleaved(
+        runs, watched, lambda: pipeline.generate(GPURequest.of(none, edges))
+    )
     # Where the overhead lives, apart from the noise of two whole generations.
     latents = torch.randn(1, 4, 32, 32)  # 256² in latents
     one_ms = [timed_ms(lambda: pipeline.previews.webp(latents)) for _ in range(runs)]
@@ -311,8 +320,8 @@ def _per_step_ms(
 ) -> float:
     """Milliseconds per denoising step: (time at ``steps`` - time at 1) / (steps - 1)."""
     one = params.model_copy(update={"num_inference_steps": 1})
-    long_ms = timed_ms(lambda: pipeline.generate(edges, params))
-    short_ms = timed_ms(lambda: pipeline.generate(edges, one))
+    long_ms = timed_ms(lambda: pipeline.generate(GPURequest.of(params, edges)))
+    short_ms = timed_ms(lambda: pipeline.generate(GPURequest.of(one, edges)))
     return (long_ms - short_ms) / (steps - 1)
 
 
@@ -323,7 +332,10 @@ def lever_rows(pipeline: ControlNetPipeline, runs: int) -> list[Row]:
     edges = preprocessing.edge_map(photo(256, 256), Params(prompt="bench"))
     whole = GenerationParams(prompt="bench", num_inference_steps=10, seed=1)
     half = whole.model_copy(update={"control_guidance_end": 0.5})
-    calls = (lambda: pipeline.generate(edges, half), lambda: pipeline.generate(edges, whole))
+    calls = (
+        lambda: pipeline.generate(GPURequest.of(half, edges)),
+        lambda: pipeline.generate(GPURequest.of(whole, edges)),
+    )
     for call in calls:  # first calls set up kernels: not counted
         call()
     skipped, plain = interleaved(runs, *calls, timer=cpu_ms)
@@ -383,8 +395,8 @@ def control_rows(runs: int, side: int = 256, steps: int = 10) -> list[Row]:
             model["SDXL_BASE_MODEL"], parse_controlnets(declared, ""), model["SDXL_VAE_MODEL"]
         )
         calls = (
-            partial(pipeline.generate, None, two, controls=images),
-            partial(pipeline.generate, None, one, controls=images[:1]),
+            partial(pipeline.generate, GPURequest.of(two, controls=images)),
+            partial(pipeline.generate, GPURequest.of(one, controls=images[:1])),
         )
         with one_thread():
             for call in calls:  # first calls set up kernels: not counted
@@ -420,14 +432,14 @@ def image_prompt_rows(runs: int, side: int = 256, steps: int = 10) -> list[Row]:
     with one_thread():
         for calls, name, note in (
             (
-                (partial(adapter.generate, None, prompted, controls=images),
-                 partial(adapter.generate, None, alone, controls=images[:1])),
+                (partial(adapter.generate, GPURequest.of(prompted, controls=images)),
+                 partial(adapter.generate, GPURequest.of(alone, controls=images[:1]))),
                 f"image prompt: canny + image prompt vs canny alone, {what}",
                 "the adapter's key and value projections in each cross-attention",
             ),
             (
-                (partial(adapter.generate, None, alone, controls=images[:1]),
-                 partial(plain.generate, None, alone, controls=images[:1])),
+                (partial(adapter.generate, GPURequest.of(alone, controls=images[:1])),
+                 partial(plain.generate, GPURequest.of(alone, controls=images[:1]))),
                 f"image prompt: none, IP-Adapter loaded vs not, {what}",
                 "zeros at scale 0: diffusers skips the adapter's layers",
             ),

@@ -17,7 +17,7 @@ from bench.report import Row, interleaved, timed_ms
 from devtools.harness import Server, photo
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
-from sdxl_controlnet.schemas import GenerationParams, Params
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
 
 FAST = {"prompt": "bench", "num_inference_steps": 2, "seed": 1}
 BURSTS = {1: 8, 4: 8, 16: 32}  # requests per burst, by concurrency
@@ -68,7 +68,7 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
     async def measure() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             await _post(client, upload)  # warm both Services up, and the direct pipeline too
-            pipeline.generate(edges, params)
+            pipeline.generate(GPURequest.of(params, edges))
             for _ in range(runs):
                 start = time.perf_counter()
                 response = await _post(client, upload)
@@ -76,7 +76,7 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
                 response.raise_for_status()
                 stages = _server_timing(response)
                 front.append(stages["preprocess"] + stages["encode"])
-                direct.append(timed_ms(lambda: pipeline.generate(edges, params)))
+                direct.append(timed_ms(lambda: pipeline.generate(GPURequest.of(params, edges))))
 
     asyncio.run(measure())
     overhead = [s - d for s, d in zip(served, direct, strict=True)]
@@ -122,12 +122,14 @@ def throughput_rows(server: Server, pipeline: ControlNetPipeline, rounds: int) -
             return len(ok) / (time.perf_counter() - start), ok.count(False)
 
     # Warm-up, not counted: the first call at a new size sets up kernels.
-    pipeline.generate(edges, params)
+    pipeline.generate(GPURequest.of(params, edges))
     asyncio.run(burst(1))
     front_cpu = _front_cpu_seconds(server)
     for _ in range(rounds):
         for concurrency in BURSTS:
-            direct[concurrency].append(1000 / timed_ms(lambda: pipeline.generate(edges, params)))
+            direct[concurrency].append(
+                1000 / timed_ms(lambda: pipeline.generate(GPURequest.of(params, edges)))
+            )
             rate, failed = asyncio.run(burst(concurrency))
             served[concurrency].append(rate)
             failures[concurrency] += failed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import typing as t
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import (
@@ -52,60 +53,6 @@ CONTROL_SCALE, MAX_CONTROL_SCALE = 0.5, 2.0  # every control's, the one or each 
 IMAGE_TO_IMAGE_STRENGTH = 0.8  # diffusers' default, as A1111's and Replicate's are near it
 INPAINTING_STRENGTH = 1.0  # the masked area repainted from noise
 MAX_MASK_BLUR = 64  # pixels: a feather wider than that is a blurred picture, not an edge
-
-
-def check_gpu_request(
-    edges: np.ndarray | None,
-    params: GenerationParams,
-    init_image: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    controls: np.ndarray | None = None,
-) -> tuple[int, int]:
-    """The GPU Service can be called directly: hold its input to the front's limits,
-    and a batch to the GPU memory budget, before anything is generated. The output's
-    (height, width)."""
-    if params.controls:
-        if edges is not None or controls is None:
-            raise InvalidRequest("params.controls goes with controls, not edges")
-        if controls.ndim != 4:
-            raise InvalidRequest(f"controls must be a K×H×W×3 array, got shape {controls.shape}")
-        height, width = controls.shape[1:3]
-    else:
-        if edges is None or controls is not None:
-            raise InvalidRequest("edges is the one control; send controls with params.controls")
-        if edges.ndim != 2:
-            raise InvalidRequest(f"edges must be a one-channel H×W array, got shape {edges.shape}")
-        height, width = edges.shape
-    for name, array, shape in (
-        ("init_image", init_image, (height, width, 3)),
-        ("mask", mask, (height, width)),
-        ("controls", controls, (len(params.controls), height, width, 3)),
-    ):
-        if array is not None and (array.shape != shape or array.dtype != np.uint8):
-            raise InvalidRequest(
-                f"{name} must be a uint8 array of shape {shape}, for this output size; "
-                f"got {array.dtype} {array.shape}"
-            )
-    if (init_image is None) != (params.strength is None):
-        raise InvalidRequest("strength and init_image go together: give both or neither")
-    if mask is not None and init_image is None:
-        raise InvalidRequest("mask needs init_image, the picture to repaint")
-    if height % 8 or width % 8 or min(height, width) < settings.min_output_side:
-        raise InvalidRequest(
-            f"the control image is {width}×{height}; both sides must be multiples of 8 "
-            f"and at least {settings.min_output_side}"
-        )
-    if height * width > settings.max_output_pixels:
-        raise InvalidRequest(
-            f"the control image is {width}×{height}; at most {settings.max_output_pixels} pixels"
-        )
-    if height * width * params.num_images > settings.max_batch_pixels:
-        raise InvalidRequest(
-            f"{params.num_images} images at {width}×{height} exceed this server's GPU memory "
-            f"budget of {settings.max_batch_pixels} pixels per request (MAX_BATCH_PIXELS); "
-            "ask for fewer images or a smaller size"
-        )
-    return height, width
 
 
 def _null_means_absent(cls: type[BaseModel], data: t.Any) -> t.Any:
@@ -639,3 +586,91 @@ def _check_presets() -> None:
 
 
 _check_presets()
+
+
+@dataclass(frozen=True)
+class GPURequest:
+    """One generation, as the GPU Service takes it from its API to the pipeline's call: its
+    settings and its pictures, at the output size (H×W)."""
+
+    params: GenerationParams
+    # K×H×W×C uint8: one control image per params.controls (C = 3), or without them the one
+    # Canny edge map (K = 1, C = 1). None where the caller sent neither.
+    controls: np.ndarray | None
+    init_image: np.ndarray | None = None  # H×W×3 uint8, the picture to start from
+    mask: np.ndarray | None = None  # H×W uint8, white where to repaint
+
+    @classmethod
+    def of(
+        cls,
+        params: GenerationParams,
+        edges: np.ndarray | None = None,
+        controls: np.ndarray | None = None,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> GPURequest:
+        """The request the GPU Service's fields make: ``edges`` (H×W, the one Canny control,
+        one channel on the wire) or ``controls`` (K×H×W×3). Never raises: ``checked`` says
+        what is wrong, where a stream can still answer it."""
+        if edges is not None:
+            one = edges[None, :, :, None] if edges.ndim == 2 else edges
+            controls = one if controls is None else None  # both: ``checked`` refuses
+        return cls(params, controls, init_image, mask)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The output's (height, width)."""
+        assert self.controls is not None, "a checked request"
+        return self.controls.shape[1], self.controls.shape[2]
+
+    def checked(self) -> GPURequest:
+        """The GPU Service can be called directly: this request held to the front's limits,
+        and a batch to the GPU memory budget, before anything is generated."""
+        params, controls = self.params, self.controls
+        if controls is None:
+            raise InvalidRequest(
+                "send edges (an H×W array, the one Canny control) or controls (K×H×W×3, one "
+                "per params.controls): one of the two"
+            )
+        if params.controls:
+            if controls.ndim != 4 or controls.shape[-1] != 3:
+                raise InvalidRequest(
+                    "params.controls goes with controls, a K×H×W×3 array, not edges"
+                )
+        elif controls.ndim != 4 or controls.shape[-1] != 1:
+            raise InvalidRequest(
+                "edges, a one-channel H×W array, is the one control; send controls with "
+                "params.controls"
+            )
+        height, width = self.size
+        for name, array, shape in (
+            ("init_image", self.init_image, (height, width, 3)),
+            ("mask", self.mask, (height, width)),
+            ("controls", controls, (len(params.controls) or 1, height, width, controls.shape[3])),
+        ):
+            if array is not None and (array.shape != shape or array.dtype != np.uint8):
+                raise InvalidRequest(
+                    f"{name} must be a uint8 array of shape {shape}, for this output size; "
+                    f"got {array.dtype} {array.shape}"
+                )
+        if (self.init_image is None) != (params.strength is None):
+            raise InvalidRequest("strength and init_image go together: give both or neither")
+        if self.mask is not None and self.init_image is None:
+            raise InvalidRequest("mask needs init_image, the picture to repaint")
+        if height % 8 or width % 8 or min(height, width) < settings.min_output_side:
+            raise InvalidRequest(
+                f"the control image is {width}×{height}; both sides must be multiples of 8 "
+                f"and at least {settings.min_output_side}"
+            )
+        if height * width > settings.max_output_pixels:
+            raise InvalidRequest(
+                f"the control image is {width}×{height}; at most "
+                f"{settings.max_output_pixels} pixels"
+            )
+        if height * width * params.num_images > settings.max_batch_pixels:
+            raise InvalidRequest(
+                f"{params.num_images} images at {width}×{height} exceed this server's GPU "
+                f"memory budget of {settings.max_batch_pixels} pixels per request "
+                "(MAX_BATCH_PIXELS); ask for fewer images or a smaller size"
+            )
+        return self

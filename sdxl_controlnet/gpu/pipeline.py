@@ -37,7 +37,7 @@ from PIL import Image
 from .. import logs, metrics
 from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
 from ..errors import GenerationCanceled, GPUOutOfMemory
-from ..schemas import ControlSettings, GenerationParams, LoraChoice, Scheduler
+from ..schemas import ControlSettings, GenerationParams, GPURequest, LoraChoice, Scheduler
 from ..settings import Settings, settings
 from . import control_skip, image_prompts
 from .compilation import CompiledModels, graph_key, report_counts, without_compiling
@@ -324,12 +324,10 @@ class ControlNetPipeline:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
             key = graph_key(height, width, warm_up)
             self._compiled.warmed.add(key)
-            edges = np.zeros((height, width), np.uint8)
+            request = GPURequest.of(warm_up, np.zeros((height, width), np.uint8))
             try:
                 for _ in range(self._compiled.warm_ups):
-                    self._thread.submit(
-                        self._generate, edges, warm_up, None, lambda: False
-                    ).result()
+                    self._thread.submit(self._generate, request, None, lambda: False, None).result()
             except Exception:
                 self._compiled.warmed.discard(key)
                 logger.exception(
@@ -356,20 +354,14 @@ class ControlNetPipeline:
 
     def generate(
         self,
-        edges: np.ndarray | None,
-        params: GenerationParams,
+        request: GPURequest,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
-        *,
-        init_image: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
-        """Generate ``params.num_images`` images the size of ``edges`` (H×W uint8, the one
-        Canny control) or of ``controls`` (K×H×W×3 uint8, one per ``params.controls``),
-        returned as an N×H×W×3 uint8 array: from noise, or from ``init_image`` (H×W×3
-        uint8) at ``params.strength``, repainting only where ``mask`` (H×W uint8) is white.
+        """Generate ``params.num_images`` images the size of ``request.controls``, returned
+        as an N×H×W×3 uint8 array: from noise, or from ``init_image`` at
+        ``params.strength``, repainting only where ``mask`` is white.
 
         After each denoising step ``on_step(done, total)`` reports progress, and
         ``cancelled()`` can stop the run (raising GenerationCanceled), so an
@@ -379,39 +371,24 @@ class ControlNetPipeline:
         eager models.
         """
         with without_compiling():
-            return self._generate(
-                edges,
-                params,
-                on_step,
-                cancelled,
-                init_image,
-                mask,
-                controls=controls,
-                on_preview=on_preview,
-            )
+            return self._generate(request, on_step, cancelled, on_preview)
 
     def _steering(
-        self,
-        edges: np.ndarray | None,
-        controls: np.ndarray | None,
-        params: GenerationParams,
-        settings: list[ControlSettings],
+        self, controls: np.ndarray, params: GenerationParams, settings: list[ControlSettings]
     ) -> tuple[torch.nn.Module, list[torch.Tensor], dict]:
-        """The ControlNet module a request's controls run, their images as 1×3×H×W tensors
+        """The ControlNet module ``controls`` (K×H×W×C) run, their images as 1×3×H×W tensors
         in [0, 1], and the pipeline's arguments for their scales and windows: one
         ControlNet, or several combined, each with its own ``settings``."""
         # torch.tensor copies: the arrays BentoML unpickles are read-only.
-        if edges is not None:  # the one Canny control crosses the wire as one channel
-            height, width = edges.shape
-            control = torch.tensor(edges, device=self.device).to(self.pipe.dtype).div_(255)
-            images = [control.expand(1, 3, height, width)]
+        stack = torch.tensor(controls, device=self.device).permute(0, 3, 1, 2)
+        # The one Canny control crosses the wire as one channel.
+        stack = stack.to(self.pipe.dtype).div_(255).expand(-1, 3, -1, -1)
+        images = list(stack.split(1))
+        if params.controls:
+            steering = [(c.type, c.scale, c.start, c.end) for c in settings]
+        else:
             one = params.controlnet_conditioning_scale, params.control_guidance_start
             steering = [("canny", *one, params.control_guidance_end)]
-        else:
-            stack = torch.tensor(controls, device=self.device).permute(0, 3, 1, 2)
-            stack = stack.to(self.pipe.dtype).div_(255)
-            images = list(stack.split(1))
-            steering = [(c.type, c.scale, c.start, c.end) for c in settings]
         kinds, scales, starts, ends = (list(values) for values in zip(*steering, strict=True))
         arguments: dict[str, t.Any] = {}
         if self.union:
@@ -436,16 +413,12 @@ class ControlNetPipeline:
     @torch.inference_mode()
     def _generate(
         self,
-        edges: np.ndarray | None,
-        params: GenerationParams,
+        request: GPURequest,
         on_step: Callable[[int, int], None] | None,
         cancelled: Callable[[], bool],
-        init_image: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-        *,
-        controls: np.ndarray | None = None,
-        on_preview: Callable[[int, int, bytes], None] | None = None,
+        on_preview: Callable[[int, int, bytes], None] | None,
     ) -> np.ndarray:
+        params, init_image, mask = request.params, request.init_image, request.mask
         assert params.seed is not None, "the caller resolves the seed"
         every = params.preview_every if on_preview and self.previews else 0
 
@@ -470,7 +443,7 @@ class ControlNetPipeline:
                 preview = (step + 1, self.previews.start(tensors["latents"]))
             return tensors
 
-        height, width = edges.shape if edges is not None else controls.shape[1:3]
+        height, width = request.size
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
         if self._compiled is not None:
@@ -484,11 +457,11 @@ class ControlNetPipeline:
             }
         else:
             prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
-        controlnets, (prompt, picture) = params.controls, (None, None)
-        if controls is not None:  # an image prompt travels among them: it is no ControlNet's
+        controls, controlnets, (prompt, picture) = request.controls, params.controls, (None, None)
+        if params.controls:  # an image prompt travels among them: it is no ControlNet's
             controlnets, pictures, image_prompt = image_prompts.split(params.controls, controls)
             controls, (prompt, picture) = np.stack(pictures), image_prompt or (None, None)
-        controlnet, images, steering = self._steering(edges, controls, params, controlnets)
+        controlnet, images, steering = self._steering(controls, params, controlnets)
         if self.image_prompts is not None:
             guided = params.guidance_scale > 1
             steering["ip_adapter_image_embeds"] = self.image_prompts.embeddings(picture, guided)

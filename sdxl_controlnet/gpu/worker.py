@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import logs, metrics, streaming
 from ..errors import ClientError, GenerationCanceled
-from ..schemas import GenerationParams, check_gpu_request
+from ..schemas import GPURequest
 from .queue import GPUQueue, Work
 
 if t.TYPE_CHECKING:
@@ -29,19 +29,15 @@ class GPUWorker:
 
     async def run(
         self,
-        edges: np.ndarray | None,
-        params: GenerationParams,
+        request: GPURequest,
         on_step: Callable[[int, int], None] | None = None,
-        *,
-        init_image: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-        controls: np.ndarray | None = None,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
-        """The images for ``edges`` or ``controls`` (and ``init_image``, ``mask`` and
-        previews, see ``ControlNetPipeline.generate``). If the caller is cancelled, the
-        pipeline stops at its next step, and the GPU is released once it has."""
-        height, width = check_gpu_request(edges, params, init_image, mask, controls)
+        """The images of ``request``, checked first (and previews, see
+        ``ControlNetPipeline.generate``). If the caller is cancelled, the pipeline stops at
+        its next step, and the GPU is released once it has."""
+        params = request.checked().params
+        height, width = request.size
         stop = threading.Event()
         work = Work(
             width * height * params.batch, self.pipeline.runs_compiled(height, width, params)
@@ -54,16 +50,7 @@ class GPUWorker:
                     on_step(done, total)
 
             generation = asyncio.wrap_future(
-                self.pipeline.submit(
-                    edges,
-                    params,
-                    report,
-                    stop.is_set,
-                    init_image=init_image,
-                    mask=mask,
-                    controls=controls,
-                    on_preview=on_preview,
-                )
+                self.pipeline.submit(request, report, stop.is_set, on_preview)
             )
             try:
                 images = await asyncio.shield(generation)
@@ -82,14 +69,7 @@ class GPUWorker:
             metrics.GPU_MEMORY_PEAK.labels("reserved").set(torch.cuda.max_memory_reserved(device))
         return images
 
-    async def stream(
-        self,
-        edges: np.ndarray | None,
-        params: GenerationParams,
-        init_image: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-        controls: np.ndarray | None = None,
-    ) -> AsyncIterator[str]:
+    async def stream(self, request: GPURequest) -> AsyncIterator[str]:
         """``run`` as JSON lines: progress at once (step 0: waiting for the GPU) and after
         each step, a preview every ``params.preview_every`` steps, then the images, or the
         error. Closing it stops the generation."""
@@ -101,11 +81,9 @@ class GPUWorker:
             def on_preview(done: int, total: int, webp: bytes) -> None:
                 push(streaming.preview_line(done, total, webp))
 
-            pictures = {"init_image": init_image, "mask": mask, "controls": controls}
-            images = await self.run(edges, params, on_step, **pictures, on_preview=on_preview)
-            return streaming.images_line(images)
+            return streaming.images_line(await self.run(request, on_step, on_preview))
 
-        yield streaming.progress_line(0, params.steps)
+        yield streaming.progress_line(0, request.params.steps)
         try:
             async for line in streaming.pushed(generate):
                 yield line

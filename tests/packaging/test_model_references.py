@@ -47,7 +47,7 @@ from devtools.hub_repos import (
     lay_out,
 )
 from sdxl_controlnet.gpu import model_refs
-from sdxl_controlnet.schemas import GenerationParams
+from sdxl_controlnet.schemas import GenerationParams, GPURequest
 
 # The models the default configuration declares.
 INCLUDE = {
@@ -184,7 +184,8 @@ def test_the_downloaded_fp16_snapshots_load_and_generate_on_the_cpu(hub: Hub) ->
     params = GenerationParams(prompt="a house", num_inference_steps=2, seed=1, preview_every=1)
     previews: list[int] = []
     images = pipeline.generate(
-        np.zeros((64, 64), np.uint8), params, on_preview=lambda step, *_: previews.append(step)
+        GPURequest.of(params, np.zeros((64, 64), np.uint8)),
+        on_preview=lambda step, *_: previews.append(step),
     )
     assert images.shape == (1, 64, 64, 3) and previews == [1]
 
@@ -347,14 +348,14 @@ import json
 import numpy as np
 
 import service
-from sdxl_controlnet.schemas import ControlSettings, GenerationParams
+from sdxl_controlnet.schemas import ControlSettings, GenerationParams, GPURequest
 from sdxl_controlnet.settings import settings
 
 gpu = service.SDXLControlNetService()
 controls = [ControlSettings(type=kind) for kind in settings.control_types[:2]]
 params = GenerationParams(prompt="x", num_inference_steps=1, seed=1, controls=controls)
 pipeline = gpu.worker.pipeline
-images = pipeline.generate(None, params, controls=np.zeros((2, 64, 64, 3), np.uint8))
+images = pipeline.generate(GPURequest.of(params, controls=np.zeros((2, 64, 64, 3), np.uint8)))
 print(json.dumps({
     "models": [m.to_info().metadata for m in service.SDXLControlNetService.models],
     "loaded": {name: type(net).__name__ for name, net in pipeline.controlnets.items()},

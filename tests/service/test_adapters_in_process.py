@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import service
 from devtools.harness import TINY_ADAPTERS, as_array, decode, shapes_image
 from sdxl_controlnet.gpu.pipeline import AdapterError, ControlNetPipeline
-from sdxl_controlnet.schemas import GenerationParams, Params
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
 from sdxl_controlnet.settings import settings
 
 pytestmark = pytest.mark.anyio
@@ -90,8 +90,8 @@ async def test_the_base_model_ignores_declared_adapters_bit_for_bit(front) -> No
     edges = np.zeros((64, 96), np.uint8)
     edges[16:48, 24] = 255
     params = GenerationParams(**FAST)
-    served = front.controlnet_service.worker.pipeline.submit(edges, params).result()
-    assert np.array_equal(plain.generate(edges, params), served)
+    served = front.controlnet_service.worker.pipeline.submit(GPURequest.of(params, edges)).result()
+    assert np.array_equal(plain.generate(GPURequest.of(params, edges)), served)
 
 
 async def test_a_preset_applies_unless_the_request_sets_the_value(front, pipeline_calls) -> None:

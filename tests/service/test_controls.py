@@ -18,7 +18,7 @@ from devtools.tiny_model import (
 )
 from sdxl_controlnet.gpu import control_skip
 from sdxl_controlnet.gpu.pipeline import ControlNetError, ControlNetPipeline
-from sdxl_controlnet.schemas import ControlSettings, GenerationParams
+from sdxl_controlnet.schemas import ControlSettings, GenerationParams, GPURequest
 
 HEIGHT, WIDTH = 64, 96
 CONFIGURATIONS = {
@@ -85,8 +85,8 @@ def test_every_mode_takes_one_control_or_two_and_the_same_seed_gives_the_same_by
     made = {}
     for count in (1, 2):
         request = params([control(kind) for kind in kinds(configuration, count)], **fields)
-        first = pipeline.generate(None, request, controls=images(2)[:count], **pictures)
-        again = pipeline.generate(None, request, controls=images(2)[:count], **pictures)
+        first = pipeline.generate(GPURequest.of(request, controls=images(2)[:count], **pictures))
+        again = pipeline.generate(GPURequest.of(request, controls=images(2)[:count], **pictures))
         assert first.shape == (1, HEIGHT, WIDTH, 3) and first.dtype == np.uint8
         np.testing.assert_array_equal(first, again)
         made[count] = first
@@ -102,14 +102,15 @@ def test_one_control_is_the_one_control_fields_request_to_the_byte(configured) -
     listed = params([control("canny", end=0.75)])
     as_rgb = np.repeat(edges[None, :, :, None], 3, axis=3)
     np.testing.assert_array_equal(
-        pipeline.generate(edges, one), pipeline.generate(None, listed, controls=as_rgb)
+        pipeline.generate(GPURequest.of(one, edges)),
+        pipeline.generate(GPURequest.of(listed, controls=as_rgb)),
     )
 
 
 def test_each_control_steers_by_its_own_image_scale_and_window(configured) -> None:
     configuration, pipeline = configured
     two = kinds(configuration, 2)
-    base = pipeline.generate(None, params([control(k) for k in two]), controls=images(2))
+    base = pipeline.generate(GPURequest.of(params([control(k) for k in two]), controls=images(2)))
     other = images(2)
     other[1] = 255 - other[1]
     variants = [
@@ -118,18 +119,21 @@ def test_each_control_steers_by_its_own_image_scale_and_window(configured) -> No
         (params([control(two[0]), control(two[1], start=0.5)]), images(2)),
     ]
     for request, controls in variants:
-        assert not np.array_equal(base, pipeline.generate(None, request, controls=controls))
+        assert not np.array_equal(
+            base, pipeline.generate(GPURequest.of(request, controls=controls))
+        )
 
 
 def test_a_union_steers_by_the_type_it_is_told() -> None:
     pipeline = load("union")
     picture = images(1)
     canny, depth = (
-        pipeline.generate(None, params([control(k)]), controls=picture) for k in ("canny", "depth")
+        pipeline.generate(GPURequest.of(params([control(k)]), controls=picture))
+        for k in ("canny", "depth")
     )
     assert not np.array_equal(canny, depth)
     # Types that share a mode of the Union's are the same control to it.
-    lineart = pipeline.generate(None, params([control("lineart")]), controls=picture)
+    lineart = pipeline.generate(GPURequest.of(params([control("lineart")]), controls=picture))
     np.testing.assert_array_equal(canny, lineart)
 
 
@@ -151,11 +155,13 @@ def test_leaving_out_controls_that_add_nothing_changes_no_byte(windows, monkeypa
             for k, (s, a, b) in zip(("canny", "depth"), windows, strict=True)
         ]
     )
-    skipping = pipeline.generate(None, request, controls=images(2))
+    skipping = pipeline.generate(GPURequest.of(request, controls=images(2)))
     for net in pipeline.controlnets.values():
         del net.forward  # the skip wrapper (control_skip.skip_when_unscaled)
     monkeypatch.setattr(control_skip, "Combined", MultiControlNetModel)
-    np.testing.assert_array_equal(skipping, pipeline.generate(None, request, controls=images(2)))
+    np.testing.assert_array_equal(
+        skipping, pipeline.generate(GPURequest.of(request, controls=images(2)))
+    )
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.gpu import pipeline as pipeline_module
 from sdxl_controlnet.gpu.compilation import graph_key
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
-from sdxl_controlnet.schemas import GenerationParams, LoraChoice
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, LoraChoice
 from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
 pytestmark = pytest.mark.compile
@@ -38,13 +38,13 @@ def test_sdpa_is_the_attention_diffusers_picks() -> None:
 
 
 def test_channels_last_and_fused_qkv_give_the_same_image() -> None:
-    plain = tiny_pipeline().generate(edges(), PARAMS)
+    plain = tiny_pipeline().generate(GPURequest.of(PARAMS, edges()))
     fast = tiny_pipeline(channels_last=True, fuse_qkv=True)
     assert fast.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert {type(p).__name__ for p in fast.pipe.unet.attn_processors.values()} == {
         "FusedAttnProcessor2_0"
     }
-    images = fast.generate(edges(), PARAMS)
+    images = fast.generate(GPURequest.of(PARAMS, edges()))
     assert images.shape == plain.shape == (1, 64, 96, 3)
     # Same maths, other kernels: the pixels agree to rounding.
     assert np.abs(images.astype(int) - plain).max() <= 2
@@ -82,15 +82,22 @@ def test_a_warmed_request_runs_the_compiled_graphs_and_matches_eager(eager, comp
     seen = []
     hook = compiled._compiled.modules[0].register_forward_hook(lambda *_: seen.append(True))
     try:
-        images = compiled.submit(edges(64, 64), PARAMS).result()
+        images = compiled.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
     finally:
         hook.remove()
     assert seen, "the compiled UNet did not run"
     assert compiled_graphs() == after_warm_up
-    assert np.abs(images.astype(int) - eager.submit(edges(64, 64), PARAMS).result()).max() <= 3
+    assert (
+        np.abs(
+            images.astype(int) - eager.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
+        ).max()
+        <= 3
+    )
 
     # Another size, or another batch, runs uncompiled rather than compiling in a request.
-    other = compiled.submit(edges(64, 96), PARAMS.model_copy(update={"num_images": 2})).result()
+    other = compiled.submit(
+        GPURequest.of(PARAMS.model_copy(update={"num_images": 2}), edges(64, 96))
+    ).result()
     assert other.shape == (2, 64, 96, 3)
     assert compiled_graphs() == after_warm_up
     # Between calls the pipeline holds the eager modules, where diffusers finds the adapters.
@@ -117,10 +124,10 @@ def test_no_request_compiles_again_whatever_it_asks(eager, compiled) -> None:
                 "loras": STYLE if adapter else [],
             }
         )
-        images = compiled.submit(edges(64, 64), params).result()
+        images = compiled.submit(GPURequest.of(params, edges(64, 64))).result()
         assert compiled_graphs() == after_warm_up, f"compiled again for {params}"
         if scale == 0.8 and end == 0.5 and not guess_mode:
-            reference = eager.submit(edges(64, 64), params).result()
+            reference = eager.submit(GPURequest.of(params, edges(64, 64))).result()
             assert np.abs(images.astype(int) - reference).max() <= 3, params
 
 
@@ -133,10 +140,10 @@ def test_image_to_image_and_inpainting_run_the_warmed_graphs(eager, compiled, in
     pictures = {"init_image": start, "mask": mask if inpaint else None}
     params = PARAMS.model_copy(update={"strength": 1.0})
     after_warm_up, fallbacks = compiled_graphs(), uncompiled("recompile")
-    images = compiled.submit(edges(64, 64), params, **pictures).result()
+    images = compiled.submit(GPURequest.of(params, edges(64, 64), **pictures)).result()
     assert compiled_graphs() == after_warm_up
     assert uncompiled("recompile") == fallbacks
-    reference = eager.submit(edges(64, 64), params, **pictures).result()
+    reference = eager.submit(GPURequest.of(params, edges(64, 64), **pictures)).result()
     assert np.abs(images.astype(int) - reference).max() <= 3
 
 
@@ -154,7 +161,7 @@ def test_every_scheduler_and_scale_runs_the_warmed_graphs(compiled, scheduler) -
             }
         )
         assert compiled.runs_compiled(64, 64, params)
-        compiled.submit(edges(64, 64), params).result()
+        compiled.submit(GPURequest.of(params, edges(64, 64))).result()
         assert uncompiled("recompile") == fallbacks, params
 
 
@@ -162,7 +169,7 @@ def test_the_vae_decoder_is_compiled_and_runs_its_graph(compiled) -> None:
     decoder = compiled.pipe.vae.decoder
     assert isinstance(decoder, torch._dynamo.eval_frame.OptimizedModule)
     fallbacks, after_warm_up = uncompiled("recompile"), compiled_graphs()
-    compiled.submit(edges(64, 64), PARAMS).result()
+    compiled.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
     assert (uncompiled("recompile"), compiled_graphs()) == (fallbacks, after_warm_up)
 
 
@@ -173,13 +180,18 @@ def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compile
     key = graph_key(64, 96, PARAMS)
     compiled._compiled.warmed.add(key)
     try:
-        images = compiled.submit(edges(64, 96), PARAMS).result()
+        images = compiled.submit(GPURequest.of(PARAMS, edges(64, 96))).result()
     finally:
         compiled._compiled.warmed.discard(key)
     assert compiled_graphs() == after_warm_up  # nothing compiled
     assert uncompiled("recompile") == fallbacks + 1
     assert "the warmed graphs did not fit" in caplog.text
-    assert np.abs(images.astype(int) - eager.submit(edges(64, 96), PARAMS).result()).max() <= 3
+    assert (
+        np.abs(
+            images.astype(int) - eager.submit(GPURequest.of(PARAMS, edges(64, 96))).result()
+        ).max()
+        <= 3
+    )
 
 
 def compile_events(kind: str) -> float | None:
@@ -210,9 +222,9 @@ def test_a_graph_break_fails_its_sizes_compile_and_the_size_runs_eagerly(
     assert not pipeline.runs_compiled(64, 64, PARAMS)
     assert "compiling for 64×64 failed; requests of that size run uncompiled" in caplog.text
     shapes = uncompiled("shape")
-    images = pipeline.submit(edges(64, 64), PARAMS).result()
+    images = pipeline.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
     assert uncompiled("shape") == shapes + 1
-    assert np.array_equal(images, eager.submit(edges(64, 64), PARAMS).result())
+    assert np.array_equal(images, eager.submit(GPURequest.of(PARAMS, edges(64, 64))).result())
 
 
 @pytest.mark.parametrize("inpaint", [False, True])
@@ -227,14 +239,16 @@ def test_each_step_is_marked_for_cuda_graphs(compiled, inpaint, monkeypatch) -> 
     params = PARAMS.model_copy(
         update={"strength": 1.0, "num_inference_steps": 4, "control_guidance_end": 0.5}
     )
-    compiled.submit(edges(64, 64), params, init_image=start, mask=mask).result()
+    compiled.submit(GPURequest.of(params, edges(64, 64), init_image=start, mask=mask)).result()
     assert len(marks) == 4 + 1  # and one for the VAE's decoder, after the last step
 
 
 def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> None:
     styled = PARAMS.model_copy(update={"loras": STYLE})
     detail = PARAMS.model_copy(update={"loras": [LoraChoice(name="detail", scale=1.0)]})
-    base, with_style = (compiled.submit(edges(64, 64), p).result() for p in (PARAMS, styled))
+    base, with_style = (
+        compiled.submit(GPURequest.of(p, edges(64, 64))).result() for p in (PARAMS, styled)
+    )
     assert not np.array_equal(base, with_style)
     real_set_adapters = type(compiled.pipe).set_adapters
 
@@ -245,12 +259,12 @@ def test_a_failed_adapter_switch_leaves_no_adapter_on(compiled, monkeypatch) -> 
     # From the base model and from an adapter: after a failed switch to another one, the
     # same request as before gives the same image, bit for bit.
     for before, image in ((PARAMS, base), (styled, with_style)):
-        compiled.submit(edges(64, 64), before).result()
+        compiled.submit(GPURequest.of(before, edges(64, 64))).result()
         with monkeypatch.context() as patch:
             patch.setattr(type(compiled.pipe), "set_adapters", fail_halfway)
             with pytest.raises(RuntimeError, match="injected"):
-                compiled.submit(edges(64, 64), detail).result()
-        assert np.array_equal(compiled.submit(edges(64, 64), before).result(), image)
+                compiled.submit(GPURequest.of(detail, edges(64, 64))).result()
+        assert np.array_equal(compiled.submit(GPURequest.of(before, edges(64, 64))).result(), image)
 
 
 def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatch) -> None:
@@ -264,11 +278,11 @@ def test_out_of_memory_frees_the_cache_and_the_pipeline_keeps_serving(monkeypatc
 
     monkeypatch.setattr(type(pipeline.pipe), "__call__", out_of_memory)
     with pytest.raises(GPUOutOfMemory, match="ran out of memory generating 1 image"):
-        pipeline.submit(edges(), PARAMS).result()
+        pipeline.submit(GPURequest.of(PARAMS, edges())).result()
     assert emptied == [True]
 
     monkeypatch.setattr(type(pipeline.pipe), "__call__", real_call)
-    assert pipeline.submit(edges(), PARAMS).result().shape == (1, 64, 96, 3)
+    assert pipeline.submit(GPURequest.of(PARAMS, edges())).result().shape == (1, 64, 96, 3)
 
 
 def test_the_pipeline_thread_makes_the_worker_s_gpu_its_current_device(monkeypatch) -> None:

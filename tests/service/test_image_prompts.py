@@ -11,7 +11,7 @@ import pytest
 from devtools.harness import TINY_MODEL
 from devtools.tiny_model import IP_ADAPTER_SUBDIR
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
-from sdxl_controlnet.schemas import ControlSettings, GenerationParams, LoraChoice
+from sdxl_controlnet.schemas import ControlSettings, GenerationParams, GPURequest, LoraChoice
 from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
 FAST = {"prompt": "a red ball", "num_inference_steps": 4, "seed": 3}
@@ -52,7 +52,7 @@ def with_prompt(
 
 def generate(pipeline: ControlNetPipeline, colour=(200, 30, 30), **prompt: float) -> np.ndarray:
     stack, params = with_prompt(colour, **prompt)
-    return pipeline.submit(None, params, controls=stack).result()
+    return pipeline.submit(GPURequest.of(params, controls=stack)).result()
 
 
 @pytest.mark.parametrize(
@@ -63,13 +63,14 @@ def test_without_an_image_prompt_the_image_is_the_same_bytes_as_without_an_adapt
 ) -> None:
     params = GenerationParams(**FAST, **fields)
     assert np.array_equal(
-        prompted.submit(edges(), params).result(), plain.submit(edges(), params).result()
+        prompted.submit(GPURequest.of(params, edges())).result(),
+        plain.submit(GPURequest.of(params, edges())).result(),
     )
 
 
 def test_an_image_prompt_steers_and_a_different_one_steers_elsewhere(plain, prompted) -> None:
     red, blue = generate(prompted, (200, 30, 30)), generate(prompted, (30, 30, 200))
-    canny_alone = plain.submit(edges(), GenerationParams(**FAST)).result()
+    canny_alone = plain.submit(GPURequest.of(GenerationParams(**FAST), edges())).result()
     assert np.abs(red.astype(int) - blue).mean() > 1
     assert np.abs(red.astype(int) - canny_alone).mean() > 1
     # The same request again: the same bytes, the embeddings taken from the cache.
@@ -113,14 +114,16 @@ def test_every_mode_takes_an_image_prompt(prompted, mode) -> None:
     mask = np.zeros((HEIGHT, WIDTH), np.uint8)
     mask[:, WIDTH // 2 :] = 255
     kept = mask if mode == "inpainting" else None
-    images = prompted.submit(None, params, init_image=start, mask=kept, controls=stack).result()
+    images = prompted.submit(
+        GPURequest.of(params, init_image=start, mask=kept, controls=stack)
+    ).result()
     assert images.shape == (1, HEIGHT, WIDTH, 3)
 
 
 def test_lora_adapters_and_an_image_prompt_together(prompted) -> None:
     stack, params = with_prompt((200, 30, 30))
     styled = params.model_copy(update={"loras": [LoraChoice(name="style", scale=0.8)]})
-    with_style = prompted.submit(None, styled, controls=stack).result()
+    with_style = prompted.submit(GPURequest.of(styled, controls=stack)).result()
     assert np.abs(with_style.astype(int) - generate(prompted)).mean() > 1
 
 
@@ -134,8 +137,8 @@ def test_the_plus_variant_loads_its_resampler_and_encoder_and_steers(plain) -> N
         "IPAdapterPlusImageProjection"
     )
     params = GenerationParams(**FAST)
-    canny_alone = plain.submit(edges(), params).result()
-    assert np.array_equal(plus.submit(edges(), params).result(), canny_alone)
+    canny_alone = plain.submit(GPURequest.of(params, edges())).result()
+    assert np.array_equal(plus.submit(GPURequest.of(params, edges())).result(), canny_alone)
     red, blue = generate(plus, (200, 30, 30)), generate(plus, (30, 30, 200))
     assert np.abs(red.astype(int) - blue).mean() > 1
     assert np.abs(red.astype(int) - canny_alone).mean() > 1

@@ -20,7 +20,7 @@ from sdxl_controlnet import streaming
 from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.front import gpu_call
 from sdxl_controlnet.front.encoding import encode_image
-from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, Params
+from sdxl_controlnet.schemas import BatchResult, EdgeParams, GenerationParams, GPURequest, Params
 
 pytestmark = pytest.mark.anyio
 
@@ -201,7 +201,7 @@ async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None
     edges = np.zeros((64, 64), np.uint8)
     long_run = GenerationParams(prompt="x", num_inference_steps=80, seed=0)
     task = asyncio.create_task(
-        gpu.worker.run(edges, long_run, on_step=lambda done, _: steps.append(done))
+        gpu.worker.run(GPURequest.of(long_run, edges), on_step=lambda done, _: steps.append(done))
     )
     while not steps:
         await asyncio.sleep(0.01)
@@ -211,7 +211,7 @@ async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None
     assert len(steps) < 80
     assert gpu.worker.queue.idle
     quick = GenerationParams(prompt="x", num_inference_steps=1, seed=0)
-    assert (await gpu.worker.run(edges, quick)).shape == (1, 64, 64, 3)
+    assert (await gpu.worker.run(GPURequest.of(quick, edges))).shape == (1, 64, 64, 3)
 
 
 async def test_a_slow_gpu_service_gives_a_504(front, gpu, monkeypatch) -> None:
@@ -259,12 +259,12 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
     steps_run: list[int] = []
     generate = gpu.worker.pipeline.generate
 
-    def counting_generate(edges, params, on_step, cancelled, **pictures):
+    def counting_generate(request, on_step, cancelled, on_preview):
         def count(done: int, total: int) -> None:
             steps_run.append(done)
             on_step(done, total)
 
-        return generate(edges, params, count, cancelled, **pictures)
+        return generate(request, count, cancelled, on_preview)
 
     monkeypatch.setattr(gpu.worker.pipeline, "generate", counting_generate)
     params = GenerationParams(prompt="x", num_inference_steps=50, seed=1)

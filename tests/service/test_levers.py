@@ -12,7 +12,7 @@ import pytest
 
 from sdxl_controlnet.gpu import control_skip
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline
-from sdxl_controlnet.schemas import GenerationParams, LoraChoice
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, LoraChoice
 from tests.service.pipelines import ADAPTERS, tiny_pipeline
 
 STYLE = [LoraChoice(name="style", scale=0.8)]
@@ -60,7 +60,7 @@ def generate(pipeline: ControlNetPipeline, params: GenerationParams, mode: str) 
         "inpaint": {"init_image": START, "mask": MASK},
     }[mode]
     images = pipeline.generate(
-        EDGES, params, on_step=lambda done, total: steps.append(total), **pictures
+        GPURequest.of(params, EDGES, **pictures), on_step=lambda done, total: steps.append(total)
     )
     return images, steps[-1]
 
@@ -157,11 +157,11 @@ def test_the_cache_tells_apart_what_changes_the_embeddings_and_stays_bounded() -
     ]
     for variant in variants:
         before = encodes.count
-        small.generate(EDGES, variant)
+        small.generate(GPURequest.of(variant, EDGES))
         assert encodes.count > before, variant  # each one a miss
     assert len(small._prompts) == 2  # the oldest went
     before = encodes.count
-    small.generate(EDGES, variants[2])
+    small.generate(GPURequest.of(variants[2], EDGES))
     assert encodes.count == before  # the newest is kept
-    small.generate(EDGES, variants[0])
+    small.generate(GPURequest.of(variants[0], EDGES))
     assert encodes.count > before  # the oldest was evicted

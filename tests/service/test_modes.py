@@ -15,7 +15,7 @@ import service
 from devtools.harness import as_array, decode, photo, shapes_image
 from sdxl_controlnet.errors import GenerationCanceled, GPUOutOfMemory, InvalidRequest
 from sdxl_controlnet.front import preprocessing
-from sdxl_controlnet.schemas import GenerationParams, LoraChoice, Params
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, LoraChoice, Params
 
 pytestmark = pytest.mark.anyio
 
@@ -65,11 +65,8 @@ def test_strength_runs_its_share_of_the_steps(pipeline, strength, steps, inpaint
     assert params.steps == steps
     progress: list[tuple[int, int]] = []
     images = pipeline.generate(
-        edges,
-        params,
+        GPURequest.of(params, edges, init_image=start, mask=mask if inpaint else None),
         lambda done, total: progress.append((done, total)),
-        init_image=start,
-        mask=mask if inpaint else None,
     )
     assert images.shape == (1, HEIGHT, WIDTH, 3)
     assert progress == [(i, steps) for i in range(1, steps + 1)]
@@ -80,10 +77,13 @@ def test_same_inputs_and_seed_give_the_same_bytes(pipeline, mode) -> None:
     edges, start, mask = pictures()
     params = GenerationParams(**FAST, strength=0.75)
     kept = mask if mode == "inpainting" else None
-    first, again = (pipeline.generate(edges, params, init_image=start, mask=kept) for _ in range(2))
+    first, again = (
+        pipeline.generate(GPURequest.of(params, edges, init_image=start, mask=kept))
+        for _ in range(2)
+    )
     assert np.array_equal(first, again)
     other_seed = pipeline.generate(
-        edges, params.model_copy(update={"seed": 8}), init_image=start, mask=kept
+        GPURequest.of(params.model_copy(update={"seed": 8}), edges, init_image=start, mask=kept)
     )
     assert not np.array_equal(first, other_seed)
 
@@ -93,26 +93,35 @@ def test_inpainting_keeps_what_the_mask_keeps(pipeline) -> None:
     picture's (the decoder's reach across the border aside)."""
     edges, start, mask = pictures()
     a, b = (
-        pipeline.generate(edges, GenerationParams(**{**FAST, "seed": s}, strength=1.0),
-                          init_image=start, mask=mask)[0].astype(int)
+        pipeline.generate(
+            GPURequest.of(
+                GenerationParams(**{**FAST, "seed": s}, strength=1.0),
+                edges,
+                init_image=start,
+                mask=mask,
+            )
+        )[0].astype(int)
         for s in (1, 2)
-    )  # fmt: skip
+    )
     kept = np.abs(a - b)[:, : WIDTH // 2 - 8].mean()
     repainted = np.abs(a - b)[:, WIDTH // 2 + 8 :].mean()
     assert kept * 4 < repainted, (kept, repainted)
 
 
 def test_the_gpu_service_holds_pictures_to_the_edge_map(pipeline) -> None:
-    from sdxl_controlnet.schemas import check_gpu_request
-
     edges, start, mask = pictures()
     params = GenerationParams(**FAST, strength=0.5)
     with pytest.raises(InvalidRequest, match=r"init_image must be a uint8 array of shape"):
-        check_gpu_request(edges, params, start[:32], None)
+        GPURequest.of(params, edges, init_image=start[:32]).checked()
     with pytest.raises(InvalidRequest, match="mask needs init_image"):
-        check_gpu_request(edges, GenerationParams(**FAST), None, mask)
+        GPURequest.of(GenerationParams(**FAST), edges, mask=mask).checked()
     with pytest.raises(InvalidRequest, match="strength and init_image go together"):
-        check_gpu_request(edges, params, None, None)
+        GPURequest.of(params, edges).checked()
+    # The one Canny control or the controls of params.controls, one of the two.
+    stack = np.repeat(edges[None, :, :, None], 3, axis=3)
+    for neither_or_both in (GPURequest.of(params), GPURequest.of(params, edges, stack)):
+        with pytest.raises(InvalidRequest, match=r"send edges .* or controls .*: one of the two"):
+            neither_or_both.checked()
 
 
 async def generate(front, **uploads) -> tuple[np.ndarray, dict]:
@@ -265,7 +274,8 @@ def test_samplers_adapters_and_the_guidance_window_work_from_a_picture(
     )
     styled = base.model_copy(update={"loras": [LoraChoice(name="style")]})
     plain, with_style, plain_again = (
-        pipeline.generate(edges, p, init_image=start, mask=kept) for p in (base, styled, base)
+        pipeline.generate(GPURequest.of(p, edges, init_image=start, mask=kept))
+        for p in (base, styled, base)
     )
     assert plain.shape == with_style.shape == (1, HEIGHT, WIDTH, 3)
     assert not np.array_equal(plain, with_style)  # the adapter took effect
@@ -277,7 +287,9 @@ def test_a_few_step_preset_runs_its_share_of_steps_from_a_picture(pipeline) -> N
     params = GenerationParams(prompt="x", seed=1, strength=0.5, loras=[{"name": "fast"}])
     assert (params.num_inference_steps, params.steps) == (4, 2)
     progress: list[int] = []
-    pipeline.generate(edges, params, lambda done, _: progress.append(done), init_image=start)
+    pipeline.generate(
+        GPURequest.of(params, edges, init_image=start), lambda done, _: progress.append(done)
+    )
     assert progress == [1, 2]
 
 
@@ -286,12 +298,11 @@ def test_a_cancelled_inpainting_stops_at_its_next_step(pipeline) -> None:
     progress: list[int] = []
     with pytest.raises(GenerationCanceled):
         pipeline.generate(
-            edges,
-            GenerationParams(**FAST, strength=1.0),
+            GPURequest.of(
+                GenerationParams(**FAST, strength=1.0), edges, init_image=start, mask=mask
+            ),
             lambda done, _: progress.append(done),
             lambda: bool(progress),
-            init_image=start,
-            mask=mask,
         )
     assert progress == [1]
 
@@ -303,5 +314,7 @@ def test_out_of_memory_from_a_picture_is_the_507_it_is_elsewhere(pipeline, monke
     monkeypatch.setattr(type(pipeline.img2img), "__call__", out_of_memory)
     edges, start, _ = pictures()
     with pytest.raises(GPUOutOfMemory) as error:
-        pipeline.generate(edges, GenerationParams(**FAST, strength=0.5), init_image=start)
+        pipeline.generate(
+            GPURequest.of(GenerationParams(**FAST, strength=0.5), edges, init_image=start)
+        )
     assert error.value.error_code == 507

@@ -16,7 +16,7 @@ import service
 from devtools.harness import photo, shapes_image
 from sdxl_controlnet import schemas, streaming
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
-from sdxl_controlnet.schemas import GenerationParams, Params
+from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
 from sdxl_controlnet.settings import settings
 
 pytestmark = pytest.mark.anyio
@@ -76,9 +76,10 @@ def test_previews_leave_the_images_the_same_bytes(gpu, mode: str) -> None:
     watched = plain.model_copy(update={"preview_every": 1})
     previews: list[int] = []
 
-    without = pipeline.generate(edges, plain, **pictures)
+    without = pipeline.generate(GPURequest.of(plain, edges, **pictures))
     with_previews = pipeline.generate(
-        edges, watched, on_preview=lambda step, total, data: previews.append(step), **pictures
+        GPURequest.of(watched, edges, **pictures),
+        on_preview=lambda step, total, data: previews.append(step),
     )
     assert previews == [1, 2, 3]
     assert with_previews.tobytes() == without.tobytes()
@@ -105,9 +106,11 @@ def test_a_pipeline_without_a_preview_decoder_generates_as_before(gpu) -> None:
     params = GenerationParams(prompt="x", num_inference_steps=2, seed=4, preview_every=1)
     previews: list[int] = []
     edges = np.zeros((64, 96), np.uint8)
-    images = pipeline.generate(edges, params, on_preview=lambda *preview: previews.append(1))
+    images = pipeline.generate(
+        GPURequest.of(params, edges), on_preview=lambda *preview: previews.append(1)
+    )
     assert previews == []
-    reference = gpu.worker.pipeline.generate(edges, params)
+    reference = gpu.worker.pipeline.generate(GPURequest.of(params, edges))
     assert images.tobytes() == reference.tobytes()
 
 
