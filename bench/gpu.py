@@ -590,8 +590,9 @@ def run_benchmark(
     try:
         plan.run(after=lambda: save(results_so_far(config, started, plan, subjects)))
     finally:
-        for subject in subjects:
-            subject.stop()
+        for subject in subjects:  # one that fails to stop leaves the others to stop
+            with contextlib.suppress(Exception):
+                subject.stop()
     return results_so_far(config, started, plan, subjects)
 
 

@@ -209,6 +209,8 @@ def build(output_dir: Path, device: str | None = None, seed: int = 0) -> Path:
         controlnet = ControlNetModel(**CONTROLNET_CONFIG).half()
     controlnet.save_pretrained(partial / CONTROLNET_SUBDIR)
     del controlnet
+    if device == "cuda":  # the caching allocator keeps what the build drew: give it back
+        torch.cuda.empty_cache()
     shutil.rmtree(output_dir, ignore_errors=True)
     partial.rename(output_dir)
     return output_dir
