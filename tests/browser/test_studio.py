@@ -39,7 +39,7 @@ if not CHROMIUM.exists():
         allow_module_level=True,
     )
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Locator, Page, expect, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +292,24 @@ RECORD_PARAMS = """() => {
 }"""
 
 
+def generate_recording_params(page: Page) -> None:
+    """Two steps of a prompt, the page's params and parts recorded (RECORD_PARAMS)."""
+    page.fill("[name=prompt]", "a red ball on a blue box")
+    page.fill("[name=num_inference_steps]", "2")
+    page.evaluate(RECORD_PARAMS)
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+
+
+def own_picture(layer: Locator, kind: str, path: Path, picture: Image.Image) -> None:
+    """``layer`` made of type ``kind``, which asks for a picture of its own, given one."""
+    layer.locator(".type").select_option(kind)
+    expect(layer.locator(".source")).to_have_value("own")
+    path.write_bytes(encode(picture))
+    layer.locator(".picture").set_input_files(path)
+    expect(layer.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+
+
 def test_two_control_layers_are_sent_as_controls_and_generate(
     browser, canny_and_depth: Server, tmp_path: Path
 ) -> None:
@@ -319,20 +337,12 @@ def test_two_control_layers_are_sent_as_controls_and_generate(
     expect(canny.locator(".source")).to_have_value("canny")
     expect(canny.locator("img")).to_have_attribute("src", re.compile("^blob:"))
     # Depth, from a picture of its own: a near-to-far gradient, as a depth map looks.
-    depth.locator(".type").select_option("depth")
-    expect(depth.locator(".source")).to_have_value("own")
-    depth_map = tmp_path / "depth.png"
-    depth_map.write_bytes(encode(Image.linear_gradient("L").resize((160, 120)).convert("RGB")))
-    depth.locator(".picture").set_input_files(depth_map)
-    expect(depth.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    gradient = Image.linear_gradient("L").resize((160, 120)).convert("RGB")
+    own_picture(depth, "depth", tmp_path / "depth.png", gradient)
     depth.locator(".scale").fill("0.8")
     screenshot(page, "9-layers")
 
-    page.fill("[name=prompt]", "a red ball on a blue box")
-    page.fill("[name=num_inference_steps]", "2")
-    page.evaluate(RECORD_PARAMS)
-    page.click("#generate")
-    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    generate_recording_params(page)
     expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
     screenshot(page, "10-layers-generated")
 
@@ -358,21 +368,12 @@ def test_an_image_prompt_layer_sends_its_picture_beside_a_control_and_generates(
     page.click("#add_layer")
     canny, prompt = page.locator("#layers > li").nth(0), page.locator("#layers > li").nth(1)
     # An image prompt derives nothing from the upload: it asks for a picture of its own.
-    prompt.locator(".type").select_option("image_prompt")
-    expect(prompt.locator(".source")).to_have_value("own")
+    own_picture(prompt, "image_prompt", tmp_path / "style.png", Image.new("RGB", (64, 64), "pink"))
     expect(prompt.locator(".source option")).to_have_count(2)
-    style = tmp_path / "style.png"
-    style.write_bytes(encode(Image.new("RGB", (64, 64), (200, 40, 160))))
-    prompt.locator(".picture").set_input_files(style)
-    expect(prompt.locator("img")).to_have_attribute("src", re.compile("^blob:"))
     prompt.locator(".scale").fill("0.6")
     screenshot(page, "11-image-prompt")
 
-    page.fill("[name=prompt]", "a red ball on a blue box")
-    page.fill("[name=num_inference_steps]", "2")
-    page.evaluate(RECORD_PARAMS)
-    page.click("#generate")
-    expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+    generate_recording_params(page)
     expect(page.locator("#error")).to_be_empty()
     expect(page.locator("#result")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
     screenshot(page, "12-image-prompt-generated")

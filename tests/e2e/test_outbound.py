@@ -445,6 +445,7 @@ def test_a_webhook_the_policy_refuses_is_a_400_at_submit(
     assert answer.json()["error"].startswith(error)
 
 
+@pytest.mark.restarts
 def test_a_pending_delivery_survives_a_graceful_restart(tmp_path) -> None:
     env = {
         "WEBHOOK_ALLOW": "127.0.0.1",

@@ -389,6 +389,7 @@ def test_a_client_that_disconnects_stops_its_generation(strict_server: Server) -
     assert "generation cancelled" in strict_server.log.read_text()
 
 
+@pytest.mark.restarts
 def test_a_request_in_flight_finishes_when_the_server_is_stopped() -> None:
     params = {"prompt": "x", "num_inference_steps": 6, "width": 256, "height": 256}
     with (

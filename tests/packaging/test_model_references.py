@@ -501,14 +501,19 @@ def test_a_wrong_revision_stops_start_up_naming_the_model_and_the_revision(
 ) -> None:
     wrong = "0" * 40
     env = {**hub_models, "SDXL_CONTROLNET_MODEL": f"{CONTROLNET_REPO}@{wrong}"}
+    log = start_failure_log(env)
+    assert CONTROLNET_REPO in log and wrong in log
+
+
+def start_failure_log(env: dict[str, str]) -> str:
+    """The log of a `bentoml serve .` that must stop before it is ready."""
     server = Server(["serve", "."], env=env)
     try:
         with pytest.raises(RuntimeError, match="server exited early"):
             server.wait_ready()
     finally:
         server.stop()
-    log = server.log.read_text()
-    assert CONTROLNET_REPO in log and wrong in log
+    return server.log.read_text()
 
 
 @contextlib.contextmanager
@@ -554,12 +559,6 @@ def test_an_unreachable_hub_stops_build_and_start_in_one_line_naming_the_setting
     assert all(part in built.stderr for part in expected), built.stderr[-2000:]
     assert "Traceback" not in built.stderr
 
-    server = Server(["serve", "."], env=env)
-    try:
-        with pytest.raises(RuntimeError, match="server exited early"):
-            server.wait_ready()
-    finally:
-        server.stop()
-    log = server.log.read_text()
+    log = start_failure_log(env)
     assert all(part in log for part in expected), log[-2000:]
     assert "Traceback" not in log
