@@ -1,5 +1,6 @@
-"""Model loading and the diffusers call. Imported only by the GPU Service,
-so torch and diffusers never load in the front Service's processes."""
+"""Model loading, the device, and running each request's diffusers call (which ``call.py``
+builds) on the pipeline's own thread. Imported only by the GPU Service, so torch and
+diffusers never load in the front Service's processes."""
 
 from __future__ import annotations
 
@@ -31,15 +32,14 @@ from diffusers import (
     StableDiffusionXLControlNetUnionPipeline,
     UniPCMultistepScheduler,
 )
-from diffusers.models import MultiControlNetUnionModel
-from PIL import Image
 
 from .. import logs, metrics
-from ..controls import UNION, UNION_MODE_COUNT, UNION_MODES
+from ..controls import UNION, UNION_MODE_COUNT
 from ..errors import GenerationCanceled, GPUOutOfMemory
-from ..schemas import ControlSettings, GenerationParams, GPURequest, LoraChoice, Scheduler
+from ..schemas import GenerationParams, GPURequest, LoraChoice, Scheduler
 from ..settings import Settings, settings
-from . import control_skip, image_prompts
+from . import control_skip
+from .call import active_adapters, build_call
 from .compilation import CompiledModels, graph_key, report_counts, without_compiling
 from .image_prompts import ImagePrompts
 from .previews import PreviewDecoder
@@ -138,11 +138,6 @@ def pipeline_thread(device: str) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(
         1, "pipeline", initializer=torch.cuda.set_device, initargs=(torch.device(device),)
     )
-
-
-def active_adapters(loras: list[LoraChoice]) -> tuple[tuple[str, float], ...]:
-    """The adapters a request turns on, with their scales: those at scale 0 change nothing."""
-    return tuple((lora.name, lora.scale) for lora in loras if lora.scale != 0)
 
 
 def _variant(path: str) -> str | None:
@@ -261,7 +256,7 @@ class ControlNetPipeline:
             self.pipe.fuse_qkv_projections()  # UNet and VAE; diffusers has none for ControlNet
         for controlnet in self.controlnets.values():
             control_skip.skip_when_unscaled(controlnet)
-        self._prompts = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
+        self.prompt_cache = PromptEmbeddings(prompt_cache_size) if prompt_cache_size else None
         self._thread = pipeline_thread(device)
         # The pipeline holds the eager modules except during a compiled call, so that
         # diffusers always finds the adapters on them.
@@ -373,43 +368,6 @@ class ControlNetPipeline:
         with without_compiling():
             return self._generate(request, on_step, cancelled, on_preview)
 
-    def _steering(
-        self, controls: np.ndarray, params: GenerationParams, settings: list[ControlSettings]
-    ) -> tuple[torch.nn.Module, list[torch.Tensor], dict]:
-        """The ControlNet module ``controls`` (K×H×W×C) run, their images as 1×3×H×W tensors
-        in [0, 1], and the pipeline's arguments for their scales and windows: one
-        ControlNet, or several combined, each with its own ``settings``."""
-        # torch.tensor copies: the arrays BentoML unpickles are read-only.
-        stack = torch.tensor(controls, device=self.device).permute(0, 3, 1, 2)
-        # The one Canny control crosses the wire as one channel.
-        stack = stack.to(self.pipe.dtype).div_(255).expand(-1, 3, -1, -1)
-        images = list(stack.split(1))
-        if params.controls:
-            steering = [(c.type, c.scale, c.start, c.end) for c in settings]
-        else:
-            one = params.controlnet_conditioning_scale, params.control_guidance_start
-            steering = [("canny", *one, params.control_guidance_end)]
-        kinds, scales, starts, ends = (list(values) for values in zip(*steering, strict=True))
-        arguments: dict[str, t.Any] = {}
-        if self.union:
-            nets = [self.controlnets[UNION]] * len(kinds)
-            arguments["control_mode"] = [UNION_MODES[kind] for kind in kinds]
-        else:
-            nets = [self.controlnets[kind] for kind in kinds]
-        if len(nets) == 1:
-            module = nets[0]
-            scales, starts, ends = scales[0], starts[0], ends[0]
-        elif self.union:
-            module = MultiControlNetUnionModel(nets)
-        else:
-            module = control_skip.Combined(nets)
-        arguments |= {
-            "controlnet_conditioning_scale": scales,
-            "control_guidance_start": starts,
-            "control_guidance_end": ends,
-        }
-        return module, images, arguments
-
     @torch.inference_mode()
     def _generate(
         self,
@@ -418,7 +376,7 @@ class ControlNetPipeline:
         cancelled: Callable[[], bool],
         on_preview: Callable[[int, int, bytes], None] | None,
     ) -> np.ndarray:
-        params, init_image, mask = request.params, request.init_image, request.mask
+        params = request.params
         assert params.seed is not None, "the caller resolves the seed"
         every = params.preview_every if on_preview and self.previews else 0
 
@@ -432,7 +390,7 @@ class ControlNetPipeline:
             if cancelled():
                 raise GenerationCanceled
             if self.image_prompts is not None:  # the next step's scale, inside its window
-                self.image_prompts.set_scale(prompt, step + 1, pipe.num_timesteps)
+                self.image_prompts.set_scale(call.image_prompt, step + 1, pipe.num_timesteps)
             if preview is not None:
                 on_preview(preview[0], pipe.num_timesteps, preview[1].result())
                 preview = None
@@ -448,59 +406,13 @@ class ControlNetPipeline:
         compiled = self.runs_compiled(height, width, params)
         if self._compiled is not None:
             self._compiled.take_fallbacks()  # a failed or cancelled call's, not this one's
-        if self._prompts is None:
-            prompts = {
-                "prompt": params.prompt,
-                "prompt_2": params.prompt_2,
-                "negative_prompt": params.negative_prompt,
-                "negative_prompt_2": params.negative_prompt_2,
-            }
-        else:
-            prompts = self._prompts.get(self.pipe, params, active_adapters(params.loras))
-        controls, controlnets, (prompt, picture) = request.controls, params.controls, (None, None)
-        if params.controls:  # an image prompt travels among them: it is no ControlNet's
-            controlnets, pictures, image_prompt = image_prompts.split(params.controls, controls)
-            controls, (prompt, picture) = np.stack(pictures), image_prompt or (None, None)
-        controlnet, images, steering = self._steering(controls, params, controlnets)
-        if self.image_prompts is not None:
-            guided = params.guidance_scale > 1
-            steering["ip_adapter_image_embeds"] = self.image_prompts.embeddings(picture, guided)
-            self.image_prompts.set_scale(prompt, 0, params.steps)
-        # A Union's pipelines take a list of control images, with a mode for each.
-        control = images if self.union else (images[0] if len(images) == 1 else images)
-        generators = [
-            torch.Generator(self.device).manual_seed(params.seed + i)
-            for i in range(params.num_images)
-        ]
-        if init_image is None:
-            pipe = self.pipe
-            pictures = {"control_image" if self.union else "image": control}
-        else:
-            pictures = {
-                "image": Image.fromarray(init_image),
-                "control_image": control,
-                "strength": params.strength,
-            }
-            pipe = self.img2img
-            if mask is not None:
-                pipe, pictures["mask_image"] = self.inpaint, Image.fromarray(mask)
+        call = build_call(self, request)
+        pipe = call.pipe
         pipe.scheduler = self.schedulers[params.scheduler]
-        pipe.unet, pipe.controlnet = self._compiled.modules if compiled else (pipe.unet, controlnet)
+        modules = self._compiled.modules if compiled else (pipe.unet, call.controlnet)
+        pipe.unet, pipe.controlnet = modules
         try:
-            images = pipe(
-                **prompts,
-                **pictures,
-                height=height,
-                width=width,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                **steering,
-                guess_mode=params.guess_mode,
-                num_images_per_prompt=params.num_images,
-                generator=generators,
-                callback_on_step_end=step_end,
-                output_type="pt",
-            ).images
+            images = pipe(**call.arguments, callback_on_step_end=step_end, output_type="pt").images
         except torch.OutOfMemoryError as exc:
             # Free what the failed call left cached, so the next request has the memory.
             torch.cuda.empty_cache()

@@ -132,7 +132,7 @@ async def test_every_parameter_reaches_the_pipeline(front, gpu, pipeline_calls: 
         negative_prompt_2="text",
     )
     pipeline = gpu.worker.pipeline
-    cached = pipeline._prompts.get(pipeline.pipe, prompts, ())
+    cached = pipeline.prompt_cache.get(pipeline.pipe, prompts, ())
     for name, embeddings in cached.items():
         assert call[name] is embeddings, name
     assert call["controlnet_conditioning_scale"] == 1.5

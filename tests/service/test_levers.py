@@ -159,7 +159,7 @@ def test_the_cache_tells_apart_what_changes_the_embeddings_and_stays_bounded() -
         before = encodes.count
         small.generate(GPURequest.of(variant, EDGES))
         assert encodes.count > before, variant  # each one a miss
-    assert len(small._prompts) == 2  # the oldest went
+    assert len(small.prompt_cache) == 2  # the oldest went
     before = encodes.count
     small.generate(GPURequest.of(variants[2], EDGES))
     assert encodes.count == before  # the newest is kept
