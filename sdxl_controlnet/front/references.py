@@ -38,6 +38,7 @@ from .. import logs
 from ..errors import ClientError, InvalidRequest, field_error, sentence, validation_body
 from ..metrics import OUTBOUND_FAILURES
 from ..schemas import Control
+from ..settings import settings
 from . import fetching, preprocessing
 from .admission import FETCHES
 from .fetching import Policy, Refused
@@ -48,6 +49,7 @@ if t.TYPE_CHECKING:
 logger = logs.logger(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SCHEMES = ("https://", "http://")
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 # The most a form's text field holds (starlette's limit), params sent as a file part too.
 PARAMS_MAX_BYTES = 1024 * 1024
@@ -166,10 +168,10 @@ async def _as_upload(title: str, field: str, value: str, in_form: bool) -> Uploa
 async def rewritten(request: Request, model: type[BaseModel]) -> list[tuple[str, t.Any]] | None:
     """The form ``request`` becomes, for ``model``: every reference in a file field
     resolved into the file an upload would have been, ``params`` sent as a file part made
-    text, and the file parts ``params.controls`` names moved into it. None where nothing
-    changes, or where the body is not one to read here (BentoML reads it, and says what is
-    wrong). A picture field sent twice is refused, and nothing is fetched before ``params``
-    is valid."""
+    text, and the file parts ``params.controls`` names moved into it; only ``model``'s
+    fields, which BentoML reads (it ignores others). None where nothing changes, or where
+    the body is not one to read here (BentoML reads it, and says what is wrong). A picture
+    field sent twice is refused, and nothing is fetched before ``params`` is valid."""
     title, file_fields = model.__name__, model.multipart_fields  # type: ignore[attr-defined]
     # In the one spelling middleware.BodyGuard checked and let through.
     media_type = request.headers.get("content-type", "").partition(";")[0]
@@ -195,7 +197,7 @@ async def rewritten(request: Request, model: type[BaseModel]) -> list[tuple[str,
                     for k, v in items
                 ]
             )
-        return [(k, v) for (k, _), v in zip(items, values, strict=True)]
+        return [(k, v) for (k, _), v in zip(items, values, strict=True) if k in model.model_fields]
     try:
         data = json.loads(await request.body())
     except (ValueError, RecursionError):
@@ -205,11 +207,18 @@ async def rewritten(request: Request, model: type[BaseModel]) -> list[tuple[str,
     texts = {k: v for k, v in data.items() if k in file_fields and isinstance(v, str)}
     if not texts:
         return None
+    for field in file_fields:  # null is "not given"; anything else is no picture
+        if data.get(field) is not None and field not in texts:
+            raise field_error(title, field, _not_a_reference(in_form=False))
     _params_checked(model, data, in_form=False)
     with FETCHES.held(_urls(texts.values()), request):
         files = await _all([_as_upload(title, k, v, in_form=False) for k, v in texts.items()])
     # The other fields as a form's text fields, which BentoML reads as JSON.
-    fields = [(k, json.dumps(v)) for k, v in data.items() if k not in texts]
+    fields = [
+        (k, json.dumps(v))
+        for k, v in data.items()
+        if k in model.model_fields and k not in file_fields
+    ]
     return fields + list(zip(texts, files, strict=True))
 
 
@@ -249,7 +258,8 @@ async def _control_parts(
     except (ValueError, RecursionError):
         return items  # BentoML reads it, and reports what is wrong
     controls = params.get("controls") if isinstance(params, dict) else None
-    if not isinstance(controls, list):
+    # Past the most a request may have, nothing is copied in: BentoML refuses the params.
+    if not isinstance(controls, list) or len(controls) > settings.max_controls:
         return items
     named: dict[str, str] = {}  # each part read once, however many controls name it
     for control in controls:
@@ -321,13 +331,14 @@ class ResolveReferences:
         body = await Request(scope, receive).body()
         try:
             items = await rewritten(Request(scope, given(body, receive)), model)
+            if items is not None:
+                content_type, body = await _form_body(model.__name__, items)
         except ValidationError as exc:
             answer: Response = JSONResponse(validation_body(exc), status_code=400)
             return await answer(scope, receive, send)
         except ClientError as exc:
             return await exc.response()(scope, receive, send)
         if items is not None:
-            content_type, body = await _form_body(items)
             kept = [(k, v) for k, v in scope["headers"] if k not in CONTENT_HEADERS]
             length = str(len(body)).encode()
             headers = [*kept, (b"content-type", content_type), (b"content-length", length)]
@@ -352,28 +363,28 @@ def given(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _form_body(items: list[tuple[str, t.Any]]) -> tuple[bytes, bytes]:
-    """``items`` (text fields and UploadFiles) as a multipart/form-data body, and its
-    Content-Type."""
+async def _form_body(title: str, items: list[tuple[str, t.Any]]) -> tuple[bytes, bytes]:
+    """``items`` (text fields and UploadFiles, named for the API's own fields) as a
+    multipart/form-data body, and its Content-Type. A file part is named for its field and
+    keeps its Content-Type only where it is a plain ``type/subtype``: nothing the client
+    wrote reaches a header."""
     boundary = uuid.uuid4().hex
     parts = []
     for name, value in items:
-        head = f'Content-Disposition: form-data; name="{_quoted(name)}"'
+        head = f'Content-Disposition: form-data; name="{name}"'
         if isinstance(value, UploadFile):
             await value.seek(0)
             data = await value.read()
-            head += f'; filename="{_quoted(value.filename or name)}"'
-            if value.content_type:
+            head += f'; filename="{name}"'
+            if value.content_type and MEDIA_TYPE.fullmatch(value.content_type):
                 head += f"\r\nContent-Type: {value.content_type}"
         else:
-            data = value.encode()
+            try:
+                data = value.encode()
+            except UnicodeEncodeError:  # a form in another charset, decoded to surrogates
+                raise field_error(title, name, "not UTF-8 text") from None
             if len(data) > PARAMS_MAX_BYTES:  # params holding control pictures: read alike
-                head += f'; filename="{_quoted(name)}"\r\nContent-Type: application/json'
+                head += f'; filename="{name}"\r\nContent-Type: application/json'
         parts.append(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), head.encode(), data))
     parts.append(b"--%s--\r\n" % boundary.encode())
     return f"multipart/form-data; boundary={boundary}".encode(), b"".join(parts)
-
-
-def _quoted(name: str) -> str:
-    """A field or file name inside a quoted header parameter, as browsers escape it."""
-    return name.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")

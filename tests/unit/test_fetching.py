@@ -488,3 +488,102 @@ async def test_a_failure_inside_the_front_s_middleware_is_a_json_500_at_once(cap
     assert sent[0]["status"] == 500
     assert json.loads(sent[1]["body"]) == {"error": SERVER_FAILURE}
     assert "POST /generate_task/submit failed on the server" in caplog.text
+
+
+async def through_references(built: httpx.Request, api: str = "generate") -> tuple[int, object]:
+    """``built`` sent through ResolveReferences: its status where it answers itself, or
+    the form (a list of (name, value)) the API would read, parsed as BentoML parses it."""
+    import service
+
+    received: list[object] = []
+    answered: list[int] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # BentoML's place
+        received.append((await Request(scope, receive).form()).multi_items())
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answered.append(message["status"])
+
+    request = raw_request(built)
+    scope = {**request.scope, "path": f"/{api}"}
+    await references.ResolveReferences(app, service=service.ControlNet)(
+        scope, request.receive, send
+    )
+    return (answered[0], None) if answered else (200, received[0])
+
+
+DATA_URI = "data:image/png;base64," + base64.b64encode(PICTURE).decode()
+
+
+async def test_the_rewritten_form_names_only_the_api_s_fields() -> None:
+    """A part name that the rebuilt body's header would read otherwise (a backslash before
+    its closing quote, then a name of the API's own) is dropped, with every name the API
+    does not take: BentoML's downloader never sees a text in a picture's place."""
+    smuggled = b'form-data; name=z\\; filename="; name=init_image; x="'
+    parts = [
+        (b'form-data; name="image"', DATA_URI.encode()),
+        (b'form-data; name="params"', b'{"prompt": "x"}'),
+        (smuggled, b"http://127.0.0.1:1/a.png"),
+    ]
+    body = b"".join(b"--b\r\nContent-Disposition: %s\r\n\r\n%s\r\n" % part for part in parts)
+    built = httpx.Request(
+        "POST",
+        "http://front/generate",
+        content=body + b"--b--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    status, form = await through_references(built)
+    assert status == 200
+    assert [name for name, _ in form] == ["image", "params"]
+    assert not isinstance(dict(form)["image"], str)
+
+
+async def test_a_json_null_picture_is_absent_and_a_number_is_refused() -> None:
+    given = {"image": DATA_URI, "params": {"prompt": "x"}}
+    status, form = await through_references(
+        httpx.Request("POST", "http://front/generate", json={**given, "init_image": None})
+    )
+    assert status == 200 and [name for name, _ in form] == ["params", "image"]
+    status, _ = await through_references(
+        httpx.Request("POST", "http://front/generate", json={**given, "init_image": 5})
+    )
+    assert status == 400
+
+
+async def test_a_part_named_by_more_controls_than_allowed_is_not_copied_in() -> None:
+    controls = [{"type": "depth", "image": "d"}] * 1000
+    built = httpx.Request(
+        "POST",
+        "http://front/generate",
+        files=[
+            ("image", ("a.png", PICTURE, "image/png")),
+            ("d", ("d.png", PICTURE, "image/png")),
+            ("params", (None, json.dumps({"prompt": "x", "controls": controls}))),
+        ],
+    )
+    status, form = await through_references(built)
+    assert status == 200
+    params = dict(form)["params"]
+    assert "data:image" not in params and len(params) < 50_000
+
+
+async def test_a_form_in_another_charset_is_no_server_error() -> None:
+    """UTF-7 decodes "+2AA-" to a lone surrogate, which no UTF-8 body can carry: in a field
+    the API does not take, it is dropped; in params, it is a 400."""
+    for params, expected in (('{"prompt": "x"}', 200), ('{"prompt": "+2AA-"}', 400)):
+        built = httpx.Request(
+            "POST",
+            "http://front/generate",
+            files=[
+                ("image", (None, DATA_URI)),
+                ("params", (None, params)),
+                ("note", (None, "+2AA-")),
+            ],
+        )
+        headers = {"content-type": built.headers["content-type"] + "; charset=utf-7"}
+        built = httpx.Request(
+            "POST", "http://front/generate", content=built.read(), headers=headers
+        )
+        status, _ = await through_references(built)
+        assert status == expected, params
