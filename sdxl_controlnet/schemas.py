@@ -643,10 +643,15 @@ class GPURequest:
                 "params.controls"
             )
         height, width = self.size
+        # As the caller sent them: the one Canny control as edges, H×W.
+        sent = ("controls", controls) if params.controls else ("edges", controls[0, :, :, 0])
         for name, array, shape in (
             ("init_image", self.init_image, (height, width, 3)),
             ("mask", self.mask, (height, width)),
-            ("controls", controls, (len(params.controls) or 1, height, width, controls.shape[3])),
+            (
+                *sent,
+                (len(params.controls), height, width, 3) if params.controls else (height, width),
+            ),
         ):
             if array is not None and (array.shape != shape or array.dtype != np.uint8):
                 raise InvalidRequest(
