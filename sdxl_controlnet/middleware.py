@@ -32,6 +32,21 @@ Send = t.Callable[[Message], t.Awaitable[None]]
 ASGIApp = t.Callable[[Scope, Receive, Send], t.Awaitable[None]]
 
 
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body``, read already, then what ``receive`` hears next
+    (the client's disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 # The media types the public APIs read (docs/api.md). Anything else, in any spelling, is a
 # 415 before the body is read: BentoML would unpickle application/vnd.bentoml+pickle.
 READABLE_MEDIA_TYPES = (

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import ClientError, StoreUnreachable, error_response, validation_body
-from ..middleware import ASGIApp, Message, Receive, Scope, Send
+from ..middleware import ASGIApp, Receive, Scope, Send, replayed
 from . import job_input, webhooks
 from .jobs import CANCELED, COMPLETED, ENDED, FAILED, PENDING, Job, JobStore
 
@@ -76,7 +76,7 @@ class JobEndpoints:
 
     async def submit(self, request: Request) -> Response:
         # middleware.BodyGuard, outside this one, lets only the media types the API reads by.
-        reading = Request(request.scope, _replay(await request.body()))
+        reading = Request(request.scope, replayed(await request.body(), request.receive))
         try:
             stored, secret = await job_input.read(self.input_spec, reading)
         except ValidationError as exc:
@@ -162,20 +162,6 @@ def _with_outcome(job: Job) -> dict[str, t.Any]:
 
 def _not_found(request: Request) -> Response:
     return error_response(404, f"task {request.query_params['task_id']} not found")
-
-
-def _replay(body: bytes) -> Receive:
-    """A ``receive`` that gives ``body`` once, then a disconnect."""
-    given = False
-
-    async def receive() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 def no_result(task_id: str, status: str, failure: dict[str, t.Any] | None) -> JSONResponse:

@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from .. import logs
 from ..errors import ClientError, InvalidRequest, field_error, sentence, validation_body
 from ..metrics import OUTBOUND_FAILURES
+from ..middleware import replayed
 from ..schemas import Control
 from ..settings import settings
 from . import fetching, preprocessing
@@ -44,7 +45,7 @@ from .admission import FETCHES
 from .fetching import Policy, Refused
 
 if t.TYPE_CHECKING:
-    from ..middleware import ASGIApp, Message, Receive, Scope, Send
+    from ..middleware import ASGIApp, Receive, Scope, Send
 
 logger = logs.logger(__name__)
 DATA_URI = re.compile(r"data:image/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
@@ -330,7 +331,7 @@ class ResolveReferences:
         # Bounded: middleware.BodyGuard, outside this one, refused a body over the limit.
         body = await Request(scope, receive).body()
         try:
-            items = await rewritten(Request(scope, given(body, receive)), model)
+            items = await rewritten(Request(scope, replayed(body, receive)), model)
             if items is not None:
                 content_type, body = await _form_body(model.__name__, items)
         except ValidationError as exc:
@@ -343,24 +344,10 @@ class ResolveReferences:
             length = str(len(body)).encode()
             headers = [*kept, (b"content-type", content_type), (b"content-length", length)]
             scope = {**scope, "headers": headers}
-        await self.app(scope, given(body, receive), send)
+        await self.app(scope, replayed(body, receive), send)
 
 
 CONTENT_HEADERS = (b"content-type", b"content-length")
-
-
-def given(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` first, then what ``receive`` hears (a disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 async def _form_body(title: str, items: list[tuple[str, t.Any]]) -> tuple[bytes, bytes]:
