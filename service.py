@@ -25,7 +25,7 @@ from sdxl_controlnet.front.references import ResolveReferences
 from sdxl_controlnet.gpu import model_refs
 from sdxl_controlnet.gpu.worker import GPUWorker
 from sdxl_controlnet.middleware import BodyGuard, ErrorBodies
-from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params
+from sdxl_controlnet.schemas import BatchResult, EdgeParams, Params, TaskParams
 from sdxl_controlnet.settings import settings
 
 JOBS = stores.from_settings()  # the front's jobs: one host's, or every replica's (JOB_STORE_URL)
@@ -155,7 +155,7 @@ class ControlNet:
     async def generate_task(
         self,
         image: ImageUpload,
-        params: webhooks.JobParams,
+        params: TaskParams,
         init_image: ImageUpload | None = None,
         mask: ImageUpload | None = None,
     ) -> BatchResult:

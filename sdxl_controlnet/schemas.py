@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from . import outbound
 from .controls import DERIVED, IMAGE_PROMPT, ControlType, RequestControlType
 from .errors import InvalidRequest
 from .settings import Scheduler, SettingsError, check_webhook_secret, settings
@@ -512,8 +513,9 @@ def _whsec(value: SecretStr | None) -> SecretStr | None:
 
 
 class TaskParams(Params):
-    """A job's request: ``Params``, and where and how to deliver its outcome. The front
-    holds ``webhook`` to its outbound policy (``front/webhooks.JobParams``)."""
+    """A job's request: ``Params``, and where and how to deliver its outcome; ``webhook``
+    under the outbound policy, so that a receiver the front may not reach is refused at
+    submit, not when the job ends."""
 
     webhook: str | None = Field(
         default=None,
@@ -551,6 +553,10 @@ class TaskParams(Params):
                 "webhook: this server has no WEBHOOK_SECRET to sign it with; send "
                 "params.webhook_secret, or poll /generate_task/status instead"
             )
+        try:
+            outbound.WEBHOOK_POLICY.check_url(self.webhook)
+        except outbound.Refused as exc:
+            raise _rule(f"webhook: {exc.reason}") from None
         return self
 
 

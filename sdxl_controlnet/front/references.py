@@ -1,5 +1,5 @@
 """Images given by reference instead of as a file: an ``https://`` URL, fetched under the
-outbound policy (``fetching.py``), or a ``data:image/…;base64,`` URI.
+outbound policy (``outbound.py``, ``front/fetching.py``), or a ``data:image/…;base64,`` URI.
 
 Wherever a request takes an image (``image``, ``init_image``, ``mask``), a form text field
 or a JSON string may hold one. ASGI middleware (``ResolveReferences``) resolves it before
@@ -34,15 +34,15 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import logs
+from .. import logs, outbound
 from ..errors import ClientError, InvalidRequest, field_error, sentence, validation_body
 from ..metrics import OUTBOUND_FAILURES
 from ..middleware import replayed
+from ..outbound import Policy, Refused
 from ..schemas import Control
 from ..settings import settings
 from . import fetching, preprocessing
 from .admission import FETCHES
-from .fetching import Policy, Refused
 
 if t.TYPE_CHECKING:
     from ..middleware import ASGIApp, Receive, Scope, Send
@@ -63,7 +63,7 @@ def is_reference(value: str) -> bool:
 
 async def resolve(value: str, policy: Policy | None = None) -> bytes:
     """The image bytes ``value`` refers to; ``Refused`` says why there are none."""
-    policy = policy or fetching.FETCH_POLICY
+    policy = policy or outbound.FETCH_POLICY
     text = value.strip()
     if match := DATA_URI.match(text):
         payload = text[match.end() :]

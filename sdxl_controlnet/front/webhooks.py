@@ -7,7 +7,7 @@ it was submitted with, as the Standard Webhooks specification recommends (https:
   ``WEBHOOK_SECRET``. The secret is held in memory with the message and never logged.
 - The job's runner sends them (``job_runner.py``, through ``JobWebhook``), or the cancel of
   a job that had not started, from the worker that ended the job. It goes through
-  the webhook policy (``fetching.WEBHOOK_POLICY``), on a task of its own, so no generation
+  the webhook policy (``outbound.WEBHOOK_POLICY``), on a task of its own, so no generation
   waits for it.
 - A network failure, a timeout, a 408, a 429 or a 5xx is tried again, up to
   ``WEBHOOK_TRIES`` tries, after the receiver's ``Retry-After`` or a random wait up to
@@ -40,11 +40,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import bentoml
-from pydantic import model_validator
-from pydantic_core import PydanticCustomError
 from standardwebhooks import Webhook
 
-from .. import logs
+from .. import logs, outbound
 from ..errors import ClientError
 from ..metrics import WEBHOOK_DELIVERIES, WEBHOOK_PENDING, WEBHOOK_TRIES
 from ..schemas import TaskParams
@@ -60,19 +58,6 @@ T = t.TypeVar("T")
 PROGRESS_EVERY_S = 2.0
 GONE = 410  # the receiver says the endpoint is gone: never try it again
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
-
-
-class JobParams(TaskParams):
-    """``TaskParams`` as the front takes them: the webhook under the outbound policy."""
-
-    @model_validator(mode="after")
-    def _receiver_allowed(self) -> t.Self:
-        if self.webhook is not None:
-            try:
-                fetching.WEBHOOK_POLICY.check_url(self.webhook)
-            except fetching.Refused as exc:
-                raise PydanticCustomError("rule", f"webhook: {exc.reason}") from None
-        return self
 
 
 _pending: dict[str, tuple[Message, asyncio.Task[None]]] = {}
@@ -290,8 +275,8 @@ async def deliver(message: Message) -> str:
         retry_after = None
         try:
             answer = await fetching.post(message.url, message.body, _headers(message))
-        except fetching.Refused as exc:
-            outcome, retry = exc.kind, exc.kind in fetching.RETRYABLE
+        except outbound.Refused as exc:
+            outcome, retry = exc.kind, exc.kind in outbound.RETRYABLE
         else:
             status = answer.status
             outcome = str(status) if status in (*RETRY_STATUSES, GONE) else f"{status // 100}xx"

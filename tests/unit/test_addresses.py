@@ -42,7 +42,7 @@ TABLE = {
 
 VERDICTS = """
 import ipaddress, json, sys
-from sdxl_controlnet.front.addresses import refused_because
+from sdxl_controlnet.addresses import refused_because
 table = json.load(sys.stdin)
 json.dump({a: refused_because(ipaddress.ip_address(a)) is not None for a in table}, sys.stdout)
 """

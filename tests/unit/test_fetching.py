@@ -1,4 +1,4 @@
-"""The outbound policy (sdxl_controlnet/fetching.py) and images by reference
+"""The outbound policy (sdxl_controlnet/outbound.py, front/fetching.py) and images by reference
 (sdxl_controlnet/references.py) against a real loopback server: what is fetched, and every
 refusal with its reason, each within the time cap."""
 
@@ -19,9 +19,11 @@ from starlette.requests import Request
 
 from devtools.harness import encode, shapes_image
 from devtools.receiver import Receiver, receiving
+from sdxl_controlnet import outbound
 from sdxl_controlnet.errors import validation_body
 from sdxl_controlnet.front import admission, fetching, references
-from sdxl_controlnet.front.fetching import Policy, Refused, fetch, post
+from sdxl_controlnet.front.fetching import fetch, post
+from sdxl_controlnet.outbound import Policy, Refused
 from sdxl_controlnet.settings import AllowEntry, Settings
 
 pytestmark = pytest.mark.anyio
@@ -381,7 +383,7 @@ async def test_when_one_fetch_fails_its_siblings_are_cancelled(
 
     from pydantic import ValidationError
 
-    monkeypatch.setattr(references.fetching, "FETCH_POLICY", LOOPBACK)
+    monkeypatch.setattr(outbound, "FETCH_POLICY", LOOPBACK)
     request = bentoml_request(
         image=f"{receiver.url}/silent",
         init_image=f"{receiver.url}/silent",

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from sdxl_controlnet import logs
+from sdxl_controlnet import logs, outbound
 from sdxl_controlnet.front import fetching
 
 FORGED = "\n2026-12-07T00:00:00+0000 [ERROR] [entry_service:ControlNet:1] FORGED"
@@ -14,7 +14,7 @@ FORGED = "\n2026-12-07T00:00:00+0000 [ERROR] [entry_service:ControlNet:1] FORGED
 
 @pytest.mark.anyio
 async def test_a_url_a_client_sent_is_logged_on_one_line(caplog) -> None:
-    with caplog.at_level(logging.WARNING), pytest.raises(fetching.Refused):
+    with caplog.at_level(logging.WARNING), pytest.raises(outbound.Refused):
         await fetching.fetch(f"https:///{FORGED}\r")
     (record,) = [r for r in caplog.records if r.name.startswith("bentoml.sdxl_controlnet")]
     assert "\n" not in caplog.text.strip() and "\r" not in caplog.text

@@ -59,7 +59,8 @@ def test_a_missing_seed_is_drawn_at_random() -> None:
 
 
 def test_the_wire_contract_imports_nothing_only_the_front_runs() -> None:
-    """schemas.py is read by both Services; the outbound policy is the front's alone."""
+    """schemas.py is read by both Services: nothing from front/ (the outbound policy it
+    checks a webhook with is shared; only the front connects)."""
     import ast
     from pathlib import Path
 

@@ -19,11 +19,13 @@ from pydantic import BaseModel, ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from devtools.receiver import Receiver, receiving
+from sdxl_controlnet import outbound
 from sdxl_controlnet.errors import validation_body
-from sdxl_controlnet.front import fetching, webhooks
+from sdxl_controlnet.front import webhooks
 from sdxl_controlnet.front.jobs import Job, JobStore
 from sdxl_controlnet.front.outbox import Message, Outbox
-from sdxl_controlnet.front.webhooks import JobParams, Outcome
+from sdxl_controlnet.front.webhooks import Outcome
+from sdxl_controlnet.schemas import TaskParams
 from sdxl_controlnet.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -51,7 +53,7 @@ def configure(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
     )
     monkeypatch.setattr(webhooks, "settings", values)
     monkeypatch.setattr(
-        fetching, "WEBHOOK_POLICY", fetching.Policy.from_settings(values, "webhook")
+        outbound, "WEBHOOK_POLICY", outbound.Policy.from_settings(values, "webhook")
     )
     return values
 
@@ -94,10 +96,10 @@ async def test_a_message_is_signed_with_the_job_s_own_secret(receiver: Receiver)
 
 def test_a_job_s_secret_is_checked_and_never_echoed() -> None:
     with pytest.raises(ValidationError) as refused:
-        JobParams(prompt="x", webhook="https://example.com/h", webhook_secret="whsec_short")
+        TaskParams(prompt="x", webhook="https://example.com/h", webhook_secret="whsec_short")
     answered = json.dumps(validation_body(refused.value))  # what the client reads
     assert "webhook_secret: must be whsec_" in answered and "whsec_short" not in answered
-    params = JobParams(prompt="x", webhook="https://example.com/h", webhook_secret=JOB_SECRET)
+    params = TaskParams(prompt="x", webhook="https://example.com/h", webhook_secret=JOB_SECRET)
     assert JOB_SECRET not in params.model_dump_json() and JOB_SECRET not in repr(params)
 
 
@@ -113,7 +115,7 @@ def test_a_receiver_the_webhook_policy_refuses_is_a_validation_error(
     webhook: str, error: str
 ) -> None:
     with pytest.raises(ValidationError) as refused:
-        JobParams(prompt="x", webhook=webhook, webhook_secret=JOB_SECRET)
+        TaskParams(prompt="x", webhook=webhook, webhook_secret=JOB_SECRET)
     answered = validation_body(refused.value)["error"]
     assert error in answered and "10.0.0.1" not in answered and "example.com" not in answered
 
@@ -270,7 +272,7 @@ async def test_an_outbox_that_cannot_be_written_stops_no_delivery(
 async def test_a_job_s_webhook_is_signed_with_its_own_secret_and_reports_its_state(
     receiver: Receiver, store: JobStore
 ) -> None:
-    params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
+    params = TaskParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
     job = Job("t2", "completed", created_at=0.0, executed_at=1.0, completed_at=2.0)
     reports = NoJobs(store.outbox)
     await webhooks.JobWebhook(params, reports).ended(Outcome(job))  # type: ignore[arg-type]
@@ -302,7 +304,7 @@ async def test_a_job_s_status_says_how_its_webhook_delivery_ended(
     receiver: Receiver, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, WEBHOOK_MAX_PENDING="1")
-    params = JobParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
+    params = TaskParams(prompt="x", webhook=f"{receiver.url}/hook", webhook_secret=JOB_SECRET)
     receiver.answers = [400]
     for task_id in ("failed", "dropped"):
         await store.submit(task_id, b"{}", None)
