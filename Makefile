@@ -50,20 +50,21 @@ serve: tiny-model
 test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder --ignore=tests/tooling -m "not alone and not restarts"
+	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder --ignore=tests/tooling -m "not alone and not restarts and not thorough"
 	$(BIN)/pytest --ignore=tests/tooling -m alone
 
 # The tooling's own tests: the GPU kit, run offline in a Python 3.12 stand-in for a rented GPU
 # machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes),
 # the GPU benchmark's machinery and the full-size model builder; and the product's tests that
-# stop and start servers of their own (jobs across restarts).
+# stop and start servers of their own (jobs across restarts), or that walk the rest of a
+# browser journey or a configuration matrix whose representative `make test` runs.
 GPU_MACHINE := .venv-gpu/gpu_machine.txt
 $(GPU_MACHINE): devtools/gpu_machine.txt | $(BIN)/bentoml
 	$(PYTHON) -m devtools.gpu_kit mirror .venv-gpu
 
 test-tooling: tiny-model $(GPU_MACHINE)
 	$(BIN)/pytest -n 2 --dist loadscope tests/tooling
-	$(BIN)/pytest -n 2 -m restarts tests/e2e
+	$(BIN)/pytest -n 2 --dist loadscope --ignore=tests/tooling -m "restarts or thorough" tests
 
 # Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
 bench: tiny-model

@@ -1,6 +1,8 @@
 """The studio page in headless Chromium against a real `bentoml serve`.
 
-Each state is saved as a screenshot under test-artifacts/studio/."""
+Each state is saved as a screenshot under test-artifacts/studio/. `make test` walks the
+studio's first journey (a picture, its edges, a generation); the rest is `thorough`, for
+`make test-tooling`."""
 
 from __future__ import annotations
 
@@ -109,6 +111,7 @@ def test_generate_shows_progress_then_the_image_and_its_seed(page: Page) -> None
     screenshot(page, "3-generated")
 
 
+@pytest.mark.thorough
 def test_the_picture_forms_in_place_then_the_result_replaces_it(page: Page, server: Server) -> None:
     page.fill("[name=prompt]", "a red ball on a blue box")
     page.fill("[name=num_inference_steps]", "6")
@@ -126,6 +129,7 @@ def test_the_picture_forms_in_place_then_the_result_replaces_it(page: Page, serv
     expect(page.locator("#result-figure")).not_to_contain_text("forming")
 
 
+@pytest.mark.thorough
 def test_stop_ends_a_forming_picture_at_once_and_marks_it_unfinished(
     page: Page, server: Server
 ) -> None:
@@ -143,6 +147,7 @@ def test_stop_ends_a_forming_picture_at_once_and_marks_it_unfinished(
     screenshot(page, "3b-stopped")
 
 
+@pytest.mark.thorough
 def test_an_api_validation_error_is_shown(page: Page) -> None:
     slide(page, "#low_threshold", 200)
     slide(page, "#high_threshold", 100)
@@ -150,6 +155,7 @@ def test_an_api_validation_error_is_shown(page: Page) -> None:
     screenshot(page, "4-error")
 
 
+@pytest.mark.thorough
 def test_the_empty_studio_shows_frames_not_broken_images(browser, server: Server) -> None:
     page = browser.new_page(viewport={"width": 390, "height": 1100})
     page.goto(f"{server.url}/studio")
@@ -164,6 +170,7 @@ def test_the_empty_studio_shows_frames_not_broken_images(browser, server: Server
     page.close()
 
 
+@pytest.mark.thorough
 def test_a_failed_generation_leaves_the_last_result_marked_as_previous(page: Page) -> None:
     page.fill("[name=prompt]", "a red ball")
     page.fill("[name=num_inference_steps]", "1")
@@ -188,6 +195,7 @@ def test_a_failed_generation_leaves_the_last_result_marked_as_previous(page: Pag
     screenshot(page, "5-failed-after-success")
 
 
+@pytest.mark.thorough
 def test_preprocessor_none_previews_the_upload_itself(page: Page) -> None:
     before = page.locator("#edges").get_attribute("src")
     page.select_option("#preprocessor", "none")
@@ -196,6 +204,7 @@ def test_preprocessor_none_previews_the_upload_itself(page: Page) -> None:
     screenshot(page, "6-preprocessor-none")
 
 
+@pytest.mark.thorough
 def test_choosing_a_few_step_adapter_fills_in_its_preset_and_generates(page: Page) -> None:
     expect(page.locator("#lora option")).to_have_text(["none", "detail", "fast", "style"])
     page.select_option("#lora", "fast")
@@ -222,6 +231,7 @@ PAINTED = """c => Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.he
     .filter((value, i) => i % 4 === 3 && value >= 128).length"""
 
 
+@pytest.mark.thorough
 def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
     page.check("#use_start")
     canvas = page.locator("#mask")
@@ -310,6 +320,7 @@ def own_picture(layer: Locator, kind: str, path: Path, picture: Image.Image) -> 
     expect(layer.locator("img")).to_have_attribute("src", re.compile("^blob:"))
 
 
+@pytest.mark.thorough
 def test_two_control_layers_are_sent_as_controls_and_generate(
     browser, canny_and_depth: Server, tmp_path: Path
 ) -> None:
@@ -360,6 +371,7 @@ def test_two_control_layers_are_sent_as_controls_and_generate(
     page.close()
 
 
+@pytest.mark.thorough
 def test_an_image_prompt_layer_sends_its_picture_beside_a_control_and_generates(
     browser, canny_and_depth: Server, tmp_path: Path
 ) -> None:

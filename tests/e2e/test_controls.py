@@ -1,5 +1,6 @@
 """Several controls over HTTP, on `bentoml serve` of each configuration: Canny + depth and
-a ControlNet Union beside the one Canny ControlNet of the shared server. Every mode and
+a ControlNet Union (`thorough`: `make test-tooling`) beside the one Canny ControlNet of the
+shared server. Every mode and
 endpoint takes them, refusals name what the server offers, and docs/api.md's examples run."""
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def two_controls(**second: object) -> list[dict]:
         ("inpainting", {"mask": shapes_image(96, 64, "L")}, {"strength": 0.9}),
     ],
 )
-@pytest.mark.parametrize("configuration", ["canny_and_depth", "union"])
+@pytest.mark.parametrize(
+    "configuration", ["canny_and_depth", pytest.param("union", marks=pytest.mark.thorough)]
+)
 def test_every_mode_generates_with_two_controls_and_the_seed_holds(
     request, configuration: str, mode: str, pictures: dict, fields: dict
 ) -> None:
@@ -172,13 +175,13 @@ def test_controls_the_server_cannot_honour_are_400s_saying_why(
     assert said in answer.json()["error"]
 
 
-def test_the_schema_offers_what_each_server_loads(server, canny_and_depth, union) -> None:
-    def offered(srv: Server) -> list[str]:
-        schemas = httpx.get(f"{srv.url}/docs.json").json()["components"]["schemas"]
-        return schemas["Control"]["properties"]["type"]["enum"]
+def offered(srv: Server) -> list[str]:
+    schemas = httpx.get(f"{srv.url}/docs.json").json()["components"]["schemas"]
+    return schemas["Control"]["properties"]["type"]["enum"]
 
-    assert offered(server) == ["canny"]
-    assert offered(canny_and_depth) == ["canny", "depth", "image_prompt"]
+
+@pytest.mark.thorough
+def test_the_schema_of_a_union_offers_its_modes(union) -> None:
     assert set(offered(union)) == {
         "canny",
         "depth",
@@ -189,6 +192,11 @@ def test_the_schema_offers_what_each_server_loads(server, canny_and_depth, union
         "normal",
         "segment",
     }
+
+
+def test_the_schema_offers_what_each_server_loads(server, canny_and_depth) -> None:
+    assert offered(server) == ["canny"]
+    assert offered(canny_and_depth) == ["canny", "depth", "image_prompt"]
     depth_on_canny = batch(server, {**FAST, "controls": [{"type": "depth", "image": DEPTH}]})
     assert depth_on_canny.status_code == 400
     assert "they serve: canny" in depth_on_canny.json()["error"]

@@ -366,7 +366,10 @@ print(json.dumps({
 
 @pytest.mark.parametrize(
     "declared",
-    [{"union": UNION_REPO}, {"canny": CONTROLNET_REPO, "depth": DEPTH_REPO}],
+    [
+        pytest.param({"union": UNION_REPO}, marks=pytest.mark.thorough),
+        {"canny": CONTROLNET_REPO, "depth": DEPTH_REPO},
+    ],
     ids=["union", "canny+depth"],
 )
 def test_each_declared_controlnet_is_a_model_of_the_gpu_service_downloaded_and_loaded(
