@@ -133,7 +133,7 @@ class ControlNet:
         (``params.strength``), repainting where ``mask`` is white; X- headers say how."""
         if params.num_images > 1:
             raise InvalidRequest(ONE_IMAGE.format(params.num_images))
-        generation = await gpu_call.generate(
+        generation = await gpu_call.generation(
             self.controlnet_service, image, params, init_image, mask
         )
         return await generation.response()

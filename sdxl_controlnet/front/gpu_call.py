@@ -82,7 +82,7 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
     return Generation(inputs.first_control(params.controls), images, params, prepared.timings)
 
 
-async def generate(
+async def generation(
     gpu: t.Any,
     image: Image.Image,
     params: Params,
@@ -102,9 +102,8 @@ async def batch_result(
     mask: Image.Image | None = None,
     progress: Progress | None = None,
 ) -> BatchResult:
-    """``generate``, answered as ``/generate_batch`` answers."""
-    generation = await generate(gpu, image, params, init_image, mask, progress)
-    return await generation.batch_result()
+    """``generation``, answered as ``/generate_batch`` answers."""
+    return await (await generation(gpu, image, params, init_image, mask, progress)).batch_result()
 
 
 async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
@@ -112,7 +111,7 @@ async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
     then ``result`` (what ``/generate_batch`` answers) or ``error``. Closing it stops the
     generation."""
 
-    async def generate(push: t.Callable[[str], None]) -> str:
+    async def produce(push: t.Callable[[str], None]) -> str:
         async def progress(kind: str, event: dict[str, t.Any]) -> None:
             push(streaming.server_sent_event(kind, event))
 
@@ -122,5 +121,5 @@ async def events(gpu: t.Any, prepared: Prepared) -> AsyncIterator[str]:
         except Exception as exc:  # every failure reaches the client as an event
             return streaming.error_event(from_gpu_failure(exc, settings.generation_timeout_s))
 
-    async for event in streaming.pushed(generate):
+    async for event in streaming.pushed(produce):
         yield event

@@ -322,7 +322,9 @@ class ControlNetPipeline:
             request = GPURequest.of(warm_up, np.zeros((height, width), np.uint8))
             try:
                 for _ in range(self._compiled.warm_ups):
-                    self._thread.submit(self._generate, request, None, lambda: False, None).result()
+                    self._thread.submit(
+                        self._run_diffusers, request, None, lambda: False, None
+                    ).result()
             except Exception:
                 self._compiled.warmed.discard(key)
                 logger.exception(
@@ -366,10 +368,10 @@ class ControlNetPipeline:
         eager models.
         """
         with without_compiling():
-            return self._generate(request, on_step, cancelled, on_preview)
+            return self._run_diffusers(request, on_step, cancelled, on_preview)
 
     @torch.inference_mode()
-    def _generate(
+    def _run_diffusers(
         self,
         request: GPURequest,
         on_step: Callable[[int, int], None] | None,

@@ -74,7 +74,7 @@ class GPUWorker:
         each step, a preview every ``params.preview_every`` steps, then the images, or the
         error. Closing it stops the generation."""
 
-        async def generate(push: t.Callable[[str], None]) -> str:
+        async def produce(push: t.Callable[[str], None]) -> str:
             def on_step(done: int, total: int) -> None:  # on the pipeline's thread
                 push(streaming.progress_line(done, total))
 
@@ -85,7 +85,7 @@ class GPUWorker:
 
         yield streaming.progress_line(0, request.params.steps)
         try:
-            async for line in streaming.pushed(generate):
+            async for line in streaming.pushed(produce):
                 yield line
         except ClientError as exc:
             yield streaming.error_line(exc)
