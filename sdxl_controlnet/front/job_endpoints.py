@@ -43,6 +43,7 @@ WAIT_MAX_S = 60
 WAIT_POLL_S = 0.05
 
 Endpoint = t.Callable[[Request], t.Awaitable[Response]]
+TaskEndpoint = t.Callable[[str, Request], t.Awaitable[Response]]
 
 
 class JobEndpoints:
@@ -51,7 +52,8 @@ class JobEndpoints:
         self.input_spec = service.apis[api].input_spec
         self.prefix = f"/{api}/"
         self.store = store
-        self.routes: dict[tuple[str, str], Endpoint] = {
+        # Every endpoint but submit names its task, read here once: ?task_id=.
+        self.routes: dict[tuple[str, str], Endpoint | TaskEndpoint] = {
             ("POST", "submit"): self.submit,
             ("GET", "status"): self.status,
             ("GET", "get"): self.get,
@@ -65,13 +67,16 @@ class JobEndpoints:
         if not path.startswith(self.prefix) or endpoint is None:
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
-        if endpoint != self.submit and "task_id" not in request.query_params:
-            answer: Response = error_response(400, "task_id is required")
-        else:
-            try:
-                answer = await endpoint(request)
-            except StoreUnreachable as exc:
-                answer = exc.response()
+        task_id = request.query_params.get("task_id")
+        try:
+            if endpoint == self.submit:
+                answer = await self.submit(request)
+            elif task_id is None:
+                answer = error_response(400, "task_id is required")
+            else:
+                answer = await endpoint(task_id, request)
+        except StoreUnreachable as exc:
+            answer = exc.response()
         await answer(scope, receive, send)
 
     async def submit(self, request: Request) -> Response:
@@ -101,24 +106,23 @@ class JobEndpoints:
             job = await self.store.get(task_id) or job
         return JSONResponse(_with_outcome(job))
 
-    async def status(self, request: Request) -> Response:
-        job = await self.store.get(request.query_params["task_id"])
-        return JSONResponse(job.status_body()) if job else _not_found(request)
+    async def status(self, task_id: str, request: Request) -> Response:
+        job = await self.store.get(task_id)
+        return JSONResponse(job.status_body()) if job else _not_found(task_id)
 
-    async def get(self, request: Request) -> Response:
-        job = await self.store.get(request.query_params["task_id"])
+    async def get(self, task_id: str, request: Request) -> Response:
+        job = await self.store.get(task_id)
         if job is None:
-            return _not_found(request)
+            return _not_found(task_id)
         if job.status == COMPLETED:
             return Response(job.outcome, media_type="application/json")
         failure = json.loads(job.outcome) if job.status == FAILED and job.outcome else None
-        return no_result(job.task_id, job.status, failure)
+        return no_result(task_id, job.status, failure)
 
-    async def cancel(self, request: Request) -> Response:
-        task_id = request.query_params["task_id"]
+    async def cancel(self, task_id: str, request: Request) -> Response:
         job, before = await self.store.cancel(task_id)
         if job is None:
-            return _not_found(request)
+            return _not_found(task_id)
         if job.status != CANCELED:
             return error_response(409, f"task {task_id} is {job.status}: nothing to cancel")
         if before == PENDING:  # no runner has it: its webhook is told from here
@@ -128,12 +132,12 @@ class JobEndpoints:
                 await webhooks.JobWebhook(params, self.store).ended(webhooks.Outcome(job))
         return JSONResponse(job.status_body())
 
-    async def retry(self, request: Request) -> Response:
-        source = await self.store.source(request.query_params["task_id"])
+    async def retry(self, task_id: str, request: Request) -> Response:
+        source = await self.store.source(task_id)
         if source is None:
-            return _not_found(request)
+            return _not_found(task_id)
         if source.job.status not in ENDED:
-            message = f"task {source.job.task_id} is {source.job.status}: retry it once it ended"
+            message = f"task {task_id} is {source.job.status}: retry it once it ended"
             return error_response(409, message)
         return await self._stored(source.input, source.secret, request)
 
@@ -160,8 +164,8 @@ def _with_outcome(job: Job) -> dict[str, t.Any]:
     return body
 
 
-def _not_found(request: Request) -> Response:
-    return error_response(404, f"task {request.query_params['task_id']} not found")
+def _not_found(task_id: str) -> Response:
+    return error_response(404, f"task {task_id} not found")
 
 
 def no_result(task_id: str, status: str, failure: dict[str, t.Any] | None) -> JSONResponse:
