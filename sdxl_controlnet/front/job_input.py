@@ -2,6 +2,12 @@
 validated (the webhook secret apart, in the store's own field), and the bytes of its
 pictures, resolved (a picture given by URL is fetched once, at submit). One JSON document,
 read back through the API's own input model, so that a job is validated as it was taken.
+
+A job keeps the API's input, not the GPU Service's request (``schemas.GPURequest``) made from
+it: a job can wait in a shared line while replicas of the next version take over, and the
+API's input is the contract both versions keep; the GPU request is internal and may change
+between them. It is also the smaller: a 1024² picture as sent, against 3 MiB for its RGB
+array and 1 MiB for each control map.
 """
 
 from __future__ import annotations
