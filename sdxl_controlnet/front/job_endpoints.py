@@ -32,17 +32,19 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .. import logs
 from ..errors import ClientError, StoreUnreachable, error_response, validation_body
 from ..middleware import ASGIApp, Receive, Scope, Send, replayed
 from . import job_input, webhooks
 from .jobs import CANCELED, COMPLETED, ENDED, FAILED, PENDING, Job, JobStore
+
+logger = logs.logger(__name__)
 
 # The longest a submit with ``Prefer: wait`` holds, as Replicate's API allows.
 WAIT_MAX_S = 60
 # How often a waiting submit looks at its job.
 WAIT_POLL_S = 0.05
 
-Endpoint = t.Callable[[Request], t.Awaitable[Response]]
 TaskEndpoint = t.Callable[[str, Request], t.Awaitable[Response]]
 
 
@@ -53,8 +55,7 @@ class JobEndpoints:
         self.prefix = f"/{api}/"
         self.store = store
         # Every endpoint but submit names its task, read here once: ?task_id=.
-        self.routes: dict[tuple[str, str], Endpoint | TaskEndpoint] = {
-            ("POST", "submit"): self.submit,
+        self.routes: dict[tuple[str, str], TaskEndpoint] = {
             ("GET", "status"): self.status,
             ("GET", "get"): self.get,
             ("PUT", "cancel"): self.cancel,
@@ -63,18 +64,19 @@ class JobEndpoints:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        endpoint = self.routes.get((scope.get("method", ""), path.removeprefix(self.prefix)))
-        if not path.startswith(self.prefix) or endpoint is None:
+        route = (scope.get("method", ""), path.removeprefix(self.prefix))
+        submit = route == ("POST", "submit")
+        if not path.startswith(self.prefix) or not (submit or route in self.routes):
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         task_id = request.query_params.get("task_id")
         try:
-            if endpoint == self.submit:
+            if submit:
                 answer = await self.submit(request)
-            elif task_id is None:
+            elif not task_id:
                 answer = error_response(400, "task_id is required")
             else:
-                answer = await endpoint(task_id, request)
+                answer = await self.routes[route](task_id, request)
         except StoreUnreachable as exc:
             answer = exc.response()
         await answer(scope, receive, send)
@@ -127,9 +129,14 @@ class JobEndpoints:
             return error_response(409, f"task {task_id} is {job.status}: nothing to cancel")
         if before == PENDING:  # no runner has it: its webhook is told from here
             source = await self.store.source(task_id)
-            if source is not None:
-                params = job_input.decode(self.input_spec, source.input, source.secret).params
-                await webhooks.JobWebhook(params, self.store).ended(webhooks.Outcome(job))
+            try:
+                if source is not None:
+                    request = job_input.decode(self.input_spec, source.input, source.secret)
+                    await webhooks.JobWebhook(request.params, self.store).ended(
+                        webhooks.Outcome(job)
+                    )
+            except ValidationError as exc:  # validated at submit: only a changed server
+                logger.warning("job %s: canceled, its webhook not told: %s", task_id, exc)
         return JSONResponse(job.status_body())
 
     async def retry(self, task_id: str, request: Request) -> Response:
@@ -139,6 +146,10 @@ class JobEndpoints:
         if source.job.status not in ENDED:
             message = f"task {task_id} is {source.job.status}: retry it once it ended"
             return error_response(409, message)
+        try:  # as valid on this server as at its submit
+            job_input.decode(self.input_spec, source.input, source.secret)
+        except ValidationError as exc:
+            return JSONResponse(validation_body(exc), status_code=400)
         return await self._stored(source.input, source.secret, request)
 
 

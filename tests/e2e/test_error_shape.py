@@ -83,6 +83,7 @@ def task_result(server: Server, task_id: str) -> httpx.Response:
     ("method", "path", "status"),
     [
         ("GET", "/generate_task/status", 400),  # no task_id
+        ("PUT", "/generate_task/cancel?task_id=", 400),  # an empty one
         ("GET", "/generate_task/get?task_id=nope", 404),
         ("PUT", "/generate_task/cancel?task_id=nope", 404),
         ("POST", "/generate_task/retry?task_id=nope", 404),
