@@ -27,9 +27,9 @@ from yarl import URL
 from .addresses import Address, refused_because, unmapped
 from .settings import AllowEntry, Settings, parse_allow_list, settings
 
-# Why a fetch can fail: the policy refused it, the URL is not one, or what came back.
+# Why a URL is refused: by the policy, or as no URL; or, once fetched (front/fetching.py),
+# what came back.
 Kind = t.Literal["policy", "url", "too_large", "timeout", "network", "status", "not_image"]
-RETRYABLE: frozenset[Kind] = frozenset({"timeout", "network"})
 # A host's last label: all digits, or 0x and hex, makes the whole host an IPv4 address to
 # the C library (inet_aton), whatever the rest is.
 NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
@@ -145,6 +145,8 @@ class Policy:
             raise Refused("url", "not a valid URL", str(exc)) from None
         if parsed.scheme not in ("http", "https") or not host or port is None:
             raise Refused("url", "not an http(s) URL with a host", str(url)[:200])
+        if port == 0:  # nothing listens there: a webhook would only be retried
+            raise Refused("url", "not a valid port: 0", host)
         if parsed.user or parsed.password:
             raise Refused("url", "a URL with a user name or password is refused", host)
         http = parsed.scheme == "http"

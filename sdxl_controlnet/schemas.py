@@ -513,8 +513,8 @@ def _whsec(value: SecretStr | None) -> SecretStr | None:
 
 
 class TaskParams(Params):
-    """A job's request: ``Params``, and where and how to deliver its outcome; ``webhook``
-    under the outbound policy, so that a receiver the front may not reach is refused at
+    """A job's request: the generation's parameters, and where and how its outcome is
+    delivered. A webhook this server may not call (its outbound policy) is refused at
     submit, not when the job ends."""
 
     webhook: str | None = Field(

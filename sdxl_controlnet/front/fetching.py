@@ -31,10 +31,12 @@ from yarl import URL
 from .. import logs, outbound
 from ..addresses import Address
 from ..metrics import OUTBOUND_FAILURES
-from ..outbound import Policy, Refused, literal
+from ..outbound import Kind, Policy, Refused, literal
 
 logger = logs.logger(__name__)
 
+# The failures a later try may not meet.
+RETRYABLE: frozenset[Kind] = frozenset({"timeout", "network"})
 MAX_REDIRECTS = 3
 REDIRECTS = {301, 302, 303, 307, 308}
 CHUNK_BYTES = 64 * 1024

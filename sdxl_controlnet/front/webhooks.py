@@ -276,7 +276,7 @@ async def deliver(message: Message) -> str:
         try:
             answer = await fetching.post(message.url, message.body, _headers(message))
         except outbound.Refused as exc:
-            outcome, retry = exc.kind, exc.kind in outbound.RETRYABLE
+            outcome, retry = exc.kind, exc.kind in fetching.RETRYABLE
         else:
             status = answer.status
             outcome = str(status) if status in (*RETRY_STATUSES, GONE) else f"{status // 100}xx"

@@ -77,6 +77,7 @@ async def test_a_network_in_the_allow_list_allows_its_addresses(receiver: Receiv
         ("https://2130706433/", "an IPv4 address is written as four decimal numbers"),
         ("https://" + "a" * 64 + ".com/", "not a valid host name"),
         ("http://[::1", "not a valid URL"),
+        ("https://example.com:0/", "not a valid port: 0"),
     ],
 )
 async def test_addresses_and_schemes_are_refused_naming_only_the_rule(

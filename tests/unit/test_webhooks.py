@@ -109,6 +109,7 @@ def test_a_job_s_secret_is_checked_and_never_echoed() -> None:
         ("https://[::ffff:127.0.0.1%25]/h", "webhook: not a valid host: a zone id"),
         ("https://10.0.0.1/h", "webhook: refused by the outbound policy: address"),
         ("http://example.com/h", "webhook: refused by the outbound policy: http"),
+        ("https://example.com:0/h", "webhook: not a valid port: 0"),
     ],
 )
 def test_a_receiver_the_webhook_policy_refuses_is_a_validation_error(
