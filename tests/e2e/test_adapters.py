@@ -75,6 +75,9 @@ def test_the_openapi_schema_lists_the_adapters(server: Server) -> None:
     assert '"x-presets"' in text
 
 
+# The message is tests/service/test_adapters_in_process.py's; a start that fails never gets
+# ready is the wrong revision's in make test (tests/packaging/test_model_references.py).
+@pytest.mark.thorough
 def test_a_missing_adapter_stops_start_up_naming_it(tmp_path) -> None:
     """The GPU worker fails to start, naming the adapter, so the server never gets ready."""
     declared = {"gone": {"model": str(tmp_path / "no-such-adapter")}}

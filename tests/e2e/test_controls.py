@@ -1,7 +1,7 @@
 """Several controls over HTTP, on `bentoml serve` of each configuration: Canny + depth and
 a ControlNet Union (`thorough`: `make test-tooling`) beside the one Canny ControlNet of the
-shared server. Every mode and
-endpoint takes them, refusals name what the server offers, and docs/api.md's examples run."""
+shared server. Every mode and endpoint takes them, refusals name what the server offers,
+and docs/api.md's examples run."""
 
 from __future__ import annotations
 

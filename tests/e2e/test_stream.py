@@ -103,6 +103,9 @@ def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
     )
 
 
+# The rule and the pipeline without previews are tests/service/test_previews.py's; this is
+# the served configuration without a preview model, beside the shared server's.
+@pytest.mark.thorough
 def test_without_a_preview_model_previews_are_a_400_and_the_rest_unchanged(server: Server) -> None:
     params = {"prompt": "x", "num_inference_steps": 2, "seed": 3}
     with stream(server, params) as response:
