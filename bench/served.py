@@ -14,7 +14,7 @@ import httpx
 
 from bench.inprocess import file_bytes
 from bench.report import Row, interleaved, timed_ms
-from devtools.harness import Server, photo
+from devtools.harness import Server, metric, photo
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
@@ -57,40 +57,75 @@ def _server_timing(response: httpx.Response) -> dict[str, float]:
     return {name: float(ms) for name, ms in stages}
 
 
+# The GPU Service's own timers, on /metrics: waiting for the GPU, holding it, and the
+# pipeline's call within that.
+GPU_STAGES = {
+    "queue wait": "sdxl_controlnet_queue_wait_seconds_sum",
+    "turn": "sdxl_controlnet_generation_seconds_sum",
+    "pipeline": "sdxl_controlnet_pipeline_seconds_sum",
+}
+
+
 def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> list[Row]:
-    """A 512² request through both Services, against the pipeline called directly, interleaved."""
+    """A 512² request through both Services, against the pipeline called directly, interleaved;
+    its overhead over the pipeline's call inside the GPU Service, and where that goes, stage
+    by stage: the front's (Server-Timing), the GPU Service's (its /metrics, read between
+    requests), and what lies between them."""
     image = photo(512, 512)
     upload = file_bytes(image, "JPEG")
     edges = preprocessing.edge_map(image, Params(**FAST))
     params = GenerationParams(**FAST)
-    served, direct, front = [], [], []
+    served, direct, overhead = [], [], []
+    stages: dict[str, list[float]] = {}
+
+    def gpu_timers() -> dict[str, float]:
+        return {stage: metric(server, name) * 1000 for stage, name in GPU_STAGES.items()}
 
     async def measure() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             await _post(client, upload)  # warm both Services up, and the direct pipeline too
             pipeline.generate(GPURequest.of(params, edges))
             for _ in range(runs):
+                before = gpu_timers()
                 start = time.perf_counter()
                 response = await _post(client, upload)
                 served.append((time.perf_counter() - start) * 1000)
                 response.raise_for_status()
-                stages = _server_timing(response)
-                front.append(stages["preprocess"] + stages["encode"])
+                gpu = {stage: ms - before[stage] for stage, ms in gpu_timers().items()}
+                overhead.append(served[-1] - gpu["pipeline"])
+                for stage, ms in _stages(served[-1], _server_timing(response), gpu):
+                    stages.setdefault(stage, []).append(ms)
                 direct.append(timed_ms(lambda: pipeline.generate(GPURequest.of(params, edges))))
 
     asyncio.run(measure())
-    overhead = [s - d for s, d in zip(served, direct, strict=True)]
     return [
         Row("end to end", "512² steps=2 request (baseline: pipeline call)", "ms", served, direct),
         Row(
             "end to end",
-            "512² overhead over the pipeline call",
+            "512² overhead over the pipeline call inside the GPU Service",
             "ms",
             overhead,
             target=15,
             target_is_ratio=False,
         ),
-        Row("end to end", "512² front's preprocess + encode", "ms", front),
+        *(Row("overhead by stage", f"512²: {stage}", "ms", ms) for stage, ms in stages.items()),
+    ]
+
+
+def _stages(
+    served: float, front: dict[str, float], gpu: dict[str, float]
+) -> list[tuple[str, float]]:
+    """One request's overhead, split so that the stages add up to it: the HTTP exchange with
+    the front (the client's side, the front's parse and answer), the front's stages but its
+    GPU call, the call to the GPU Service and back (serialisation, transport), the GPU
+    Service's queue, and its turn outside the pipeline's call (the worker, the thread hop)."""
+    call = front.pop("generate")
+    return [
+        ("HTTP to and from the front", served - call - sum(front.values())),
+        *((f"front: {name}", ms) for name, ms in front.items()),
+        ("call to the GPU Service and back", call - gpu["queue wait"] - gpu["turn"]),
+        ("GPU queue wait", gpu["queue wait"]),
+        ("GPU turn outside the pipeline", gpu["turn"] - gpu["pipeline"]),
     ]
 
 

@@ -25,6 +25,12 @@ GENERATION = Histogram(
     "Time one request held the GPU, generating.",
     buckets=SECONDS_BUCKETS,
 )
+PIPELINE = Histogram(
+    "sdxl_controlnet_pipeline_seconds",
+    "Time the pipeline took for one request on its thread, diffusers' call and its set-up: "
+    "the generation's time less this is the GPU Service's own overhead.",
+    buckets=SECONDS_BUCKETS,
+)
 IMAGES_GENERATED = Counter("sdxl_controlnet_images_generated", "Images generated.")
 REFUSED_BUSY = Counter(
     "sdxl_controlnet_refused_busy",

@@ -367,7 +367,7 @@ class ControlNetPipeline:
         first image. Nothing is compiled here: what the warmed graphs do not fit runs the
         eager models.
         """
-        with without_compiling():
+        with without_compiling(), metrics.PIPELINE.time():
             return self._run_diffusers(request, on_step, cancelled, on_preview)
 
     @torch.inference_mode()

@@ -35,6 +35,8 @@ def test_the_gpu_service_records_its_own_metrics(server: Server) -> None:
     images = metric(server, "sdxl_controlnet_images_generated_total")
     waits = metric(server, "sdxl_controlnet_queue_wait_seconds_count")
     generations = metric(server, "sdxl_controlnet_generation_seconds_count")
+    turns_s = metric(server, "sdxl_controlnet_generation_seconds_sum")
+    pipeline_s = metric(server, "sdxl_controlnet_pipeline_seconds_sum")
     params = {"prompt": "x", "num_inference_steps": 2, "num_images": 2}
     image = encode(shapes_image(64, 64))
     response = post_generate(server.url, image, params, endpoint="/generate_batch")
@@ -42,3 +44,7 @@ def test_the_gpu_service_records_its_own_metrics(server: Server) -> None:
     assert metric(server, "sdxl_controlnet_images_generated_total") == images + 2
     assert metric(server, "sdxl_controlnet_queue_wait_seconds_count") == waits + 1
     assert metric(server, "sdxl_controlnet_generation_seconds_count") == generations + 1
+    # The pipeline's call, timed on its thread, lies within the GPU turn.
+    turn_s = metric(server, "sdxl_controlnet_generation_seconds_sum") - turns_s
+    call_s = metric(server, "sdxl_controlnet_pipeline_seconds_sum") - pipeline_s
+    assert 0 < call_s <= turn_s
