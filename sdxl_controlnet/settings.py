@@ -51,6 +51,8 @@ Scheduler = t.Literal[
     "unipc",
     "lcm",
 ]
+# How much of the UNet and the ControlNet TORCH_COMPILE compiles (gpu/compilation.py).
+CompileScope = t.Literal["blocks", "whole"]
 # LoRA weights as diffusers' save_lora_weights names them.
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -227,6 +229,12 @@ class Settings(BaseModel):
     # CPU runs inductor's default whatever this says.
     torch_compile_mode: t.Literal["max-autotune", "reduce-overhead", "default"] = "reduce-overhead"
     torch_compile_sizes: str = Field(default="1024x1024", pattern=r"^\d+x\d+(,\d+x\d+)*$")
+    # What is compiled: "blocks" compiles the transformer blocks of the UNet and the ControlNet
+    # (regional compilation), one graph per block shape that all blocks of that shape reuse,
+    # so a cold start compiles a few small graphs instead of two whole networks; "whole"
+    # compiles each network whole, a longer cold start for what speed fusing across blocks
+    # may add (docs/performance.md has both measured). The VAE decoder compiles whole in both.
+    torch_compile_scope: CompileScope = "blocks"
 
     # Prompts whose text-encoder outputs the GPU Service keeps (least recently used out):
     # about 0.6 MB of GPU memory each in fp16. 0 encodes every request's prompts afresh.

@@ -3,22 +3,29 @@ after the warm-up nothing compiles. On a GPU a compilation holds it for a minute
 (max-autotune: many) and cannot be cancelled, so a call that the warmed graphs do not fit
 runs the eager module instead, and says so.
 
-Each module compiles whole (``fullgraph=True``): a graph break, which would split it into
-pieces with Python between them, fails its compile at the warm-up, which says so, instead
-of running slower than it claims. What torch still counts (graph breaks, CUDA graphs it
-skipped) is logged after the warm-up and reported on ``/metrics``."""
+TORCH_COMPILE_SCOPE says how much of the UNet and the ControlNet is compiled: their
+transformer blocks (``blocks``, regional compilation: one graph per block shape, reused by
+every block of that shape) or each network whole (``whole``). Whatever is compiled is
+compiled with ``fullgraph=True``: a graph break, which would split it into pieces with Python
+between them, fails its compile at the warm-up, which says so, instead of running slower
+than it claims. What torch still counts (graph breaks, CUDA graphs it skipped) is logged
+after the warm-up and reported on ``/metrics``."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import typing as t
 from collections.abc import Callable, Iterator
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters  # torch's own tally; no public API has it (2.13)
 
 from .. import logs, metrics
 from ..schemas import GenerationParams
+from ..settings import CompileScope
 from . import control_skip
 
 logger = logs.logger(__name__)
@@ -32,6 +39,30 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
     return (height, width, params.batch)
 
 
+# The blocks regional compilation compiles: those diffusers declares as the SDXL UNet's
+# repeated blocks (its BasicTransformerBlocks). The ControlNet and the Union declare none,
+# but are built of the same blocks.
+REPEATED_BLOCKS = tuple(UNet2DConditionModel._repeated_blocks)
+
+
+def compile_module(
+    module: torch.nn.Module, scope: CompileScope, **options: t.Any
+) -> torch.nn.Module:
+    """``module`` for compiled calls, ``torch.compile``'s ``options`` given: compiled whole (an
+    OptimizedModule around it), or with each of its repeated blocks compiled in place, as
+    diffusers' ``compile_repeated_blocks`` does, and returned as a shallow copy. The copy shares
+    every submodule and weight, so it is the same model to diffusers, and a forward wrapped on
+    it leaves the module's own calls as they were."""
+    if scope == "whole":
+        return torch.compile(module, **options)
+    blocks = [block for block in module.modules() if type(block).__name__ in REPEATED_BLOCKS]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} has no {', '.join(REPEATED_BLOCKS)} to compile")
+    for block in blocks:
+        block.compile(**options)
+    return copy.copy(module)
+
+
 class CompiledModels:
     """The UNet and ControlNet compiled (the pipeline puts them in place for a compiled
     call), the VAE's decoder compiled in place, and the shapes a warm-up has recorded.
@@ -43,7 +74,9 @@ class CompiledModels:
     contiguous (the VAE encodes a start picture's channels last), and arguments given as None
     are left to their default, None (the text-to-image pipeline passes timestep_cond=None,
     the image-to-image and inpainting ones do not). Both modules make the timestep float32
-    before using it, so the maths is the same."""
+    before using it, so the maths is the same. With regional compilation the scale reaches no
+    graph (the ControlNet multiplies its residuals by it outside its blocks): the same
+    arguments serve both scopes."""
 
     def __init__(
         self,
@@ -52,26 +85,26 @@ class CompiledModels:
         vae: torch.nn.Module,
         device: str,
         mode: str,
+        scope: CompileScope,
     ) -> None:
         # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
         mode = mode if device.startswith("cuda") else "default"
         # CUDA-graph trees run a function eagerly on its first call and record its graph on
         # the second: the warm-up runs twice where they are on, so no request records.
         self.warm_ups = 2 if mode in CUDA_GRAPH_MODES else 1
-        self.eager = (unet, controlnet)
-        self.modules = tuple(
-            torch.compile(module, mode=mode, dynamic=False, fullgraph=True)
-            for module in (unet, controlnet)
-        )
+        self.scope = scope
+        options = {"mode": mode, "dynamic": False, "fullgraph": True}
+        self.modules = tuple(compile_module(m, scope, **options) for m in (unet, controlnet))
         # Each compiled forward runs these first: dynamo sees tensors where it would
         # specialise, CUDA graphs see each step's start, and a misfit runs eagerly.
         unet_forward, controlnet_forward = (module.forward for module in self.modules)
         self.modules[0].forward = functools.partial(self._unet, unet_forward)
         self.modules[1].forward = functools.partial(self._controlnet, controlnet_forward)
         # The VAE's decoder, compiled in place: it runs once, after the last step, in every
-        # request; its misfits run eagerly like the others'.
-        self.eager_decoder = vae.decoder
-        decoder = torch.compile(vae.decoder, mode=mode, dynamic=False, fullgraph=True)
+        # request; its misfits run eagerly like the others'. Whole in either scope: it has
+        # no block repeated at one shape (each up block has channels and a size of its own),
+        # so its regions would cost as many compiles as the whole, and more graphs to launch.
+        decoder = torch.compile(vae.decoder, **options)
         decoder.forward = functools.partial(self._decoder, decoder.forward)
         vae.decoder = decoder
         # The scale's one tensor on the device, refilled for each call: a kernel launch, where
@@ -114,15 +147,17 @@ class CompiledModels:
 
     def _run(self, name: str, compiled: Callable, args: tuple, kwargs: dict) -> object:
         """The compiled forward, or, where its graphs do not fit a call and dynamo's
-        fail_on_recompile stance refuses to compile it, the eager module, recorded."""
+        fail_on_recompile stance refuses to compile it, the same forward run eagerly,
+        recorded. Eagerly through and through: with regional compilation the module's
+        blocks are compiled in place, and a stance of force_eager runs them uncompiled too."""
         try:
             return compiled(*args, **kwargs)
         except RuntimeError as exc:
             if RECOMPILE not in str(exc):
                 raise
             self.fallbacks.setdefault(name, _guard_failure(str(exc)))
-            eager = {"unet": self.eager[0], "controlnet": self.eager[1]}.get(name)
-            return (eager or self.eager_decoder)(*args, **kwargs)
+            with running_eagerly():
+                return compiled(*args, **kwargs)
 
     def take_fallbacks(self) -> dict[str, str]:
         fallbacks, self.fallbacks = self.fallbacks, {}
@@ -173,4 +208,12 @@ def without_compiling() -> Iterator[None]:
     mode's ControlNet, say) runs the eager module instead of compiling, and is recorded in
     ``CompiledModels.fallbacks``."""
     with torch.compiler.set_stance("fail_on_recompile"):
+        yield
+
+
+@contextlib.contextmanager
+def running_eagerly() -> Iterator[None]:
+    """Inside, nothing compiled runs compiled: every torch.compile'd function and module,
+    blocks compiled in place included, runs its Python code as if never compiled."""
+    with torch.compiler.set_stance("force_eager"):
         yield

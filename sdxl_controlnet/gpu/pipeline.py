@@ -5,6 +5,7 @@ diffusers never load in the front Service's processes."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import typing as t
@@ -37,10 +38,16 @@ from .. import logs, metrics
 from ..controls import UNION, UNION_MODE_COUNT
 from ..errors import GenerationCanceled, GPUOutOfMemory
 from ..schemas import GenerationParams, GPURequest, LoraChoice, Scheduler
-from ..settings import Settings, settings
+from ..settings import CompileScope, Settings, settings
 from . import control_skip
 from .call import active_adapters, build_call
-from .compilation import CompiledModels, graph_key, report_counts, without_compiling
+from .compilation import (
+    CompiledModels,
+    graph_key,
+    report_counts,
+    running_eagerly,
+    without_compiling,
+)
 from .image_prompts import ImagePrompts
 from .previews import PreviewDecoder
 from .prompt_cache import PromptEmbeddings
@@ -174,6 +181,7 @@ class ControlNetPipeline:
             fuse_qkv=settings.fuse_qkv,
             compile_sizes=settings.compile_sizes,
             compile_mode=settings.torch_compile_mode,
+            compile_scope=settings.torch_compile_scope,
             adapters=adapters,
             preview=preview,
             ip_adapter=ip_adapter,
@@ -192,6 +200,7 @@ class ControlNetPipeline:
         fuse_qkv: bool = False,
         compile_sizes: Iterable[tuple[int, int]] = (),
         compile_mode: str = "reduce-overhead",
+        compile_scope: CompileScope = "blocks",
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
         ip_adapter: str | None = None,
@@ -263,7 +272,7 @@ class ControlNetPipeline:
         self._eager = (self.pipe.unet, self.pipe.controlnet)
         self._compiled: CompiledModels | None = None
         if sizes := list(compile_sizes):
-            self._compile(sizes, compile_mode)
+            self._compile(sizes, compile_mode, compile_scope)
 
     def _load_adapter(self, name: str, path: str, weight_name: str) -> None:
         """Load one LoRA adapter beside the others, unfused; fail naming it."""
@@ -304,14 +313,14 @@ class ControlNetPipeline:
             raise
         self._active = active
 
-    def _compile(self, sizes: list[tuple[int, int]], mode: str) -> None:
+    def _compile(self, sizes: list[tuple[int, int]], mode: str, scope: CompileScope) -> None:
         """Compile the UNet, ControlNet and VAE decoder, and record their graphs at
         ``sizes``, one image with guidance: a warm-up generation at each, before the
         Service is ready.
         Its second step is past the guidance window: the UNet's graph without the
         ControlNet's residuals is recorded too. A size whose compile fails is logged and
         runs uncompiled."""
-        self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode)
+        self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode, scope)
         warm_up = GenerationParams(
             prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
         )
@@ -413,8 +422,14 @@ class ControlNetPipeline:
         pipe.scheduler = self.schedulers[params.scheduler]
         modules = self._compiled.modules if compiled else (pipe.unet, call.controlnet)
         pipe.unet, pipe.controlnet = modules
+        # Uncompiled, nothing compiled runs: not the VAE's decoder, nor the blocks that
+        # regional compilation compiled in place in the eager modules.
+        eagerly = running_eagerly() if not compiled else contextlib.nullcontext()
         try:
-            images = pipe(**call.arguments, callback_on_step_end=step_end, output_type="pt").images
+            with eagerly:
+                images = pipe(
+                    **call.arguments, callback_on_step_end=step_end, output_type="pt"
+                ).images
         except torch.OutOfMemoryError as exc:
             # Free what the failed call left cached, so the next request has the memory.
             torch.cuda.empty_cache()

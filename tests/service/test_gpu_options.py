@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
+from diffusers.models.attention import BasicTransformerBlock
 from prometheus_client import REGISTRY
 from torch._dynamo.utils import counters
 
 from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.gpu import pipeline as pipeline_module
-from sdxl_controlnet.gpu.compilation import graph_key
+from sdxl_controlnet.gpu.compilation import REPEATED_BLOCKS, graph_key
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, LoraChoice
 from tests.service.pipelines import ADAPTERS, tiny_pipeline
@@ -68,13 +69,42 @@ def eager() -> ControlNetPipeline:
     return tiny_pipeline(adapters=ADAPTERS)
 
 
-@pytest.fixture(scope="module")
-def compiled() -> ControlNetPipeline:
-    """Compiled for real with inductor (it compiles on the CPU too), warmed at 64×64."""
+SCOPES = ["blocks", "whole"]
+
+
+@pytest.fixture(scope="module", params=SCOPES)
+def compiled(request) -> ControlNetPipeline:
+    """Compiled for real with inductor (it compiles on the CPU too), warmed at 64×64: its
+    transformer blocks (regional compilation), or each network whole. Every test that takes
+    it holds for both."""
     torch._dynamo.reset()
-    pipeline = tiny_pipeline(compile_sizes=[(64, 64)], adapters=ADAPTERS)
+    pipeline = tiny_pipeline(
+        compile_sizes=[(64, 64)], compile_scope=request.param, adapters=ADAPTERS
+    )
     assert compiled_graphs() > 0, "the warm-up compiled nothing"
     return pipeline
+
+
+def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if type(m).__name__ in REPEATED_BLOCKS]
+
+
+def test_the_scope_decides_what_is_compiled(compiled) -> None:
+    """blocks: the UNet's and the ControlNet's transformer blocks, in place, while the
+    networks around them stay Python; whole: each network. The decoder is whole in both."""
+    unet, controlnet = compiled._eager
+    blocks = transformer_blocks(unet) + transformer_blocks(controlnet)
+    assert transformer_blocks(controlnet) and transformer_blocks(unet)
+    whole = [
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in compiled._compiled.modules
+    ]
+    if compiled._compiled.scope == "blocks":
+        assert all(block._compiled_call_impl is not None for block in blocks)
+        assert whole == [False, False]
+    else:
+        assert all(block._compiled_call_impl is None for block in blocks)
+        assert whole == [True, True]
+    assert isinstance(compiled.pipe.vae.decoder, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_a_warmed_request_runs_the_compiled_graphs_and_matches_eager(eager, compiled) -> None:
@@ -112,9 +142,12 @@ MATRIX = list(
 def test_no_request_compiles_again_whatever_it_asks(eager, compiled) -> None:
     """Every scheduler (int64 or float32 timesteps), ControlNet scale, guidance window
     (the scale drops to 0 within the request), guess mode and adapter, at the warmed size:
-    dynamo's graph count stays where the warm-up left it, and no request fails."""
+    dynamo's graph count stays where the warm-up left it, no request fails, and what ran
+    eagerly is counted for its reason: guess mode's ControlNet, adapters; nothing else."""
     after_warm_up = compiled_graphs()
+    reasons = ("recompile", "guess_mode", "adapters")
     for scheduler, scale, end, guess_mode, adapter in MATRIX:
+        counted = {reason: uncompiled(reason) for reason in reasons}
         params = PARAMS.model_copy(
             update={
                 "scheduler": scheduler,
@@ -126,6 +159,11 @@ def test_no_request_compiles_again_whatever_it_asks(eager, compiled) -> None:
         )
         images = compiled.submit(GPURequest.of(params, edges(64, 64))).result()
         assert compiled_graphs() == after_warm_up, f"compiled again for {params}"
+        # Guess mode's ControlNet (batch of one, not warmed) runs at every scale, eagerly.
+        expected = "adapters" if adapter else "guess_mode" if guess_mode else None
+        assert {r: uncompiled(r) - counted[r] for r in reasons} == {
+            r: float(r == expected) for r in reasons
+        }, params
         if scale == 0.8 and end == 0.5 and not guess_mode:
             reference = eager.submit(GPURequest.of(params, edges(64, 64))).result()
             assert np.abs(images.astype(int) - reference).max() <= 3, params
@@ -205,20 +243,23 @@ def test_the_warm_up_reports_what_torch_counted_on_metrics(compiled) -> None:
     assert compile_events("cudagraph_skips") == 0
 
 
+@pytest.mark.parametrize(
+    ("scope", "broken"), [("blocks", BasicTransformerBlock), ("whole", ControlNetModel)]
+)
 def test_a_graph_break_fails_its_sizes_compile_and_the_size_runs_eagerly(
-    eager, monkeypatch, caplog
+    eager, monkeypatch, caplog, scope, broken
 ) -> None:
-    """A ControlNet that breaks its graph (a library update could bring one): fullgraph
+    """A compiled module that breaks its graph (a library update could bring one): fullgraph
     refuses to compile it at the warm-up, which says so; the Service starts, and the size
     runs the eager models, counted as such."""
-    forward = ControlNetModel.forward
+    forward = broken.forward
 
     def breaking(self, *args, **kwargs):
         torch._dynamo.graph_break()
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(ControlNetModel, "forward", breaking)
-    pipeline = tiny_pipeline(compile_sizes=[(64, 64)])
+    monkeypatch.setattr(broken, "forward", breaking)
+    pipeline = tiny_pipeline(compile_sizes=[(64, 64)], compile_scope=scope)
     assert not pipeline.runs_compiled(64, 64, PARAMS)
     assert "compiling for 64×64 failed; requests of that size run uncompiled" in caplog.text
     shapes = uncompiled("shape")

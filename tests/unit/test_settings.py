@@ -53,6 +53,13 @@ def test_the_compile_mode_is_one_of_torch_compiles() -> None:
         Settings.from_env({"TORCH_COMPILE_MODE": "fast"})
 
 
+def test_the_compile_scope_defaults_to_the_transformer_blocks() -> None:
+    assert Settings.from_env({}).torch_compile_scope == "blocks"
+    assert Settings.from_env({"TORCH_COMPILE_SCOPE": "whole"}).torch_compile_scope == "whole"
+    with pytest.raises(SettingsError, match="TORCH_COMPILE_SCOPE='unet'"):
+        Settings.from_env({"TORCH_COMPILE_SCOPE": "unet"})
+
+
 def test_the_front_timeout_is_derived_from_the_gpu_timeout() -> None:
     settings = Settings.from_env({"GENERATION_TIMEOUT_S": "100"})
     assert settings.front_timeout_s == 100 + FRONT_TIMEOUT_MARGIN_S
