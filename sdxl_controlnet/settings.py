@@ -18,6 +18,7 @@ import os
 import re
 import typing as t
 from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import (
     BaseModel,
@@ -235,6 +236,12 @@ class Settings(BaseModel):
     # compiles each network whole, a longer cold start for what speed fusing across blocks
     # may add (docs/performance.md has both measured). The VAE decoder compiles whole in both.
     torch_compile_scope: CompileScope = "blocks"
+    # A file of torch.compile's artifacts (graphs, and on a GPU their Triton kernels:
+    # torch.compiler's save_cache_artifacts): loaded before compiling where it exists, so
+    # that a start finds its graphs instead of compiling them cold; written after the warm-up
+    # where there was none to load or the warm-up still compiled afresh. It serves the torch
+    # version and GPU it was made with; a stale or damaged one is logged, ignored, replaced.
+    torch_compile_cache: str = ""
 
     # Prompts whose text-encoder outputs the GPU Service keeps (least recently used out):
     # about 0.6 MB of GPU memory each in fp16. 0 encodes every request's prompts afresh.
@@ -357,6 +364,11 @@ class Settings(BaseModel):
             return []
         pairs = (size.split("x") for size in self.torch_compile_sizes.split(","))
         return [(int(width), int(height)) for width, height in pairs]
+
+    @property
+    def compile_cache(self) -> Path | None:
+        """The compile cache file, or None where TORCH_COMPILE_CACHE is empty."""
+        return Path(self.torch_compile_cache) if self.torch_compile_cache else None
 
     @functools.cached_property  # read by every request's validation
     def controlnets(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ import copy
 import functools
 import typing as t
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -179,10 +180,65 @@ def report_counts() -> dict[str, int]:
     for kind, count in counts.items():
         metrics.COMPILE_COUNTS.labels(kind).set(count)
     logger.info(
-        "torch.compile: %(graph_breaks)d graph breaks, %(cudagraph_skips)d CUDA graphs skipped",
-        counts,
+        "torch.compile: %(graph_breaks)d graph breaks, %(cudagraph_skips)d CUDA graphs skipped; "
+        "inductor's graph cache: %(hits)d found, %(misses)d compiled",
+        {**counts, **cache_counts()},
     )
     return counts
+
+
+def cache_counts() -> dict[str, int]:
+    """Graphs inductor found in its cache (a warm start) and graphs it compiled afresh."""
+    return {
+        "hits": counters["inductor"]["fxgraph_cache_hit"],
+        "misses": counters["inductor"]["fxgraph_cache_miss"],
+    }
+
+
+def load_cache(path: Path) -> int | None:
+    """The compile artifacts saved in ``path`` (``save_cache``), put into torch's caches
+    before anything compiles, so that compiles find their graphs there; how many entries it
+    held. An absent file, or one this torch cannot read, is logged and compiling starts
+    cold (None): a stale cache costs a cold start, never the start. Entries that another
+    torch or GPU made are loaded but match no graph: the warm-up's log counts them."""
+    if not path.is_file():
+        logger.info("compile cache %s: absent; compiling cold", path)
+        return None
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # a damaged file can fail in many ways inside torch
+        info, why = None, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "not artifacts this torch can read"
+    if info is None:
+        logger.warning("compile cache %s ignored (%s); compiling cold", path, why)
+        return None
+    entries = sum(len(keys) for keys in info.artifacts.values())
+    kinds = ", ".join(f"{len(keys)} {kind}" for kind, keys in sorted(info.artifacts.items()))
+    logger.info("compile cache %s: %d entries loaded (%s)", path, entries, kinds)
+    return entries
+
+
+def save_cache(path: Path) -> int | None:
+    """Write the compile artifacts this process compiled or found so far into ``path``,
+    replaced whole (a reader never sees half a file); how many entries, or None where there
+    were none or the file could not be written (logged: the Service runs on without it)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        logger.warning("compile cache %s: nothing compiled to save", path)
+        return None
+    artifacts, info = saved
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(artifacts)
+        partial.replace(path)
+    except OSError as exc:
+        logger.warning("compile cache %s not saved: %s", path, exc)
+        return None
+    entries = sum(len(keys) for keys in info.artifacts.values())
+    logger.info("compile cache %s: %d entries saved (%d bytes)", path, entries, len(artifacts))
+    return entries
 
 
 # How dynamo's fail_on_recompile stance says that a call would compile.

@@ -43,9 +43,12 @@ from . import control_skip
 from .call import active_adapters, build_call
 from .compilation import (
     CompiledModels,
+    cache_counts,
     graph_key,
+    load_cache,
     report_counts,
     running_eagerly,
+    save_cache,
     without_compiling,
 )
 from .image_prompts import ImagePrompts
@@ -182,6 +185,7 @@ class ControlNetPipeline:
             compile_sizes=settings.compile_sizes,
             compile_mode=settings.torch_compile_mode,
             compile_scope=settings.torch_compile_scope,
+            compile_cache=settings.compile_cache,
             adapters=adapters,
             preview=preview,
             ip_adapter=ip_adapter,
@@ -201,6 +205,7 @@ class ControlNetPipeline:
         compile_sizes: Iterable[tuple[int, int]] = (),
         compile_mode: str = "reduce-overhead",
         compile_scope: CompileScope = "blocks",
+        compile_cache: Path | None = None,
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
         ip_adapter: str | None = None,
@@ -272,7 +277,7 @@ class ControlNetPipeline:
         self._eager = (self.pipe.unet, self.pipe.controlnet)
         self._compiled: CompiledModels | None = None
         if sizes := list(compile_sizes):
-            self._compile(sizes, compile_mode, compile_scope)
+            self._compile(sizes, compile_mode, compile_scope, compile_cache)
 
     def _load_adapter(self, name: str, path: str, weight_name: str) -> None:
         """Load one LoRA adapter beside the others, unfused; fail naming it."""
@@ -313,13 +318,18 @@ class ControlNetPipeline:
             raise
         self._active = active
 
-    def _compile(self, sizes: list[tuple[int, int]], mode: str, scope: CompileScope) -> None:
+    def _compile(
+        self, sizes: list[tuple[int, int]], mode: str, scope: CompileScope, cache: Path | None
+    ) -> None:
         """Compile the UNet, ControlNet and VAE decoder, and record their graphs at
         ``sizes``, one image with guidance: a warm-up generation at each, before the
         Service is ready.
         Its second step is past the guidance window: the UNet's graph without the
         ControlNet's residuals is recorded too. A size whose compile fails is logged and
-        runs uncompiled."""
+        runs uncompiled. With a ``cache`` file, its artifacts are loaded first; where there
+        was none to load, or the warm-up still compiled afresh (a stale file, a size it
+        lacked), everything the warm-up used is saved into it."""
+        loaded = load_cache(cache) if cache is not None else None
         self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode, scope)
         warm_up = GenerationParams(
             prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
@@ -342,6 +352,8 @@ class ControlNetPipeline:
                     height,
                 )
         report_counts()
+        if cache is not None and (loaded is None or cache_counts()["misses"]):
+            save_cache(cache)
 
     def runs_compiled(self, height: int, width: int, params: GenerationParams) -> bool:
         """Whether a request runs the compiled models: compiling is on, its shape was

@@ -6,6 +6,11 @@ and out-of-memory handling."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from prometheus_client import REGISTRY
 from torch._dynamo.utils import counters
 
+from devtools.harness import ROOT
 from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.gpu import pipeline as pipeline_module
 from sdxl_controlnet.gpu.compilation import REPEATED_BLOCKS, graph_key
@@ -230,6 +236,55 @@ def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compile
         ).max()
         <= 3
     )
+
+
+# A GPU Service's start with TORCH_COMPILE_CACHE, in a process of its own: what inductor
+# found in its cache and what it compiled afresh, and the log.
+START = """
+import json, logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from sdxl_controlnet.gpu.compilation import cache_counts
+from tests.service.pipelines import tiny_pipeline
+tiny_pipeline(compile_sizes=[(64, 64)], compile_cache=Path(sys.argv[1]))
+print(json.dumps(cache_counts()))
+"""
+
+
+def start_with_cache(cache: Path, inductor_dir: Path) -> tuple[dict[str, int], str]:
+    """Each start has an inductor cache of its own, empty: only the file can warm it. It
+    compiles in its own process: inductor's pool of compile workers once aborted such a
+    start at exit here ("terminate called without an active exception", torch 2.13)."""
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", START, str(cache)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+def test_a_saved_compile_cache_lets_the_next_start_find_its_graphs(tmp_path) -> None:
+    """A damaged file is logged and ignored, and the start compiles cold and replaces it;
+    the next start, on an empty inductor cache, loads it and compiles nothing afresh."""
+    cache = tmp_path / "compile-cache.bin"
+    cache.write_bytes(b"not torch's artifacts")
+    cold, log = start_with_cache(cache, tmp_path / "inductor-1")
+    assert "ignored" in log and "compiling cold" in log
+    assert cold["misses"] > 0 and cold["hits"] == 0
+    assert "entries saved" in log
+
+    warm, log = start_with_cache(cache, tmp_path / "inductor-2")
+    assert "entries loaded" in log
+    assert warm == {"hits": cold["misses"], "misses": 0}
 
 
 def compile_events(kind: str) -> float | None:

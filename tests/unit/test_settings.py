@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,12 @@ def test_the_compile_scope_defaults_to_the_transformer_blocks() -> None:
     assert Settings.from_env({"TORCH_COMPILE_SCOPE": "whole"}).torch_compile_scope == "whole"
     with pytest.raises(SettingsError, match="TORCH_COMPILE_SCOPE='unet'"):
         Settings.from_env({"TORCH_COMPILE_SCOPE": "unet"})
+
+
+def test_the_compile_cache_is_a_path_or_none() -> None:
+    assert Settings.from_env({}).compile_cache is None
+    cache = Settings.from_env({"TORCH_COMPILE_CACHE": "/cache/compile.bin"}).compile_cache
+    assert cache == Path("/cache/compile.bin")
 
 
 def test_the_front_timeout_is_derived_from_the_gpu_timeout() -> None:
