@@ -7,16 +7,21 @@ absent, so the figures are real timings of real shapes.
 
 One request is measured two ways: **bare**, diffusers' pipeline called in this process with the
 values the GPU Service uses (its negative prompt, guidance, ControlNet scale and scheduler, both
-text encoders), and **served**, ``bentoml serve .`` sent multipart /generate requests; eager and
-with TORCH_COMPILE. Figures: start-up to ready, the first request, seconds per image (1024², 30
-steps, batch 1), the same with the 4-step preset, peak GPU memory.
+text encoders), and **served**, ``bentoml serve .`` sent multipart /generate requests; with
+TORCH_COMPILE and eager. Figures: start-up to ready, the first request, seconds per image (1024²,
+30 steps, batch 1), the same with the 4-step preset, peak GPU memory.
 
 Everything fits in BENCH_GPU_BUDGET_S (default 540 s; the model build and every start-up count):
-a plan estimates each item, runs them in priority order, skips with its reason what would
-overrun, and abandons an item still running at the deadline. Estimates follow what the run has
-measured so far. ``--full`` adds CHANNELS_LAST, FUSE_QKV, all flags together and bursts at
-concurrency 4, for a longer window. After every item, rewrites the table (``--output`` with .txt)
-and its JSON (``--output``), so a run cut short keeps what it measured; prints the table at the end.
+a plan estimates each item, runs them in the order users need their figures (served compiled,
+bare compiled, then eager, timed in turns with the compiled subjects still running), skips with
+its reason what would overrun, and abandons an item still running at the deadline. Estimates
+follow what the run has measured so far. ``--full`` adds CHANNELS_LAST, FUSE_QKV, all flags
+together and bursts at concurrency 4, for a longer window. After every image, rewrites the table
+(``--output`` with .txt) and its JSON (``--output``), so a run cut short keeps each image it
+measured; prints the table at the end. The compiled subjects share one compile cache file
+(``--compile-cache``, by default beside ``--output``): loaded where it exists, written by the
+GPU Service after a warm-up that compiled afresh, so the next window on the same torch and GPU
+starts warm.
 """
 
 from __future__ import annotations
@@ -63,23 +68,35 @@ DEFAULT_VARIANTS = ["off", "TORCH_COMPILE"]
 PROMPT = "a lighthouse on a rocky coast at dusk, photograph"
 
 # What each item costs on an H100-class GPU at 1024², 30 steps, before this run has measured
-# it. Images scale with pixels × steps. The compile is a guess until a GPU run measures it;
-# each run's JSON records estimate and time side by side.
+# it, each with its source. Images scale with pixels × steps. Each run's JSON records estimate
+# and time side by side: the first GPU run replaces these.
 ESTIMATE_S = {
-    "build": 60.0,  # 9.5 GB of weights drawn on the GPU in fp16 and written
-    "start bare": 20.0,  # the same 9.5 GB from the page cache onto the GPU
-    "start served": 45.0,  # `bentoml serve`: imports, both Services, then the same load
-    "compile at least": 60.0,  # a compile is tried when this much fits; the deadline stops it
+    "build": 60.0,  # 9.5 GB of weights drawn on the GPU in fp16 and written (a guess)
+    "start bare": 20.0,  # the same 9.5 GB from the page cache onto the GPU (a guess)
+    # `bentoml serve`: 7 s to ready on the tiny model here (docs/performance.md, cold
+    # start), then the same load as the bare start, and both Services' imports (a guess).
+    "start served": 45.0,
+    # A compile is tried when this much fits (two thirds of the blocks' estimate below);
+    # the deadline stops it.
+    "compile at least": 30.0,
     # 1024², 30 steps: SDXL base alone takes 2.5 s on an H100 (Stability AI's published
     # baseline, docs/performance.md); the ControlNet, half the UNet's size, adds to it.
     "image": 3.5,
-    "first extra": 3.0,  # a first request picks its kernels
+    "first extra": 3.0,  # a first request picks its kernels (cuDNN, cuBLAS; a guess)
 }
-# The UNet and the ControlNet compiled at one size, with the warm-up generation, by mode:
-# reduce-overhead is inductor's kernels and CUDA graphs, max-autotune adds a kernel search
-# (6 to 15 minutes cold). Guesses until a GPU run measures them; the inductor cache outside
-# the kit makes a second run's compile shorter.
-COMPILE_S = {"reduce-overhead": 90.0, "default": 75.0, "max-autotune": 600.0}
+# The UNet's and the ControlNet's transformer blocks (TORCH_COMPILE_SCOPE=blocks) and the VAE
+# decoder compiled at one size, with the warm-up generations, by mode. reduce-overhead: Flux's
+# transformer blocks compile in 9.6 s on an H100 (regional, against 67.4 s whole: PyTorch's
+# "torch.compile and Diffusers" guide, 2026-05-11); SDXL has two block shapes like Flux's two
+# block kinds, plus the decoder whole and two warm-up generations to record the CUDA graphs.
+# default: the same without the recording. max-autotune: no published figure for SDXL; the
+# whole networks' kernel search was estimated at 6 to 15 minutes cold, and blocks have fewer
+# kernels to search: a guess until a GPU measures it.
+COMPILE_S = {"reduce-overhead": 45.0, "default": 38.0, "max-autotune": 300.0}
+# Compiling each network whole (TORCH_COMPILE_SCOPE=whole) over compiling its blocks: CPU time,
+# medians of 3 cold compiles each, measured here on the CPU inductor with the tiny model
+# (docs/performance.md, "Compile scope, measured on the CPU").
+WHOLE_OVER_BLOCKS = 2.8
 NO_CUDA_REASON = "no CUDA"
 NO_CUDA = (
     "bench.gpu: no CUDA GPU here (torch.cuda.is_available() is False), so nothing was "
@@ -101,11 +118,21 @@ class Config:
     device: str = "cuda"  # "cpu": the rehearsal, on a small model
     # reduce-overhead compiles within a window's share; max-autotune takes many minutes.
     compile_mode: str = "reduce-overhead"
+    compile_scope: str = "blocks"  # TORCH_COMPILE_SCOPE of the compiled subjects
+    # TORCH_COMPILE_CACHE of the compiled subjects: loaded where it exists, written after a
+    # warm-up that compiled afresh. None: none.
+    compile_cache: Path | None = None
     log_dir: Path = LOGS
 
     @property
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def compile_s(self) -> float:
+        """The estimated compile of one size, warm-ups included, in this mode and scope."""
+        whole = WHOLE_OVER_BLOCKS if self.compile_scope == "whole" else 1.0
+        return COMPILE_S[self.compile_mode] * whole
 
 
 def preset() -> dict[str, Any]:
@@ -131,6 +158,8 @@ def served_env(config: Config, variant: str) -> dict[str, str]:
     env.update({flag: "1" if flag in VARIANTS[variant] else "0" for flag in FLAGS})
     env["TORCH_COMPILE_SIZES"] = f"{config.size}x{config.size}"
     env["TORCH_COMPILE_MODE"] = config.compile_mode
+    env["TORCH_COMPILE_SCOPE"] = config.compile_scope
+    env["TORCH_COMPILE_CACHE"] = str(config.compile_cache or "")
     env["ALLOW_CPU"] = "0" if config.cuda else "1"
     return env
 
@@ -202,6 +231,10 @@ class Bare(Subject):
 
         began = time.perf_counter()
         self.live = True
+        # What the caching allocator holds for this subject alone: the other bare subject
+        # may hold memory in this process already.
+        self.reserved_before = torch.cuda.memory_reserved() if self.config.cuda else 0
+        self.peak_reserved = 0
         env, device = model_env(self.config.model_dir), self.config.device
         dtype = torch.float16 if self.config.cuda else torch.float32
         self.pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
@@ -221,20 +254,30 @@ class Bare(Subject):
         size = self.config.size
         edges = preprocessing.edge_map(photo(size, size), Params(prompt=PROMPT))
         self.control = Image.fromarray(edges).convert("RGB")
-        self.weights = sum(
-            t.numel() * t.element_size()
-            for m in self.pipe.components.values()
-            if isinstance(m, torch.nn.Module)
-            for t in [*m.parameters(), *m.buffers()]
-        )
-        self.working = 0  # bytes above the weights, at the peak of a call
-        if "TORCH_COMPILE" in flags:  # as the Service does, a warm-up before it is ready
-            mode = self.config.compile_mode if self.config.cuda else "default"
-            self.pipe.unet = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
-            self.pipe.controlnet = torch.compile(self.pipe.controlnet, mode=mode, dynamic=False)
-            self.pipe.vae.decoder = torch.compile(self.pipe.vae.decoder, mode=mode, dynamic=False)
-            self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
+        if "TORCH_COMPILE" in flags:  # as the Service compiles, warm-ups before it is ready
+            self._compile()
         self.startup_s = time.perf_counter() - began
+
+    def _compile(self) -> None:
+        import torch
+
+        from sdxl_controlnet.gpu.compilation import (
+            CUDA_GRAPH_MODES,
+            compile_module,
+            load_cache,
+        )
+
+        if self.config.compile_cache is not None:
+            load_cache(self.config.compile_cache)
+        mode = self.config.compile_mode if self.config.cuda else "default"
+        options = {"mode": mode, "dynamic": False, "fullgraph": True}
+        scope = self.config.compile_scope
+        self.pipe.unet = compile_module(self.pipe.unet, scope, **options)
+        self.pipe.controlnet = compile_module(self.pipe.controlnet, scope, **options)
+        self.pipe.vae.decoder = torch.compile(self.pipe.vae.decoder, **options)
+        # CUDA-graph trees record on a function's second call: no timed image records.
+        for _ in range(2 if mode in CUDA_GRAPH_MODES else 1):
+            self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
 
     def _call(self, request: dict[str, Any]) -> float:
         import torch
@@ -250,7 +293,6 @@ class Bare(Subject):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
         began = time.perf_counter()
         self.pipe(
             prompt=p.prompt,
@@ -271,7 +313,8 @@ class Bare(Subject):
         )
         if cuda:
             torch.cuda.synchronize()
-            self.working = max(self.working, torch.cuda.max_memory_allocated() - before)
+            peak = torch.cuda.max_memory_reserved() - self.reserved_before
+            self.peak_reserved = max(self.peak_reserved, peak)
         return time.perf_counter() - began
 
     def generate(self, kind: str, seed: int) -> float:
@@ -283,8 +326,10 @@ class Bare(Subject):
         return n / sum(self.generate("image", seed + i) for i in range(n))
 
     def read_memory(self) -> None:
+        """The largest ``max_memory_reserved`` of its calls, each after
+        ``reset_peak_memory_stats``, less what was reserved before it started."""
         if self.config.cuda:
-            self.memory_gib = (self.weights + self.working) / 2**30
+            self.memory_gib = self.peak_reserved / 2**30
 
     def read_counters(self) -> None:
         from torch._dynamo.utils import counters
@@ -353,11 +398,12 @@ class Served(Subject):
             return 2 * n / (time.perf_counter() - began)
 
     def read_memory(self) -> None:
-        """torch.cuda's peak allocated bytes, as the GPU Service's /metrics exposes them:
-        counted as the bare pipeline's are (nvidia-smi's process ids fail in containers)."""
+        """torch.cuda's ``max_memory_reserved`` in the GPU Service's worker since it started
+        (its /metrics), the CUDA-graph pool included: the bare subjects' measure, in a
+        process of its own (nvidia-smi's process ids fail in containers)."""
         if not self.config.cuda or self.server is None:
             return
-        peak = metric(self.server, "sdxl_controlnet_gpu_memory_peak_bytes", kind="allocated")
+        peak = metric(self.server, "sdxl_controlnet_gpu_memory_peak_bytes", kind="reserved")
         self.memory_gib = peak / 2**30 if peak else None
 
     def read_counters(self) -> None:
@@ -379,21 +425,26 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
-    """The items in priority order: the model, then eager bare and served side by side (start,
-    first request, images in turns, the 4-step preset), then each other variant, served first,
-    its images in turns with the eager subject of the same mode."""
+def build_plan(
+    config: Config, deadline: float, saved: Callable[[], None] = lambda: None
+) -> tuple[Plan, list[Subject]]:
+    """The items in the order users need their figures: served TORCH_COMPILE (start, first
+    request, images), then bare TORCH_COMPILE; then eager, bare and served, its images in
+    turns with the compiled subjects of each mode still running, so that every ratio is
+    measured side by side; then each other variant, served first, its images in turns with
+    the eager subject of the same mode. ``saved`` is called after every image."""
     plan = Plan(deadline)
     subjects = {(cls.mode, v): cls(config, v) for v in config.variants for cls in (Bare, Served)}
     scale = (config.size / 1024) ** 2 * config.steps / 30
     preset_share = preset()["num_inference_steps"] / config.steps / 2  # no guidance: half
 
+    def compiling(subject: Subject) -> bool:
+        return "TORCH_COMPILE" in VARIANTS[subject.variant]
+
     def startup_estimate(subject: Subject) -> float:
         eager = subjects[(subject.mode, "off")].startup_s
         base = eager if eager is not None else ESTIMATE_S[f"start {subject.mode}"]
-        return base + COMPILE_S[config.compile_mode] * (
-            "TORCH_COMPILE" in VARIANTS[subject.variant]
-        )
+        return base + config.compile_s * compiling(subject)
 
     def image_estimate(subject: Subject, kind: str) -> float:
         eager = subjects[(subject.mode, "off")]
@@ -435,23 +486,21 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
                 subject.fail(f"{type(exc).__name__}: {exc}"[:300])
 
     def start_item(subject: Subject) -> None:
-        compiling = "TORCH_COMPILE" in VARIANTS[subject.variant]
         plan.add(
             Item(
-                f"start {subject.name}" + (" (compiles)" if compiling else ""),
+                f"start {subject.name}" + (" (compiles)" if compiling(subject) else ""),
                 lambda: startup_estimate(subject),
                 subject.start,
                 missed=missed([subject], "startup"),
-                blocked=lambda: NO_CUDA_REASON if compiling and not config.cuda else None,
                 minimum=(
                     (
                         lambda: (
                             startup_estimate(subject)
-                            - COMPILE_S[config.compile_mode]
+                            - config.compile_s
                             + ESTIMATE_S["compile at least"]
                         )
                     )
-                    if compiling
+                    if compiling(subject)
                     else None
                 ),
             )
@@ -461,6 +510,7 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
         def run() -> None:
             def first(s: Subject) -> None:
                 s.first_s = s.generate("image", 0)
+                saved()
 
             each(group, first)
 
@@ -476,7 +526,7 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
 
     def timed_item(group: list[Subject], kind: str, extra: list[Subject] = ()) -> None:
         """``config.runs`` rounds over ``group`` and ``extra`` (the baseline), each subject
-        taking each place in the order in turn."""
+        taking each place in the order in turn; the results saved after every image."""
         everyone = [*group, *extra]
 
         def run() -> None:
@@ -486,13 +536,11 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
 
                 def once(s: Subject, seed: int = 1 + round_) -> None:
                     s.seconds[kind].append(s.generate(kind, seed))
+                    s.read_memory()
+                    saved()
 
                 each(order, once)
-            each(everyone, lambda s: s.read_memory())
-            each(
-                [s for s in everyone if "TORCH_COMPILE" in VARIANTS[s.variant]],
-                lambda s: s.read_counters(),
-            )
+            each([s for s in everyone if compiling(s)], lambda s: s.read_counters())
 
         what = "4-step preset" if kind == "preset" else f"{config.size}², {config.steps} steps"
         plan.add(
@@ -520,6 +568,13 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
             )
         )
 
+    def stop_item(variant: str) -> None:
+        """The next variant needs the memory: only the eager baseline stays loaded."""
+        pair = [subjects[("served", variant)], subjects[("bare", variant)]]
+        plan.add(
+            Item(f"stop {variant}", lambda: 0.0, lambda: each(pair, Subject.stop), listed=False)
+        )
+
     if not _model_built(config.model_dir):
         plan.add(
             Item(
@@ -529,16 +584,26 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
                 missed=missed(list(subjects.values()), "startup"),
             )
         )
+    # What users need most: the compiled Service's seconds per image, then the compiled
+    # pipeline's, each subject alone until eager runs beside it.
+    leading = "TORCH_COMPILE" if "TORCH_COMPILE" in config.variants else None
+    compiled = [subjects[(mode, leading)] for mode in ("served", "bare")] if leading else []
+    for subject in compiled:
+        start_item(subject)
+        first_item([subject])
+        timed_item([subject], "image")
     eager = [subjects[("bare", "off")], subjects[("served", "off")]]
     for subject in eager:
         start_item(subject)
     first_item(eager)
-    timed_item(eager, "image")
+    timed_item(eager, "image", extra=compiled)
     timed_item(eager, "preset")
     if config.bursts:
-        burst_item(eager)
+        burst_item([*compiled, *eager])
+    if leading:
+        stop_item(leading)
     for variant in config.variants:
-        if variant == "off":
+        if variant in ("off", leading):
             continue
         pair = [subjects[("served", variant)], subjects[("bare", variant)]]
         for subject in pair:
@@ -547,15 +612,7 @@ def build_plan(config: Config, deadline: float) -> tuple[Plan, list[Subject]]:
             timed_item([subject], "image", extra=[subjects[(subject.mode, "off")]])
         if config.bursts:
             burst_item(pair)
-        # The next variant needs the memory: only the eager baseline stays loaded.
-        plan.add(
-            Item(
-                f"stop {variant}",
-                lambda: 0.0,
-                lambda p=pair: each(p, Subject.stop),
-                listed=False,
-            )
-        )
+        stop_item(variant)
     return plan, list(subjects.values())
 
 
@@ -582,13 +639,17 @@ def run_benchmark(
     save: Callable[[dict[str, Any]], None] = lambda results: None,
 ) -> dict[str, Any]:
     """Every item that fits in ``config.budget_s`` counted from ``started`` (time.time();
-    default now), as a JSON-ready dict, handed to ``save`` after every item too: a run cut
-    short keeps what it measured."""
+    default now), as a JSON-ready dict, handed to ``save`` after every image and every item
+    too: a run cut short keeps each image it measured."""
     started = time.time() if started is None else started
     deadline = time.monotonic() + config.budget_s - (time.time() - started) - RESERVE_S
-    plan, subjects = build_plan(config, deadline)
+
+    def saved() -> None:
+        save(results_so_far(config, started, plan, subjects))
+
+    plan, subjects = build_plan(config, deadline, saved)
     try:
-        plan.run(after=lambda: save(results_so_far(config, started, plan, subjects)))
+        plan.run(after=saved)
     finally:
         for subject in subjects:  # one that fails to stop leaves the others to stop
             with contextlib.suppress(Exception):
@@ -784,6 +845,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="TORCH_COMPILE_MODE of the compiled variant (max-autotune: a longer window)",
     )
     parser.add_argument(
+        "--compile-scope",
+        choices=["blocks", "whole"],
+        default="blocks",
+        help="TORCH_COMPILE_SCOPE of the compiled variant (whole: a longer window)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="TORCH_COMPILE_CACHE of the compiled subjects: loaded where it exists, written "
+        "after a warm-up that compiled afresh (default: compile-cache.bin beside --output)",
+    )
+    parser.add_argument(
         "--plan", action="store_true", help="print the planned items and their times; run none"
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write results")
@@ -836,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu" if args.cpu else "cuda",
         log_dir=args.log_dir,
         compile_mode=args.compile_mode,
+        compile_scope=args.compile_scope,
+        compile_cache=args.compile_cache or args.output.with_name("compile-cache.bin"),
     )
     if args.plan:
         print(timeline(config, _model_built(config.model_dir)))

@@ -6,7 +6,9 @@
 # as they are) and runs `python -m bench.gpu` within BENCH_GPU_BUDGET_S (default 540 s, this
 # installation included). The table (gpu-bench.txt) and the JSON are rewritten after every item.
 # The full-size model and the compilers' caches live in BENCH_GPU_CACHE, outside the kit, so a
-# second run (or a fresh copy of the kit) reuses them.
+# second run (or a fresh copy of the kit) reuses them. OUT/compile-cache.bin returns the compiled
+# artifacts (torch.compiler.save_cache_artifacts) with the figures: pass it to the next window
+# on the same torch and GPU (--compile-cache FILE) and its compiled subjects start warm.
 # PYTHON picks the interpreter (default python3, which must have torch).
 set -euo pipefail
 if [ $# -lt 1 ]; then

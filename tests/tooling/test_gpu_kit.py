@@ -1,8 +1,10 @@
 """The GPU kit, end to end, as a rented GPU machine would run it: `make gpu-kit`'s folder
 installed offline into a Python 3.12 stand-in for that machine (its torch 2.11 and libraries,
 nothing of BentoML, diffusers or pydantic; devtools/gpu_machine.txt), then
-`scripts/gpu-bench.sh OUT` on the tiny model within a 120 s budget. Without CUDA here, the
-benchmark's CUDA rows must say so; everything else is measured for real.
+`scripts/gpu-bench.sh OUT` on the tiny model within a 120 s budget, eager only (the CPU's
+compiles take minutes on a busy 2-core machine; tests/tooling/test_bench_gpu_smoke.py runs
+them). Without CUDA here, the benchmark's CUDA rows must say so; everything else is measured
+for real.
 
 The stand-in is built once into .venv-gpu (about 5 GB: PyPI has only CUDA builds of torch for
 Python 3.12) and kept; it is rebuilt when gpu_machine.txt changes. The time limits below count
@@ -58,6 +60,8 @@ def test_the_kit_runs_the_gpu_benchmark_offline_in_a_stand_in_for_the_gpu_machin
             "64",
             "--steps",
             "2",
+            "--variants",
+            "off",
         ],
         env={
             **os.environ,
@@ -97,7 +101,6 @@ def test_the_kit_runs_the_gpu_benchmark_offline_in_a_stand_in_for_the_gpu_machin
         assert rows["4-step preset, seconds per image, eager"][mode]["runs"] == 3
         assert rows["first request, eager"][mode]["median"] > 0
         assert rows["peak GPU memory, eager"][mode] == "no CUDA"
-        assert rows["start-up to ready, TORCH_COMPILE"][mode] == "no CUDA"
     assert "(no CUDA)" in table and f"budget {BUDGET_S} s" in table
     assert results["seconds"] <= BUDGET_S
     assert seconds < BUDGET_S + 60  # the install, the run and stopping the servers
