@@ -219,7 +219,7 @@ class Settings(BaseModel):
     )
 
     # GPU speed-ups, each off by default: see docs/performance.md.
-    channels_last: bool = False  # NHWC memory layout for the UNet and ControlNet
+    channels_last: bool = False  # NHWC memory layout for the UNet, ControlNet and VAE
     fuse_qkv: bool = False  # one matmul for attention's Q, K and V projections
     # torch.compile the UNet and ControlNet; start-up then runs one warm-up generation at
     # each of TORCH_COMPILE_SIZES (WxH, comma-separated); other sizes run uncompiled.
@@ -236,6 +236,11 @@ class Settings(BaseModel):
     # compiles each network whole, a longer cold start for what speed fusing across blocks
     # may add (docs/performance.md has both measured). The VAE decoder compiles whole in both.
     torch_compile_scope: CompileScope = "blocks"
+    # With TORCH_COMPILE, the inductor settings of diffusers' speed guide for SDXL: 1×1
+    # convolutions as matrix multiplications, coordinate-descent tuning in all directions, no
+    # epilogue fusion. Off until a GPU has measured what they give here (bench/gpu.py's
+    # SPEED_GUIDE variant).
+    inductor_speed_guide: bool = False
     # A file of torch.compile's artifacts (graphs, and on a GPU their Triton kernels:
     # torch.compiler's save_cache_artifacts): loaded before compiling where it exists, so
     # that a start finds its graphs instead of compiling them cold; written after the warm-up

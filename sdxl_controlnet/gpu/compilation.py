@@ -40,6 +40,30 @@ def graph_key(height: int, width: int, params: GenerationParams) -> GraphKey:
     return (height, width, params.batch)
 
 
+# The inductor settings of diffusers' speed guide ("Accelerate inference of text-to-image
+# diffusion models", its torch.compile section) for SDXL's UNet on a GPU
+# (INDUCTOR_SPEED_GUIDE). Coordinate-descent tuning searches Triton kernels' launch
+# settings; on the CPU it does nothing.
+SPEED_GUIDE = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
+
+
+def compile_options(mode: str, speed_guide: bool) -> dict[str, t.Any]:
+    """torch.compile's arguments in ``mode``, with the speed guide's inductor settings on top
+    where asked: as ``options``, since torch.compile takes a mode or options, not both."""
+    options = {"dynamic": False, "fullgraph": True}
+    if not speed_guide:
+        return {**options, "mode": mode}
+    # What each mode sets, as torch.compile's documentation points to it.
+    from torch._inductor import list_mode_options
+
+    return {**options, "options": {**list_mode_options(mode, dynamic=False), **SPEED_GUIDE}}
+
+
 # The blocks regional compilation compiles: those diffusers declares as the SDXL UNet's
 # repeated blocks (its BasicTransformerBlocks). The ControlNet and the Union declare none,
 # but are built of the same blocks.
@@ -87,6 +111,7 @@ class CompiledModels:
         device: str,
         mode: str,
         scope: CompileScope,
+        speed_guide: bool = False,
     ) -> None:
         # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
         mode = mode if device.startswith("cuda") else "default"
@@ -94,7 +119,7 @@ class CompiledModels:
         # the second: the warm-up runs twice where they are on, so no request records.
         self.warm_ups = 2 if mode in CUDA_GRAPH_MODES else 1
         self.scope = scope
-        options = {"mode": mode, "dynamic": False, "fullgraph": True}
+        options = compile_options(mode, speed_guide)
         self.modules = tuple(compile_module(m, scope, **options) for m in (unet, controlnet))
         # Each compiled forward runs these first: dynamo sees tensors where it would
         # specialise, CUDA graphs see each step's start, and a misfit runs eagerly.

@@ -185,6 +185,7 @@ class ControlNetPipeline:
             compile_sizes=settings.compile_sizes,
             compile_mode=settings.torch_compile_mode,
             compile_scope=settings.torch_compile_scope,
+            inductor_speed_guide=settings.inductor_speed_guide,
             compile_cache=settings.compile_cache,
             adapters=adapters,
             preview=preview,
@@ -205,6 +206,7 @@ class ControlNetPipeline:
         compile_sizes: Iterable[tuple[int, int]] = (),
         compile_mode: str = "reduce-overhead",
         compile_scope: CompileScope = "blocks",
+        inductor_speed_guide: bool = False,
         compile_cache: Path | None = None,
         adapters: Mapping[str, tuple[str, str]] | None = None,
         preview: str | None = None,
@@ -262,8 +264,9 @@ class ControlNetPipeline:
         self._active: tuple[tuple[str, float], ...] | None = ()
         if adapters:
             self.pipe.disable_lora()  # until a request asks for one
-        if channels_last:
+        if channels_last:  # as diffusers' speed guide does, the VAE too
             self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
             for controlnet in self.controlnets.values():
                 controlnet.to(memory_format=torch.channels_last)
         if fuse_qkv:
@@ -277,7 +280,7 @@ class ControlNetPipeline:
         self._eager = (self.pipe.unet, self.pipe.controlnet)
         self._compiled: CompiledModels | None = None
         if sizes := list(compile_sizes):
-            self._compile(sizes, compile_mode, compile_scope, compile_cache)
+            self._compile(sizes, compile_mode, compile_scope, compile_cache, inductor_speed_guide)
 
     def _load_adapter(self, name: str, path: str, weight_name: str) -> None:
         """Load one LoRA adapter beside the others, unfused; fail naming it."""
@@ -319,7 +322,12 @@ class ControlNetPipeline:
         self._active = active
 
     def _compile(
-        self, sizes: list[tuple[int, int]], mode: str, scope: CompileScope, cache: Path | None
+        self,
+        sizes: list[tuple[int, int]],
+        mode: str,
+        scope: CompileScope,
+        cache: Path | None,
+        speed_guide: bool,
     ) -> None:
         """Compile the UNet, ControlNet and VAE decoder, and record their graphs at
         ``sizes``, one image with guidance: a warm-up generation at each, before the
@@ -330,7 +338,9 @@ class ControlNetPipeline:
         was none to load, or the warm-up still compiled afresh (a stale file, a size it
         lacked), everything the warm-up used is saved into it."""
         loaded = load_cache(cache) if cache is not None else None
-        self._compiled = CompiledModels(*self._eager, self.pipe.vae, self.device, mode, scope)
+        self._compiled = CompiledModels(
+            *self._eager, self.pipe.vae, self.device, mode, scope, speed_guide
+        )
         warm_up = GenerationParams(
             prompt="warm-up", num_inference_steps=2, control_guidance_end=0.5, seed=0
         )

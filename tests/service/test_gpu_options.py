@@ -23,7 +23,12 @@ from torch._dynamo.utils import counters
 from devtools.harness import ROOT
 from sdxl_controlnet.errors import GPUOutOfMemory
 from sdxl_controlnet.gpu import pipeline as pipeline_module
-from sdxl_controlnet.gpu.compilation import REPEATED_BLOCKS, graph_key
+from sdxl_controlnet.gpu.compilation import (
+    REPEATED_BLOCKS,
+    SPEED_GUIDE,
+    compile_options,
+    graph_key,
+)
 from sdxl_controlnet.gpu.pipeline import SCHEDULERS, ControlNetPipeline, NoGPUError, select_device
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, LoraChoice
 from tests.service.pipelines import ADAPTERS, tiny_pipeline
@@ -89,6 +94,25 @@ def compiled(request) -> ControlNetPipeline:
     )
     assert compiled_graphs() > 0, "the warm-up compiled nothing"
     return pipeline
+
+
+def test_the_speed_guide_adds_its_inductor_settings_to_the_mode_s() -> None:
+    options = compile_options("reduce-overhead", speed_guide=True)["options"]
+    assert options == {"triton.cudagraphs": True, **SPEED_GUIDE}
+    assert compile_options("reduce-overhead", speed_guide=False)["mode"] == "reduce-overhead"
+
+
+def test_the_speed_guide_s_settings_and_channels_last_give_the_same_image(eager) -> None:
+    """Compiled with diffusers' speed-guide inductor settings, the networks and the VAE
+    channels-last: the warmed graphs run (nothing compiles, nothing falls back) and the
+    image is the eager one's to rounding."""
+    tuned = tiny_pipeline(compile_sizes=[(64, 64)], inductor_speed_guide=True, channels_last=True)
+    assert tuned.pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    after_warm_up, fallbacks = compiled_graphs(), uncompiled("recompile")
+    images = tuned.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
+    assert (compiled_graphs(), uncompiled("recompile")) == (after_warm_up, fallbacks)
+    reference = eager.submit(GPURequest.of(PARAMS, edges(64, 64))).result()
+    assert np.abs(images.astype(int) - reference).max() <= 3
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
