@@ -80,7 +80,9 @@ def eager() -> ControlNetPipeline:
     return tiny_pipeline(adapters=ADAPTERS)
 
 
-SCOPES = ["blocks", "whole"]
+# The default scope in make test; the whole networks too in make test-tooling (their cold
+# compile is minutes on two cores).
+SCOPES = ["blocks", pytest.param("whole", marks=pytest.mark.thorough)]
 
 
 @pytest.fixture(scope="module", params=SCOPES)
@@ -265,20 +267,22 @@ def test_a_call_the_graphs_do_not_fit_runs_eagerly_and_is_counted(eager, compile
 # A GPU Service's start with TORCH_COMPILE_CACHE, in a process of its own: what inductor
 # found in its cache and what it compiled afresh, and the log.
 START = """
-import json, logging, sys
+import json, logging, os, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from sdxl_controlnet.gpu.compilation import cache_counts
 from tests.service.pipelines import tiny_pipeline
 tiny_pipeline(compile_sizes=[(64, 64)], compile_cache=Path(sys.argv[1]))
-print(json.dumps(cache_counts()))
+print(json.dumps(cache_counts()), flush=True)
+# Done: leave without the interpreter's teardown, where one such start in several aborted
+# after its work ("terminate called without an active exception", torch 2.13 on the CPU).
+os._exit(0)
 """
 
 
 def start_with_cache(cache: Path, inductor_dir: Path) -> tuple[dict[str, int], str]:
-    """Each start has an inductor cache of its own, empty: only the file can warm it. It
-    compiles in its own process: inductor's pool of compile workers once aborted such a
-    start at exit here ("terminate called without an active exception", torch 2.13)."""
+    """Each start, in a process of its own, has an inductor cache of its own, empty: only
+    the file can warm it."""
     env = {
         **os.environ,
         "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
@@ -296,6 +300,7 @@ def start_with_cache(cache: Path, inductor_dir: Path) -> tuple[dict[str, int], s
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
+@pytest.mark.thorough  # two cold starts: a minute and a half on two cores
 def test_a_saved_compile_cache_lets_the_next_start_find_its_graphs(tmp_path) -> None:
     """A damaged file is logged and ignored, and the start compiles cold and replaces it;
     the next start, on an empty inductor cache, loads it and compiles nothing afresh."""
@@ -323,7 +328,11 @@ def test_the_warm_up_reports_what_torch_counted_on_metrics(compiled) -> None:
 
 
 @pytest.mark.parametrize(
-    ("scope", "broken"), [("blocks", BasicTransformerBlock), ("whole", ControlNetModel)]
+    ("scope", "broken"),
+    [
+        ("blocks", BasicTransformerBlock),
+        pytest.param("whole", ControlNetModel, marks=pytest.mark.thorough),
+    ],
 )
 def test_a_graph_break_fails_its_sizes_compile_and_the_size_runs_eagerly(
     eager, monkeypatch, caplog, scope, broken
