@@ -264,10 +264,10 @@ class Bare(Subject):
         import torch
 
         from sdxl_controlnet.gpu.compilation import (
-            CUDA_GRAPH_MODES,
             compile_module,
             compile_options,
             load_cache,
+            warm_ups,
         )
 
         if self.config.compile_cache is not None:
@@ -278,8 +278,7 @@ class Bare(Subject):
         self.pipe.unet = compile_module(self.pipe.unet, scope, **options)
         self.pipe.controlnet = compile_module(self.pipe.controlnet, scope, **options)
         self.pipe.vae.decoder = torch.compile(self.pipe.vae.decoder, **options)
-        # CUDA-graph trees record on a function's second call: no timed image records.
-        for _ in range(2 if mode in CUDA_GRAPH_MODES else 1):
+        for _ in range(warm_ups(mode)):  # no timed image records a CUDA graph
             self._call({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0})
 
     def _call(self, request: dict[str, Any]) -> float:

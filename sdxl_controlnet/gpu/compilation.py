@@ -115,9 +115,7 @@ class CompiledModels:
     ) -> None:
         # The mode is for a GPU (CUDA graphs, autotuning); the CPU (tests) runs inductor's default.
         mode = mode if device.startswith("cuda") else "default"
-        # CUDA-graph trees run a function eagerly on its first call and record its graph on
-        # the second: the warm-up runs twice where they are on, so no request records.
-        self.warm_ups = 2 if mode in CUDA_GRAPH_MODES else 1
+        self.warm_ups = warm_ups(mode)
         self.scope = scope
         options = compile_options(mode, speed_guide)
         self.modules = tuple(compile_module(m, scope, **options) for m in (unet, controlnet))
@@ -192,6 +190,12 @@ class CompiledModels:
 
 # The modes whose graphs are CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def warm_ups(mode: str) -> int:
+    """Warm-up calls that leave nothing for a request to record: CUDA-graph trees run a
+    function eagerly on its first call and record its graph on the second."""
+    return 2 if mode in CUDA_GRAPH_MODES else 1
 
 
 def report_counts() -> dict[str, int]:
