@@ -49,6 +49,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
+def pytest_make_parametrize_id(val: object) -> str | None:
+    # pytest-xdist's --dist loadscope takes a test's module from its node id up to the last
+    # "::", so a parameter such as "https://[::1]/" would make a scope of its own, sent to
+    # another worker to start its module's servers once more.
+    if isinstance(val, str) and "::" in val:
+        return val.replace("::", ":")
+    return None
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
