@@ -58,7 +58,8 @@ def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _target_options() -> list[str]:
+def target_options() -> list[str]:
+    """pip's options that pick the GPU machine's wheels: CPython 3.12, x86-64 Linux."""
     options = ["--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation"]
     options += ["cp", "--abi", f"cp{PYTHON_VERSION.replace('.', '')}", "--abi", "abi3"]
     options += ["--abi", "none"]
@@ -71,12 +72,19 @@ def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
 
-def _torch_stand_in(folder: Path, requirements: Path) -> None:
-    """A metadata-only wheel of the pinned torch, with a local version label that ranks
+def machine_torch() -> str:
+    """The torch version the GPU machine has (``gpu_machine.txt``)."""
+    pin = re.search(r"^torch==(\S+)", MACHINE_PACKAGES.read_text(), re.MULTILINE)
+    if pin is None:
+        raise SystemExit(f"{MACHINE_PACKAGES} pins no torch: torch==VERSION, as the machine has")
+    return pin.group(1)
+
+
+def _torch_stand_in(folder: Path, version: str) -> None:
+    """A metadata-only wheel of the machine's torch, with a local version label that ranks
     above the real one: the resolver settles torch with it and never reads torch's own
     requirements (its CUDA libraries), which the kit leaves out anyway."""
-    pin = re.search(r"^torch==(\S+)", requirements.read_text(), re.MULTILINE)
-    version = f"{pin.group(1) if pin else '2.11.0'}+kit"
+    version = f"{version}+kit"
     info = f"torch-{version}.dist-info"
     with zipfile.ZipFile(folder / f"torch-{version}-py3-none-any.whl", "w") as wheel:
         wheel.writestr(
@@ -89,16 +97,25 @@ def _torch_stand_in(folder: Path, requirements: Path) -> None:
 
 
 def resolve(requirements: Path) -> dict[str, str]:
-    """Every distribution ``requirements`` needs on Python 3.12 x86-64 Linux, as name:
-    version, torch's own dependencies aside."""
+    """Every distribution ``requirements`` needs on the GPU machine, as name: version, torch's
+    own dependencies aside: Python 3.12 x86-64 Linux, with the machine's torch in place of the
+    project's pin, so that a library that needs a newer torch fails here, not there."""
     with tempfile.TemporaryDirectory() as tmp:
         stand_in, report = Path(tmp, "stand-in"), Path(tmp, "report.json")
         stand_in.mkdir()
-        _torch_stand_in(stand_in, requirements)
+        torch = machine_torch()
+        _torch_stand_in(stand_in, torch)
+        on_machine = Path(tmp, "requirements.txt")
+        lines = requirements.read_text().splitlines()
+        on_machine.write_text(
+            "\n".join(
+                [*(line for line in lines if not line.startswith("torch==")), f"torch=={torch}"]
+            )
+        )
         _pip(
             "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report),
             "--target", str(Path(tmp, "target")), "--find-links", str(stand_in),
-            *_target_options(), "-r", str(requirements),
+            *target_options(), "-r", str(on_machine),
         )  # fmt: skip
         installs = json.loads(report.read_text())["install"]
     return {i["metadata"]["name"]: i["metadata"]["version"] for i in installs}
@@ -127,9 +144,7 @@ def build(output: Path) -> int:
     }
     pins = [f"{name}=={version}" for name, version in sorted(wanted.items())]
     wheels = output / WHEELS
-    _pip(
-        "download", "--quiet", "--no-deps", "--dest", str(wheels), *_target_options(), "pip", *pins
-    )
+    _pip("download", "--quiet", "--no-deps", "--dest", str(wheels), *target_options(), "pip", *pins)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     if size > MAX_BYTES:
         biggest = sorted(wheels.glob("*.whl"), key=lambda f: -f.stat().st_size)[:5]

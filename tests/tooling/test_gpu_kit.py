@@ -31,6 +31,12 @@ PYTHON_312 = gpu_kit.python_312()
 BUDGET_S = 300
 
 
+def test_the_kit_s_libraries_are_resolved_against_the_machine_s_torch() -> None:
+    """Not the project's pin: a library that needs a newer torch than the machine's fails
+    the build here instead of the window there."""
+    assert gpu_kit.resolve(ROOT / "requirements.txt")["torch"] == f"{gpu_kit.machine_torch()}+kit"
+
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("kit") / "gpu-kit"
