@@ -55,7 +55,8 @@ test: tiny-model
 
 # The tooling's own tests: the GPU kit, run offline in a Python 3.12 stand-in for a rented GPU
 # machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes),
-# the GPU benchmark's machinery and the full-size model builder; and the product's tests that
+# and the GPU options' tests on that machine's torch; the GPU benchmark's machinery and the
+# full-size model builder; and the product's tests that
 # stop and start servers of their own (jobs across restarts), or that walk the rest of a
 # browser journey or a configuration matrix whose representative `make test` runs.
 GPU_MACHINE := .venv-gpu/gpu_machine.txt
