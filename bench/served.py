@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -14,7 +16,7 @@ import httpx
 
 from bench.inprocess import file_bytes
 from bench.report import Row, interleaved, timed_ms
-from devtools.harness import Server, metric, photo
+from devtools.harness import Server, free_port, metric, photo
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
@@ -44,6 +46,28 @@ def shared_server(store_url: str) -> Iterator[Server]:
         server.stop()
 
 
+@contextlib.contextmanager
+def bare_http() -> Iterator[str]:
+    """The URL of `bench.bare_http`, running: the floor under an HTTP hop."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.bare_http", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 async def _post(client: httpx.AsyncClient, upload: bytes) -> httpx.Response:
     return await client.post(
         "/generate",
@@ -70,21 +94,32 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
     """A 512² request through both Services, against the pipeline called directly, interleaved;
     its overhead over the pipeline's call inside the GPU Service, and where that goes, stage
     by stage: the front's (Server-Timing), the GPU Service's (its /metrics, read between
-    requests), and what lies between them."""
+    requests), and what lies between them. The two HTTP hops each have, as a baseline, the
+    same bytes sent to and answered by a bare uvicorn (`bench.bare_http`): what is left above
+    it is BentoML's and this application's."""
     image = photo(512, 512)
     upload = file_bytes(image, "JPEG")
     edges = preprocessing.edge_map(image, Params(**FAST))
     params = GenerationParams(**FAST)
     served, direct, overhead = [], [], []
     stages: dict[str, list[float]] = {}
+    floors: dict[str, list[float]] = {FRONT_HOP: [], GPU_HOP: []}
 
     def gpu_timers() -> dict[str, float]:
         return {stage: metric(server, name) * 1000 for stage, name in GPU_STAGES.items()}
 
-    async def measure() -> None:
-        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
-            await _post(client, upload)  # warm both Services up, and the direct pipeline too
+    async def measure(bare: str) -> None:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=300) as client,
+            httpx.AsyncClient(base_url=bare, timeout=300) as floor,
+        ):
+            response = await _post(client, upload)  # warm both Services up, and the rest
             pipeline.generate(GPURequest.of(params, edges))
+            images_bytes = 3 * edges.size  # what the GPU Service answers: H×W×3 pixels
+            hops = {
+                FRONT_HOP: (_form(upload), len(response.content)),
+                GPU_HOP: (bytes(edges.size), images_bytes),  # the edge map goes, pixels return
+            }
             for _ in range(runs):
                 before = gpu_timers()
                 start = time.perf_counter()
@@ -96,8 +131,13 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
                 for stage, ms in _stages(served[-1], _server_timing(response), gpu):
                     stages.setdefault(stage, []).append(ms)
                 direct.append(timed_ms(lambda: pipeline.generate(GPURequest.of(params, edges))))
+                for hop, (sent, answered) in hops.items():
+                    start = time.perf_counter()
+                    (await floor.post(f"/?answer={answered}", content=sent)).raise_for_status()
+                    floors[hop].append((time.perf_counter() - start) * 1000)
 
-    asyncio.run(measure())
+    with bare_http() as bare:
+        asyncio.run(measure(bare))
     return [
         Row("end to end", "512² steps=2 request (baseline: pipeline call)", "ms", served, direct),
         Row(
@@ -108,8 +148,27 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
             target=15,
             target_is_ratio=False,
         ),
-        *(Row("overhead by stage", f"512²: {stage}", "ms", ms) for stage, ms in stages.items()),
+        *(
+            Row("overhead by stage", f"512²: {stage}", "ms", ms, floors.get(stage))
+            for stage, ms in stages.items()
+        ),
     ]
+
+
+# The stages that are an HTTP hop, each measured beside its floor (baseline: bare uvicorn).
+FRONT_HOP = "HTTP to and from the front"
+GPU_HOP = "call to the GPU Service and back"
+
+
+def _form(upload: bytes) -> bytes:
+    """The multipart body `_post` sends."""
+    request = httpx.Request(
+        "POST",
+        "http://front/generate",
+        files={"image": ("input.jpg", upload, "image/jpeg")},
+        data={"params": json.dumps(FAST)},
+    )
+    return request.read()
 
 
 def _stages(
@@ -121,9 +180,9 @@ def _stages(
     Service's queue, and its turn outside the pipeline's call (the worker, the thread hop)."""
     call = front.pop("generate")
     return [
-        ("HTTP to and from the front", served - call - sum(front.values())),
+        (FRONT_HOP, served - call - sum(front.values())),
         *((f"front: {name}", ms) for name, ms in front.items()),
-        ("call to the GPU Service and back", call - gpu["queue wait"] - gpu["turn"]),
+        (GPU_HOP, call - gpu["queue wait"] - gpu["turn"]),
         ("GPU queue wait", gpu["queue wait"]),
         ("GPU turn outside the pipeline", gpu["turn"] - gpu["pipeline"]),
     ]
