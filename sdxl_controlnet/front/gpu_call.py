@@ -51,7 +51,7 @@ async def prepare(
 
 async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) -> Generation:
     """Generate on ``gpu`` (what ``bentoml.depends`` gave): in one call, or through its
-    stream to hear of each step and preview. The caller leaving, or being cancelled, stops
+    stream to hear of each step and preview. The caller leaving, or being canceled, stops
     the GPU."""
     arguments = {**prepared.inputs.arguments(), "params": prepared.params.generation_params()}
     timeout_s = settings.generation_timeout_s

@@ -1,6 +1,6 @@
 """torch.compile for the UNet, the ControlNet and the VAE's decoder, with one promise:
 after the warm-up nothing compiles. On a GPU a compilation holds it for a minute or more
-(max-autotune: many) and cannot be cancelled, so a call that the warmed graphs do not fit
+(max-autotune: many) and cannot be canceled, so a call that the warmed graphs do not fit
 runs the eager module instead, and says so.
 
 TORCH_COMPILE_SCOPE says how much of the UNet and the ControlNet is compiled: their

@@ -384,7 +384,7 @@ class ControlNetPipeline:
         self,
         request: GPURequest,
         on_step: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
+        canceled: Callable[[], bool] = lambda: False,
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
         """Generate ``params.num_images`` images the size of ``request.controls``, returned
@@ -392,21 +392,21 @@ class ControlNetPipeline:
         ``params.strength``, repainting only where ``mask`` is white.
 
         After each denoising step ``on_step(done, total)`` reports progress, and
-        ``cancelled()`` can stop the run (raising GenerationCanceled), so an
+        ``canceled()`` can stop the run (raising GenerationCanceled), so an
         abandoned request frees the GPU within one step. Every ``params.preview_every``
         steps before the last, ``on_preview(done, total, webp)`` receives a preview of the
         first image. Nothing is compiled here: what the warmed graphs do not fit runs the
         eager models.
         """
         with without_compiling(), metrics.PIPELINE.time():
-            return self._run_diffusers(request, on_step, cancelled, on_preview)
+            return self._run_diffusers(request, on_step, canceled, on_preview)
 
     @torch.inference_mode()
     def _run_diffusers(
         self,
         request: GPURequest,
         on_step: Callable[[int, int], None] | None,
-        cancelled: Callable[[], bool],
+        canceled: Callable[[], bool],
         on_preview: Callable[[int, int, bytes], None] | None,
     ) -> np.ndarray:
         params = request.params
@@ -420,7 +420,7 @@ class ControlNetPipeline:
         def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             nonlocal preview
             pacer.step_done()  # on a GPU, what follows ticks as the GPU works
-            if cancelled():
+            if canceled():
                 raise GenerationCanceled
             if self.image_prompts is not None:  # the next step's scale, inside its window
                 self.image_prompts.set_scale(call.image_prompt, step + 1, pipe.num_timesteps)
@@ -438,7 +438,7 @@ class ControlNetPipeline:
         self._use_adapters(params.loras)
         compiled = self.runs_compiled(height, width, params)
         if self._compiled is not None:
-            self._compiled.take_fallbacks()  # a failed or cancelled call's, not this one's
+            self._compiled.take_fallbacks()  # a failed or canceled call's, not this one's
         call = build_call(self, request)
         pipe = call.pipe
         pipe.scheduler = self.schedulers[params.scheduler]

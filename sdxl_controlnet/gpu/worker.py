@@ -34,7 +34,7 @@ class GPUWorker:
         on_preview: Callable[[int, int, bytes], None] | None = None,
     ) -> np.ndarray:
         """The images of ``request``, checked first (and previews, see
-        ``ControlNetPipeline.generate``). If the caller is cancelled, the pipeline stops at
+        ``ControlNetPipeline.generate``). If the caller is canceled, the pipeline stops at
         its next step, and the GPU is released once it has."""
         params = request.checked().params
         height, width = request.size
@@ -58,7 +58,7 @@ class GPUWorker:
                 stop.set()
                 with contextlib.suppress(GenerationCanceled):
                     await generation
-                logger.info("generation cancelled: its caller went away or timed out")
+                logger.info("generation canceled: its caller went away or timed out")
                 raise
         metrics.IMAGES_GENERATED.inc(len(images))
         if self.pipeline.device.startswith("cuda"):

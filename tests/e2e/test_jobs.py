@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 let_the_sync_client_submit_tasks()
 
 FAST = {"prompt": "a house", "num_inference_steps": 2}
-# On a slow GPU (Server.slow_steps) this job holds it for 50 s: long enough to be cancelled
+# On a slow GPU (Server.slow_steps) this job holds it for 50 s: long enough to be canceled
 # mid-generation, well within the timeout, so the queue admits it.
 STEP_S = 0.5
 LONG = {"prompt": "x", "num_inference_steps": 100}

@@ -196,7 +196,7 @@ async def test_gpu_service_returns_uint8_rgb_batches(gpu) -> None:
     assert images.shape == (2, 64, 96, 3) and images.dtype == np.uint8
 
 
-async def test_a_cancelled_generation_stops_early_and_frees_the_gpu(gpu) -> None:
+async def test_a_canceled_generation_stops_early_and_frees_the_gpu(gpu) -> None:
     steps: list[int] = []
     edges = np.zeros((64, 64), np.uint8)
     long_run = GenerationParams(prompt="x", num_inference_steps=80, seed=0)
@@ -259,12 +259,12 @@ async def test_closing_the_gpu_stream_stops_the_pipeline(gpu, monkeypatch) -> No
     steps_run: list[int] = []
     generate = gpu.worker.pipeline.generate
 
-    def counting_generate(request, on_step, cancelled, on_preview):
+    def counting_generate(request, on_step, canceled, on_preview):
         def count(done: int, total: int) -> None:
             steps_run.append(done)
             on_step(done, total)
 
-        return generate(request, count, cancelled, on_preview)
+        return generate(request, count, canceled, on_preview)
 
     monkeypatch.setattr(gpu.worker.pipeline, "generate", counting_generate)
     params = GenerationParams(prompt="x", num_inference_steps=50, seed=1)

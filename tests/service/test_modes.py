@@ -293,7 +293,7 @@ def test_a_few_step_preset_runs_its_share_of_steps_from_a_picture(pipeline) -> N
     assert progress == [1, 2]
 
 
-def test_a_cancelled_inpainting_stops_at_its_next_step(pipeline) -> None:
+def test_a_canceled_inpainting_stops_at_its_next_step(pipeline) -> None:
     edges, start, mask = pictures()
     progress: list[int] = []
     with pytest.raises(GenerationCanceled):

@@ -377,7 +377,7 @@ async def test_nothing_is_fetched_for_invalid_params(receiver: Receiver) -> None
     assert receiver.fetches[fetched:] == []
 
 
-async def test_when_one_fetch_fails_its_siblings_are_cancelled(
+async def test_when_one_fetch_fails_its_siblings_are_canceled(
     receiver: Receiver, monkeypatch
 ) -> None:
     import asyncio
