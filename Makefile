@@ -54,11 +54,11 @@ test: tiny-model
 	$(BIN)/pytest --ignore=tests/tooling -m alone
 
 # The tooling's own tests: the GPU kit, run offline in a Python 3.12 stand-in for a rented GPU
-# machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes),
-# and the GPU options' tests on that machine's torch; the GPU benchmark's machinery and the
-# full-size model builder; and the product's tests that
-# stop and start servers of their own (jobs across restarts), or that walk the rest of a
-# browser journey or a configuration matrix whose representative `make test` runs.
+# machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes), and
+# the GPU options' tests on that machine's torch; the GPU benchmark's machinery and the
+# full-size model builder; and the product's tests that stop and start servers of their own
+# (jobs across restarts), or that walk the rest of a browser journey or a configuration
+# matrix whose representative `make test` runs.
 GPU_MACHINE := .venv-gpu/gpu_machine.txt
 $(GPU_MACHINE): devtools/gpu_machine.txt | $(BIN)/bentoml
 	$(PYTHON) -m devtools.gpu_kit mirror .venv-gpu

@@ -1,6 +1,7 @@
 """The floor under an HTTP hop: uvicorn as BentoML starts it (its own choice of event loop
-and HTTP parser), with an app that reads the whole body and answers as many bytes as asked.
-`bench/served.py` sends it the bytes each hop of a request carries, beside the real hop.
+and HTTP parser), with an app that reads the whole body and answers, on any path, as many
+bytes as ``?answer=N`` asks (none without it; so /readyz answers 200 at once).
+`bench/served.py` sends it as many bytes as each hop of a request carries, beside the real hop.
 
     python -m bench.bare_http PORT
 """

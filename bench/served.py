@@ -16,7 +16,7 @@ import httpx
 
 from bench.inprocess import file_bytes
 from bench.report import Row, interleaved, timed_ms
-from devtools.harness import Server, free_port, metric, photo
+from devtools.harness import Server, free_port, metric, photo, wait_until_ready
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
@@ -48,24 +48,19 @@ def shared_server(store_url: str) -> Iterator[Server]:
 
 @contextlib.contextmanager
 def bare_http() -> Iterator[str]:
-    """The URL of `bench.bare_http`, running: the floor under an HTTP hop."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.bare_http", str(port)])
-    url = f"http://127.0.0.1:{port}"
+    """The URL of `bench.bare_http`, ready: the floor under an HTTP hop."""
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([sys.executable, "-m", "bench.bare_http", url.rpartition(":")[2]])
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_until_ready(url, lambda: server.poll() is None, lambda: f"exit {server.returncode}")
         yield url
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 async def _post(client: httpx.AsyncClient, upload: bytes) -> httpx.Response:
@@ -94,8 +89,8 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
     """A 512² request through both Services, against the pipeline called directly, interleaved;
     its overhead over the pipeline's call inside the GPU Service, and where that goes, stage
     by stage: the front's (Server-Timing), the GPU Service's (its /metrics, read between
-    requests), and what lies between them. The two HTTP hops each have, as a baseline, the
-    same bytes sent to and answered by a bare uvicorn (`bench.bare_http`): what is left above
+    requests), and what lies between them. The two HTTP hops each have, as a baseline, as
+    many bytes sent to and answered by a bare uvicorn (`bench.bare_http`): what is left above
     it is BentoML's and this application's."""
     image = photo(512, 512)
     upload = file_bytes(image, "JPEG")
@@ -114,6 +109,7 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
             httpx.AsyncClient(base_url=bare, timeout=300) as floor,
         ):
             response = await _post(client, upload)  # warm both Services up, and the rest
+            response.raise_for_status()
             pipeline.generate(GPURequest.of(params, edges))
             images_bytes = 3 * edges.size  # what the GPU Service answers: H×W×3 pixels
             hops = {
@@ -155,9 +151,9 @@ def overhead_rows(server: Server, pipeline: ControlNetPipeline, runs: int) -> li
     ]
 
 
-# The stages that are an HTTP hop, each measured beside its floor (baseline: bare uvicorn).
-FRONT_HOP = "HTTP to and from the front"
-GPU_HOP = "call to the GPU Service and back"
+# The stages that are an HTTP hop, each measured beside its floor.
+FRONT_HOP = "HTTP to and from the front (baseline: bare uvicorn)"
+GPU_HOP = "call to the GPU Service and back (baseline: bare uvicorn)"
 
 
 def _form(upload: bytes) -> bytes:

@@ -29,6 +29,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE_PACKAGES = Path(__file__).with_name("gpu_machine.txt")
 MAX_BYTES = 60 * 2**20
@@ -74,10 +76,10 @@ def _pip(*args: str) -> None:
 
 def machine_torch() -> str:
     """The torch version the GPU machine has (``gpu_machine.txt``)."""
-    pin = re.search(r"^torch==(\S+)", MACHINE_PACKAGES.read_text(), re.MULTILINE)
+    pin = re.search(r"^torch==([^\s+]+)", MACHINE_PACKAGES.read_text(), re.MULTILINE)
     if pin is None:
         raise SystemExit(f"{MACHINE_PACKAGES} pins no torch: torch==VERSION, as the machine has")
-    return pin.group(1)
+    return pin.group(1)  # without a local label such as +cu130: the stand-in adds its own
 
 
 def _torch_stand_in(folder: Path, version: str) -> None:
@@ -96,6 +98,13 @@ def _torch_stand_in(folder: Path, version: str) -> None:
         wheel.writestr(f"{info}/RECORD", "")
 
 
+def _is_torch(line: str) -> bool:
+    try:
+        return Requirement(line.split("#")[0]).name.lower() == "torch"
+    except InvalidRequirement:  # a comment, a blank line or an option
+        return False
+
+
 def resolve(requirements: Path) -> dict[str, str]:
     """Every distribution ``requirements`` needs on the GPU machine, as name: version, torch's
     own dependencies aside: Python 3.12 x86-64 Linux, with the machine's torch in place of the
@@ -106,12 +115,8 @@ def resolve(requirements: Path) -> dict[str, str]:
         torch = machine_torch()
         _torch_stand_in(stand_in, torch)
         on_machine = Path(tmp, "requirements.txt")
-        lines = requirements.read_text().splitlines()
-        on_machine.write_text(
-            "\n".join(
-                [*(line for line in lines if not line.startswith("torch==")), f"torch=={torch}"]
-            )
-        )
+        lines = [line for line in requirements.read_text().splitlines() if not _is_torch(line)]
+        on_machine.write_text("\n".join([*lines, f"torch=={torch}"]))
         _pip(
             "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report),
             "--target", str(Path(tmp, "target")), "--find-links", str(stand_in),

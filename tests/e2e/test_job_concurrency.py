@@ -81,15 +81,15 @@ def test_a_storm_of_cancels_stops_every_job_and_frees_the_gpu(server: Server) ->
     print(f"cancel storm: slowest cancel {slowest_s:.2f} s; next /generate {next_s:.2f} s")
 
 
-@pytest.mark.parametrize("seconds", [8, pytest.param(30, marks=pytest.mark.thorough)])
+@pytest.mark.parametrize("duration_s", [8, pytest.param(30, marks=pytest.mark.thorough)])
 def test_a_mix_of_job_calls_from_many_clients_always_answers_in_json(
-    server: Server, seconds: int
+    server: Server, duration_s: int
 ) -> None:
-    """Submit, status, get and cancel from 8 clients at once, for ``seconds``: every answer
+    """Submit, status, get and cancel from 8 clients at once, for ``duration_s``: every answer
     within 5 s, as JSON, never a 5xx."""
     rng = random.Random(7)
     known: list[str] = [submit(server, steps=3)]
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + duration_s
     seen: list[tuple[str, int, float]] = []
 
     def client(seed: int) -> None:
@@ -113,4 +113,4 @@ def test_a_mix_of_job_calls_from_many_clients_always_answers_in_json(
     assert max(s[2] for s in seen) < ANSWER_WITHIN_S
     assert {s[1] for s in seen} <= {200, 409}, {s[1] for s in seen}
     slowest = max(s[2] for s in seen)
-    print(f"{len(seen)} job calls from 8 clients in {seconds} s; slowest {slowest:.2f} s")
+    print(f"{len(seen)} job calls from 8 clients in {duration_s} s; slowest {slowest:.2f} s")
