@@ -51,7 +51,7 @@ test: tiny-model
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder --ignore=tests/tooling -m "not alone and not restarts and not thorough"
-	$(BIN)/pytest --ignore=tests/tooling -m alone
+	$(BIN)/pytest -m alone tests/e2e
 
 # The tooling's own tests: the GPU kit, run offline in a Python 3.12 stand-in for a rented GPU
 # machine (about 5 GB, built once and rebuilt only when devtools/gpu_machine.txt changes), and

@@ -20,7 +20,7 @@ import psutil
 from PIL import Image, ImageDraw, ImageFilter
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.tiny_model import (
+from devtools.tiny_layout import (
     BASE_SUBDIR,
     CONTROLNET_SUBDIR,
     DEPTH_SUBDIR,
@@ -28,10 +28,6 @@ from devtools.tiny_model import (
     PREVIEW_SUBDIR,
     UNION_SUBDIR,
     VAE_SUBDIR,
-    build,
-    build_controls,
-    build_ip_adapter,
-    build_preview,
 )
 from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_VARIANTS
 
@@ -79,15 +75,19 @@ def tiny_ip_adapter_env() -> dict[str, str]:
 
 
 def ensure_tiny_model() -> Path:
-    """The tiny model's directory, built first if it is missing."""
-    if not (TINY_MODEL / BASE_SUBDIR / "model_index.json").exists():
-        build(TINY_MODEL)
-    if not (TINY_MODEL / PREVIEW_SUBDIR / "config.json").exists():
-        build_preview(TINY_MODEL)
-    if not (TINY_MODEL / UNION_SUBDIR / "config.json").exists():
-        build_controls(TINY_MODEL)
-    if not (TINY_MODEL / IP_ADAPTER_SUBDIR / IP_ADAPTER_VARIANTS["plus-vit-h"].weight).exists():
-        build_ip_adapter(TINY_MODEL)
+    """The tiny model's directory, each missing part built first (only then are the builder,
+    torch and diffusers imported)."""
+    parts = {  # a file of each part, and the builder that writes the part
+        f"{BASE_SUBDIR}/model_index.json": "build",
+        f"{PREVIEW_SUBDIR}/config.json": "build_preview",
+        f"{UNION_SUBDIR}/config.json": "build_controls",
+        f"{IP_ADAPTER_SUBDIR}/{IP_ADAPTER_VARIANTS['plus-vit-h'].weight}": "build_ip_adapter",
+    }
+    for path, builder in parts.items():
+        if not (TINY_MODEL / path).exists():
+            from devtools import tiny_model
+
+            getattr(tiny_model, builder)(TINY_MODEL)
     return TINY_MODEL
 
 

@@ -13,12 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-
-from devtools.tiny_model import BASE_SUBDIR
+from devtools.tiny_layout import BASE_SUBDIR
 
 # Three adapters: two styles, and one that stands in for a few-step distilled LoRA.
 ADAPTERS = {"style": 1, "detail": 2, "fast": 3}  # name: seed
@@ -29,6 +24,12 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def build_adapter(unet_dir: Path, output_dir: Path, seed: int, rank: int = 4) -> Path:
     """One random LoRA for the UNet in ``unet_dir``, saved under ``output_dir``."""
+    # Imported here: the test processes read `declaration` and need none of them.
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(unet_dir)
     # Random A and B (peft's default leaves B zero: an adapter that changes nothing).

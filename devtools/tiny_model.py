@@ -35,23 +35,18 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from devtools.tiny_layout import (
+    BASE_SUBDIR,
+    CONTROLNET_SUBDIR,
+    DEPTH_SUBDIR,
+    IP_ADAPTER_SUBDIR,
+    PREVIEW_SUBDIR,
+    UNION_SUBDIR,
+    VAE_SUBDIR,
+)
 from sdxl_controlnet.controls import UNION_MODE_COUNT
 from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_VARIANTS
 
-# Where the three model paths live under the output directory; the service
-# loads them exactly like the three Hugging Face repositories they stand in for.
-BASE_SUBDIR = "base"
-CONTROLNET_SUBDIR = "controlnet"
-VAE_SUBDIR = "vae"
-# The preview decoder (TAESD), built apart: a model built before it keeps its other parts.
-PREVIEW_SUBDIR = "preview"
-# A second ControlNet (standing in for a depth one) and a ControlNet Union, for
-# SDXL_CONTROLNETS; built apart too.
-DEPTH_SUBDIR = "controlnet-depth"
-UNION_SUBDIR = "controlnet-union"
-# An IP-Adapter folder in h94/IP-Adapter's layout (model_refs.IP_ADAPTER_VARIANTS), for
-# SDXL_IP_ADAPTER; built apart too.
-IP_ADAPTER_SUBDIR = "ip-adapter"
 IMAGE_HIDDEN_SIZE = 32
 IMAGE_EMBED_DIM = 16
 

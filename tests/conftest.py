@@ -8,7 +8,6 @@ import re
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from devtools.harness import (
     Server,
@@ -21,19 +20,18 @@ from devtools.redis_server import running_redis
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Before any test module imports the application, whose settings read the environment.
-    ensure_tiny_model()
-    # The tiny LoRA adapters too: every server and in-process Service declares them, so
-    # the base model's tests also prove that declared but unused adapters change nothing.
-    os.environ.update({**tiny_model_env(), **tiny_adapters_env()})
     # The suite runs on a shared 2-core machine, where pytest, the servers it starts and
     # whatever else runs there compete for the cores. One front worker for the servers a
     # test starts for a fault or a setting of its own; the shared server runs two (below).
     # One thread for torch in every process: OpenMP's threads spin while they wait for a
     # core, and make a tiny-model generation ten to twenty times slower whenever another
-    # process holds one.
+    # process holds one. Torch reads it when first imported: after this, whoever imports it.
     os.environ.update({"FRONT_WORKERS": "1", "OMP_NUM_THREADS": "1"})
-    torch.set_num_threads(1)
+    # Before any test module imports the application, whose settings read the environment.
+    ensure_tiny_model()
+    # The tiny LoRA adapters too: every server and in-process Service declares them, so
+    # the base model's tests also prove that declared but unused adapters change nothing.
+    os.environ.update({**tiny_model_env(), **tiny_adapters_env()})
 
 
 # The longest modules, run first so that they overlap the rest of the suite on the other
