@@ -20,15 +20,7 @@ import psutil
 from PIL import Image, ImageDraw, ImageFilter
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.tiny_layout import (
-    BASE_SUBDIR,
-    CONTROLNET_SUBDIR,
-    DEPTH_SUBDIR,
-    IP_ADAPTER_SUBDIR,
-    PREVIEW_SUBDIR,
-    UNION_SUBDIR,
-    VAE_SUBDIR,
-)
+from devtools import tiny_layout
 from sdxl_controlnet.gpu.model_refs import IP_ADAPTER_VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,11 +36,11 @@ def model_env(model_dir: Path) -> dict[str, str]:
     """The model settings for a directory laid out as the model builders write it; previews
     off where it has no preview decoder."""
     model_dir = Path(model_dir).resolve()
-    preview = model_dir / PREVIEW_SUBDIR
+    preview = model_dir / tiny_layout.PREVIEW_SUBDIR
     return {
-        "SDXL_BASE_MODEL": str(model_dir / BASE_SUBDIR),
-        "SDXL_CONTROLNET_MODEL": str(model_dir / CONTROLNET_SUBDIR),
-        "SDXL_VAE_MODEL": str(model_dir / VAE_SUBDIR),
+        "SDXL_BASE_MODEL": str(model_dir / tiny_layout.BASE_SUBDIR),
+        "SDXL_CONTROLNET_MODEL": str(model_dir / tiny_layout.CONTROLNET_SUBDIR),
+        "SDXL_VAE_MODEL": str(model_dir / tiny_layout.VAE_SUBDIR),
         "SDXL_PREVIEW_MODEL": str(preview) if preview.is_dir() else "",
     }
 
@@ -61,9 +53,9 @@ def tiny_model_env() -> dict[str, str]:
 def tiny_controlnets(configuration: str) -> dict[str, str]:
     """``SDXL_CONTROLNETS`` for the tiny model's ControlNets: ``canny+depth`` or ``union``."""
     tiny = {
-        "canny": CONTROLNET_SUBDIR,
-        "depth": DEPTH_SUBDIR,
-        "union": UNION_SUBDIR,
+        "canny": tiny_layout.CONTROLNET_SUBDIR,
+        "depth": tiny_layout.DEPTH_SUBDIR,
+        "union": tiny_layout.UNION_SUBDIR,
     }
     names = configuration.split("+")
     return {"SDXL_CONTROLNETS": ",".join(f"{n}={TINY_MODEL.resolve() / tiny[n]}" for n in names)}
@@ -71,17 +63,18 @@ def tiny_controlnets(configuration: str) -> dict[str, str]:
 
 def tiny_ip_adapter_env() -> dict[str, str]:
     """``SDXL_IP_ADAPTER`` for the tiny model's IP-Adapter: image prompts on."""
-    return {"SDXL_IP_ADAPTER": str(TINY_MODEL.resolve() / IP_ADAPTER_SUBDIR)}
+    return {"SDXL_IP_ADAPTER": str(TINY_MODEL.resolve() / tiny_layout.IP_ADAPTER_SUBDIR)}
 
 
 def ensure_tiny_model() -> Path:
     """The tiny model's directory, each missing part built first (only then are the builder,
     torch and diffusers imported)."""
+    plus = IP_ADAPTER_VARIANTS["plus-vit-h"].weight
     parts = {  # a file of each part, and the builder that writes the part
-        f"{BASE_SUBDIR}/model_index.json": "build",
-        f"{PREVIEW_SUBDIR}/config.json": "build_preview",
-        f"{UNION_SUBDIR}/config.json": "build_controls",
-        f"{IP_ADAPTER_SUBDIR}/{IP_ADAPTER_VARIANTS['plus-vit-h'].weight}": "build_ip_adapter",
+        f"{tiny_layout.BASE_SUBDIR}/model_index.json": "build",
+        f"{tiny_layout.PREVIEW_SUBDIR}/config.json": "build_preview",
+        f"{tiny_layout.UNION_SUBDIR}/config.json": "build_controls",
+        f"{tiny_layout.IP_ADAPTER_SUBDIR}/{plus}": "build_ip_adapter",
     }
     for path, builder in parts.items():
         if not (TINY_MODEL / path).exists():
