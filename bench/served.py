@@ -16,7 +16,7 @@ import httpx
 
 from bench.inprocess import file_bytes
 from bench.report import Row, interleaved, timed_ms
-from devtools.harness import Server, free_port, metric, photo, wait_until_ready
+from devtools.harness import Server, free_port, metric, photo, stop_process_tree, wait_until_ready
 from sdxl_controlnet.front import preprocessing
 from sdxl_controlnet.gpu.pipeline import ControlNetPipeline
 from sdxl_controlnet.schemas import GenerationParams, GPURequest, Params
@@ -55,12 +55,7 @@ def bare_http() -> Iterator[str]:
         wait_until_ready(url, lambda: server.poll() is None, lambda: f"exit {server.returncode}")
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process_tree(server)
 
 
 async def _post(client: httpx.AsyncClient, upload: bytes) -> httpx.Response:
