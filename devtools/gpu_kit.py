@@ -7,7 +7,7 @@ Such a machine has Python 3.12 with torch, triton and the libraries listed in
 ``devtools/gpu_machine.txt``, but none of diffusers, BentoML or pydantic. The kit holds the
 application's runtime sources with the benchmark, and the Python 3.12 manylinux wheels of
 every runtime dependency except torch (with its triton and CUDA libraries) and the big
-binaries the machine has (``LEFT_OUT``), plus pip's own wheel: ``scripts/gpu-bench.sh``
+binaries the machine has (``LEFT_OUT``), plus pip's own wheel: ``scripts/gpu-kit-install.sh``
 installs them offline into a folder of its own, leaving the machine's packages untouched.
 
 ``mirror`` builds the stand-in that the rehearsal test runs the kit in: a virtual
@@ -46,6 +46,7 @@ SOURCES = [
     "bench",
     "devtools",
     "scripts/gpu-bench.sh",
+    "scripts/gpu-kit-install.sh",
 ]
 WHEELS = "gpu-wheels"
 PYTHON_VERSION = "3.12"

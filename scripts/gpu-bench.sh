@@ -39,10 +39,7 @@ case "$preflight" in
      exit "$preflight" ;;
 esac
 
-# pip runs from its own wheel: the machine's pip, if any, is not needed.
-PIP_WHEEL="$(ls "$ROOT"/gpu-wheels/pip-*.whl)"
-"$PYTHON" "$PIP_WHEEL/pip" install --quiet --no-index --no-deps --disable-pip-version-check \
-  --target "$SITE" $(ls "$ROOT"/gpu-wheels/*.whl | grep -v '/pip-')
+PYTHON="$PYTHON" "$ROOT/scripts/gpu-kit-install.sh" "$SITE"
 
 export PYTHONPATH="$SITE:$ROOT"
 export BENTOML_DO_NOT_TRACK=true

@@ -2,8 +2,9 @@
 scope: what is compiled, the warm-ups, the fallback, the speed guide's settings, the device
 choice) run by the rented GPU machine's torch, not the project's pin: in the Python 3.12
 stand-in for that machine (.venv-gpu; devtools/gpu_machine.txt) with the GPU kit's libraries
-installed as `scripts/gpu-bench.sh` installs them, beside pytest. A compile that works on the
-pinned torch and fails on the machine's would otherwise first show on that machine."""
+installed by `scripts/gpu-kit-install.sh`, as `scripts/gpu-bench.sh` installs them, beside
+pytest. A compile that works on the pinned torch and fails on the machine's would otherwise
+first show on that machine."""
 
 from __future__ import annotations
 
@@ -35,13 +36,8 @@ def test_the_gpu_options_hold_on_the_gpu_machine_s_torch(tmp_path: Path) -> None
     python = str(venv / "bin" / "python")
     kit, site, tools = tmp_path / "gpu-kit", tmp_path / "site", tmp_path / "pytest"
     gpu_kit.build(kit)
-    wheels = sorted((kit / gpu_kit.WHEELS).glob("*.whl"))
-    pip = next(w for w in wheels if w.name.startswith("pip-"))
-    subprocess.run(
-        [python, f"{pip}/pip", "install", "--quiet", "--no-index", "--no-deps",
-         "--target", str(site), *map(str, (w for w in wheels if w != pip))],
-        check=True,
-    )  # fmt: skip
+    install = kit / "scripts" / "gpu-kit-install.sh"
+    subprocess.run([install, site], env={**os.environ, "PYTHON": python}, check=True)
     # pytest is no part of the machine or the kit: the tests' own, for Python 3.12.
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tools),
