@@ -120,7 +120,8 @@ def receiving(picture: bytes = b"") -> Iterator[Receiver]:
     server.receiver = receiver
     server.daemon_threads = True
     receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the serving loop's next poll: 0.5 s by default, at every test's end.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield receiver

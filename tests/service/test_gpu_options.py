@@ -104,6 +104,8 @@ def test_the_speed_guide_adds_its_inductor_settings_to_the_mode_s() -> None:
     assert compile_options("reduce-overhead", speed_guide=False)["mode"] == "reduce-overhead"
 
 
+# A cold compile of its own (half a minute) for a benchmark variant, not a default.
+@pytest.mark.thorough
 def test_the_speed_guide_s_settings_and_channels_last_give_the_same_image(eager) -> None:
     """Compiled with diffusers' speed-guide inductor settings, the networks and the VAE
     channels-last: the warmed graphs run (nothing compiles, nothing falls back) and the
