@@ -100,6 +100,7 @@ class JobEndpoints:
             job = await self.store.submit(task_id, stored, secret)
         except ClientError as exc:
             return exc.response()
+        self.store.on_submit()
         if (wait_s := _prefer_wait(request.headers.get("prefer", ""))) is None:
             return JSONResponse({"task_id": task_id, "status": job.status})
         deadline = time.monotonic() + wait_s

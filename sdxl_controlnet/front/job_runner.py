@@ -7,6 +7,10 @@ worker) stops the GPU call within that time, and the lease is renewed every thir
 ``JOB_LEASE_S``. A GPU Service that is busy puts the job back at the head of the line:
 a job waits for the GPU, it never fails for it. At a graceful stop the runner hands its
 jobs back; a worker that dies lets their leases lapse, and another worker runs them again.
+
+An idle runner asks the store for a job at once when its worker stores one or ends one,
+and otherwise every ``IDLE_POLL_S``: what only a poll finds (a lapsed lease, a job handed
+back by a worker that stopped) can wait that long, and an idle front costs its store little.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from .jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, SERVER_FAILURE, Clai
 
 logger = logs.logger(__name__)
 
-# How often an idle runner asks for a job, and a running one looks for a cancel.
-POLL_S = 0.05
+# How often an idle runner asks for a job unwoken, and a running one looks for a cancel.
+IDLE_POLL_S = 1.0
 WATCH_S = 0.25
 # How often the job counts on /metrics are refreshed.
 COUNT_S = 1.0
@@ -53,10 +57,11 @@ class JobRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}
         self.serving: asyncio.Future[t.Any] | None = None
-        self.ended = asyncio.Event()
+        self.wake = asyncio.Event()  # a job was stored here, or one ended here
 
     def start(self) -> None:
         """Run jobs, and deliver their webhooks, those of workers that are gone included."""
+        self.store.on_submit = self.wake.set
         outbox = self.store.outbox
         self.serving = asyncio.gather(self.serve(), self.count(), webhooks.keep_outbox(outbox))
 
@@ -73,9 +78,9 @@ class JobRunner:
                 except Exception:
                     logger.exception("job %s: its webhook could not be told", job.job.task_id)
             if claimed is None:
-                with contextlib.suppress(TimeoutError):  # or as soon as a job here ends
-                    await asyncio.wait_for(self.ended.wait(), POLL_S)
-                self.ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), IDLE_POLL_S)
+                self.wake.clear()
                 continue
             if claimed.job.attempt == 1 and claimed.job.executed_at is not None:
                 JOB_WAIT.observe(claimed.job.executed_at - claimed.job.created_at)
@@ -98,7 +103,7 @@ class JobRunner:
 
     def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
         self.running.pop(task_id, None)
-        self.ended.set()  # its GPU slot is free: the next job need not wait for a poll
+        self.wake.set()  # its GPU slot is free: the next job need not wait for a poll
 
     async def gave_up(self, failed: Claimed) -> None:
         """Tell the webhook of a job failed after its last attempt's worker died."""

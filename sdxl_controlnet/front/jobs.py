@@ -100,6 +100,9 @@ class JobStore(abc.ABC):
     outbox of their webhooks' deliveries."""
 
     outbox: Outbox
+    # What this process does once it has stored a job: its runner sets it to wake itself
+    # (job_runner.JobRunner.start), so that the job starts without waiting for a poll.
+    on_submit: t.Callable[[], None] = staticmethod(lambda: None)
 
     @abc.abstractmethod
     def open(self) -> None:
