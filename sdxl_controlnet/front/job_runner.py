@@ -10,7 +10,9 @@ jobs back; a worker that dies lets their leases lapse, and another worker runs t
 
 An idle runner asks the store for a job at once when its worker stores one or ends one,
 and otherwise every ``IDLE_POLL_S``: what only a poll finds (a lapsed lease, a job handed
-back by a worker that stopped) can wait that long, and an idle front costs its store little.
+back by a worker that stopped, one put back in line by a busy GPU) can wait that long, and
+an idle front costs its store little. A slot freed by a cancel is claimed once the canceled
+run has stopped on the GPU (within ``WATCH_S``) and its runner is woken by its end.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ class JobRunner:
                 JOBS_RUNNING.set(running)
             await asyncio.sleep(COUNT_S)
 
-    def _done(self, task_id: str, _: asyncio.Task[None]) -> None:
-        self.running.pop(task_id, None)
+    def _done(self, task_id: str, task: asyncio.Task[None]) -> None:
+        # Not a later run of the same job: one put back in line (a busy GPU) may be claimed
+        # again while this run waits out its backoff.
+        if self.running.get(task_id) is task:
+            del self.running[task_id]
         self.wake.set()  # its GPU slot is free: the next job need not wait for a poll
 
     async def gave_up(self, failed: Claimed) -> None:

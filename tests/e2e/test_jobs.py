@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import statistics
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +17,6 @@ from bentoml.exceptions import BentoMLException
 
 from devtools.bentoml_client import let_the_sync_client_submit_tasks
 from devtools.harness import Server, decode, encode, shapes_image
-from sdxl_controlnet.front.job_runner import IDLE_POLL_S
 
 pytestmark = pytest.mark.e2e
 
@@ -180,8 +178,8 @@ def test_get_of_a_running_job_says_it_is_running(server: Server, client, photo: 
 def test_a_job_stored_by_an_idle_front_starts_at_once_not_at_the_next_idle_poll(
     server: Server, client, photo: Path
 ) -> None:
-    """The worker that stores a job wakes its runner; without that, a job would wait for the
-    runner's idle poll (IDLE_POLL_S), half of one on the median."""
+    """The worker that stores a job wakes its runner; without that, a job would wait for a
+    runner's next idle poll (IDLE_POLL_S, 1 s): about 0.8 s each here, measured."""
     waits = []
     for _ in range(6):
         task = client.generate_task.submit(image=photo, params=FAST)
@@ -189,7 +187,7 @@ def test_a_job_stored_by_an_idle_front_starts_at_once_not_at_the_next_idle_poll(
         body = status_of(server, task.id)
         started, stored = (datetime.fromisoformat(body[k]) for k in ("executed_at", "created_at"))
         waits.append((started - stored).total_seconds())
-    assert statistics.median(waits) < IDLE_POLL_S / 4, waits
+    assert sorted(waits)[-2] < 0.3, waits  # all but the slowest
 
 
 def test_cancel_answers_for_unknown_and_finished_tasks(server: Server, client, photo) -> None:
