@@ -596,8 +596,8 @@ _check_presets()
 
 @dataclass(frozen=True)
 class GPURequest:
-    """One generation, as the GPU Service takes it from its API to the pipeline's call: its
-    settings and its pictures, at the output size (H×W)."""
+    """One generation, from the front's preprocessing through the GPU Service's API to the
+    pipeline's call: its settings and its pictures, at the output size (H×W)."""
 
     params: GenerationParams
     # K×H×W×C uint8: one control image per params.controls (C = 3), or without them the one
@@ -622,6 +622,26 @@ class GPURequest:
             one = edges[None, :, :, None] if edges.ndim == 2 else edges
             controls = one if controls is None else None  # both: ``checked`` refuses
         return cls(params, controls, init_image, mask)
+
+    def arguments(self) -> dict[str, t.Any]:
+        """As the keyword arguments of the GPU Service's APIs, which ``of`` reads back."""
+        one_canny = self.controls is not None and not self.params.controls
+        return {
+            "params": self.params,
+            "edges": self.controls[0, :, :, 0] if one_canny else None,
+            "controls": None if one_canny else self.controls,
+            "init_image": self.init_image,
+            "mask": self.mask,
+        }
+
+    def first_control(self) -> np.ndarray:
+        """The control image that steers first: the one Canny map (H×W), or the first
+        ControlNet's (H×W×3; an image prompt is no control image)."""
+        assert self.controls is not None, "a checked request"
+        if not self.params.controls:
+            return self.controls[0, :, :, 0]
+        types = [control.type for control in self.params.controls]
+        return self.controls[next(i for i, type_ in enumerate(types) if type_ != IMAGE_PROMPT)]
 
     @property
     def size(self) -> tuple[int, int]:

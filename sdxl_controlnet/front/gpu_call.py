@@ -14,12 +14,11 @@ from .. import streaming
 from ..bentoml_compat import connections
 from ..cancellation import cancel_on_disconnect
 from ..errors import from_gpu_failure, gpu_call_errors, raise_for_answer
-from ..schemas import BatchResult, Params
+from ..schemas import BatchResult, GPURequest, Params
 from ..settings import settings
 from ..streaming import Progress
 from . import preprocessing, references
 from .admission import DECODING, pixels
-from .preprocessing import GPUInputs
 from .results import Generation, Timings
 
 
@@ -27,7 +26,7 @@ from .results import Generation, Timings
 class Prepared:
     """A request ready for the GPU: what it sends, and its parameters resolved."""
 
-    inputs: GPUInputs
+    request: GPURequest
     params: Params
     timings: Timings
 
@@ -43,17 +42,17 @@ async def prepare(
     with timings.stage("preprocess"):
         pictures = await references.control_pictures(params.controls)
         with DECODING.held(pixels(image, init_image, mask, *pictures)):
-            inputs, resolved = await asyncio.to_thread(
+            request, resolved = await asyncio.to_thread(
                 preprocessing.prepare, image, params, init_image, mask, pictures
             )
-    return Prepared(inputs, resolved, timings)
+    return Prepared(request, resolved, timings)
 
 
 async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) -> Generation:
     """Generate on ``gpu`` (what ``bentoml.depends`` gave): in one call, or through its
     stream to hear of each step and preview. The caller leaving, or being canceled, stops
     the GPU."""
-    arguments = {**prepared.inputs.arguments(), "params": prepared.params.generation_params()}
+    arguments = prepared.request.arguments()
     timeout_s = settings.generation_timeout_s
     with prepared.timings.stage("generate"), gpu_call_errors(timeout_s):
         if progress is None:
@@ -69,17 +68,17 @@ async def run(gpu: t.Any, prepared: Prepared, progress: Progress | None = None) 
                     images = data
                 else:
                     await progress(kind, data)
-    inputs, params = prepared.inputs, prepared.params
-    if inputs.mask is not None and params.keep_unmasked:
+    request, params = prepared.request, prepared.params
+    if request.mask is not None and params.keep_unmasked:
         with prepared.timings.stage("keep_unmasked"):
             images = await asyncio.to_thread(
                 preprocessing.keep_unmasked,
                 images,
-                inputs.init_image,
-                inputs.mask,
+                request.init_image,
+                request.mask,
                 params.mask_blur,
             )
-    return Generation(inputs.first_control(params.controls), images, params, prepared.timings)
+    return Generation(request.first_control(), images, params, prepared.timings)
 
 
 async def generation(

@@ -11,7 +11,6 @@ import contextlib
 import math
 import typing as t
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -20,9 +19,8 @@ from pydantic import WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
-from ..controls import IMAGE_PROMPT
 from ..errors import InvalidRequest
-from ..schemas import Control, EdgeParams, Params, ResizeMode
+from ..schemas import Control, EdgeParams, GPURequest, Params, ResizeMode
 from ..settings import settings
 from .encoding import encode_image
 
@@ -322,36 +320,13 @@ def _blurred(rgb: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(rgb, (0, 0), TILE_BLUR_SIGMA)
 
 
-@dataclass
-class GPUInputs:
-    """The pictures the GPU Service takes beside the parameters, at the output size."""
-
-    edges: np.ndarray | None  # H×W uint8, the one Canny control (no params.controls)
-    init_image: np.ndarray | None = None  # H×W×3 uint8, the picture to start from
-    mask: np.ndarray | None = None  # H×W uint8, white where to repaint
-    controls: np.ndarray | None = None  # K×H×W×3 uint8, one per params.controls
-
-    def arguments(self) -> dict[str, np.ndarray | None]:
-        """As the keyword arguments of the GPU Service's APIs."""
-        pictures = {"init_image": self.init_image, "mask": self.mask}
-        return {"edges": self.edges, **pictures, "controls": self.controls}
-
-    def first_control(self, controls: list[Control]) -> np.ndarray:
-        """The control image that steers first: the one, or the first ControlNet's of
-        ``controls`` (an image prompt is no control image)."""
-        if self.edges is not None:
-            return self.edges
-        steering = [i for i, control in enumerate(controls) if control.type != IMAGE_PROMPT]
-        return self.controls[steering[0]]
-
-
 def prepare(
     image: Image.Image,
     params: Params,
     init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
     control_pictures: list[Image.Image | None] | None = None,
-) -> tuple[GPUInputs, Params]:
+) -> tuple[GPURequest, Params]:
     """What a request sends the GPU Service, and its parameters resolved: the output size,
     the mode and its strength. The start picture is ``init_image``, fitted to the output,
     or for image-to-image and inpainting without one, the uploaded ``image`` itself.
@@ -362,12 +337,11 @@ def prepare(
     if restyle:  # the upload is the start picture too: decoded once, in colour, full size
         image = upright_rgb(image, min_side=None)
     size, resize_mode = sizing(image, params)
-    inputs = GPUInputs(None)
     if not params.controls:
-        inputs.edges = edge_map(image, params)
+        controls = edge_map(image, params)[None, :, :, None]  # the one Canny control: K = C = 1
     else:
         given = control_pictures or [None] * len(params.controls)
-        inputs.controls = np.stack(
+        controls = np.stack(
             [
                 # A picture of its own meets the output as init_image does.
                 control_image(picture, control, params, size, params.resize_mode, field)
@@ -378,12 +352,15 @@ def prepare(
                 )
             ]
         )
+    start = repaint = None
     if resolved.mode != "text-to-image":
         # The start picture and its mask meet the output as the control image did, or as asked.
         fitting = (size, resize_mode if restyle else params.resize_mode)
-        inputs.init_image = start_picture(image if restyle else init_image, *fitting)
-        inputs.mask = None if mask is None else repaint_mask(mask, *fitting)
-    return inputs, resolved.model_copy(update={"width": size[0], "height": size[1]})
+        start = start_picture(image if restyle else init_image, *fitting)
+        repaint = None if mask is None else repaint_mask(mask, *fitting)
+    resolved = resolved.model_copy(update={"width": size[0], "height": size[1]})
+    request = GPURequest(resolved.generation_params(), controls, start, repaint)
+    return request, resolved
 
 
 def keep_unmasked(images: np.ndarray, start: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:

@@ -99,7 +99,7 @@ def _steering(
     ControlNet, or several combined, each with its own ``settings``."""
     # torch.tensor copies: the arrays BentoML unpickles are read-only.
     stack = torch.tensor(controls, device=models.device).permute(0, 3, 1, 2)
-    # The one Canny control crosses the wire as one channel.
+    # The one Canny control has one channel (C = 1).
     stack = stack.to(models.pipe.dtype).div_(255).expand(-1, 3, -1, -1)
     images = list(stack.split(1))
     if params.controls:

@@ -256,9 +256,9 @@ def test_a_mask_meets_the_output_like_the_control_image(resize_mode, columns) ->
 def test_a_start_picture_is_sized_like_the_control_image() -> None:
     picture = photo(300, 200)
     params = Params(prompt="x", width=96, height=64, resize_mode="crop_and_resize")
-    inputs, resolved = preprocessing.prepare(shapes_image(300, 200), params, picture)
-    assert inputs.edges.shape == (64, 96)
-    assert inputs.init_image.shape == (64, 96, 3) and inputs.mask is None
+    request, resolved = preprocessing.prepare(shapes_image(300, 200), params, picture)
+    assert request.controls.shape == (1, 64, 96, 1)
+    assert request.init_image.shape == (64, 96, 3) and request.mask is None
     assert (resolved.width, resolved.height, resolved.mode) == (96, 64, "image-to-image")
 
 

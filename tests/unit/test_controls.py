@@ -14,7 +14,7 @@ from devtools.harness import encode, photo, shapes_image
 from sdxl_controlnet.controls import CONTROL_TYPES, UNION_MODES, offered, parse_controlnets
 from sdxl_controlnet.errors import InvalidRequest
 from sdxl_controlnet.front import preprocessing, references
-from sdxl_controlnet.schemas import Control, Params
+from sdxl_controlnet.schemas import Control, GPURequest, Params
 from sdxl_controlnet.settings import Settings, SettingsError
 
 PROMPT = {"prompt": "a red ball", "seed": 1}
@@ -113,11 +113,18 @@ def test_a_canny_control_of_the_upload_is_the_one_control_edge_map_in_rgb() -> N
     listed, resolved = preprocessing.prepare(
         upload.copy(), Params(**PROMPT, controls=[{"type": "canny"}, {"type": "canny"}])
     )
-    assert one.controls is None and listed.edges is None
-    assert listed.controls.shape == (2, *one.edges.shape, 3)
+    edges = one.first_control()
+    assert one.controls.shape == (1, *edges.shape, 1)
+    assert listed.controls.shape == (2, *edges.shape, 3)
     for channel in range(3):
-        np.testing.assert_array_equal(listed.controls[0, :, :, channel], one.edges)
-    assert (resolved.width, resolved.height) == (one.edges.shape[1], one.edges.shape[0])
+        np.testing.assert_array_equal(listed.controls[0, :, :, channel], edges)
+    assert (resolved.width, resolved.height) == (edges.shape[1], edges.shape[0])
+    # On the wire, the one Canny control is the GPU Service's `edges` (H×W), the others
+    # its `controls`; the GPU Service reads back the request the front made.
+    for request, field in ((one, "edges"), (listed, "controls")):
+        arguments = request.arguments()
+        assert [name for name in ("edges", "controls") if arguments[name] is not None] == [field]
+        np.testing.assert_array_equal(GPURequest.of(**arguments).controls, request.controls)
 
 
 def test_tile_blurs_the_picture_and_none_takes_it_as_it_is() -> None:
@@ -129,8 +136,8 @@ def test_tile_blurs_the_picture_and_none_takes_it_as_it_is() -> None:
             {"type": "canny", "preprocessor": "none"},
         ],
     )
-    inputs, _ = preprocessing.prepare(upload.copy(), params)
-    tile, as_is = inputs.controls.astype(int)
+    request, _ = preprocessing.prepare(upload.copy(), params)
+    tile, as_is = request.controls.astype(int)
     np.testing.assert_array_equal(as_is, np.asarray(upload.convert("RGB")))
     assert abs(tile.mean() - as_is.mean()) < 2  # the same picture
     detail = lambda rgb: np.square(np.diff(rgb, axis=1)).mean()  # noqa: E731
@@ -143,8 +150,8 @@ def test_a_control_image_of_its_own_is_fitted_to_the_output_size() -> None:
         **PROMPT, width=96, height=64, controls=[{"type": "canny", "preprocessor": "none"}]
     )
     own = shapes_image(40, 200)  # another size and aspect ratio: covered and cropped
-    inputs, _ = preprocessing.prepare(upload, params, control_pictures=[own])
-    assert inputs.controls.shape == (1, 64, 96, 3)
+    request, _ = preprocessing.prepare(upload, params, control_pictures=[own])
+    assert request.controls.shape == (1, 64, 96, 3)
 
 
 @pytest.mark.anyio
