@@ -14,6 +14,8 @@ from devtools.harness import (
     ensure_tiny_model,
     serving,
     tiny_adapters_env,
+    tiny_controlnets,
+    tiny_ip_adapter_env,
     tiny_model_env,
 )
 from devtools.redis_server import running_redis
@@ -68,6 +70,15 @@ def server() -> Iterator[Server]:
     as users get on a two-core host: a job may run on one worker and be polled or canceled
     on the other."""
     with serving({"FRONT_WORKERS": "2"}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def canny_and_depth() -> Iterator[Server]:
+    """A server whose ControlNets serve two control types, canny and depth, and which takes
+    image prompts, with two front workers: the controls' tests and the studio's share it."""
+    env = {**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env(), "FRONT_WORKERS": "2"}
+    with serving(env) as srv:
         yield srv
 
 

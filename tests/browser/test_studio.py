@@ -23,10 +23,7 @@ from devtools.harness import (
     as_array,
     decode,
     encode,
-    serving,
     shapes_image,
-    tiny_controlnets,
-    tiny_ip_adapter_env,
 )
 from sdxl_controlnet.schemas import Params
 
@@ -278,14 +275,6 @@ def test_painting_a_mask_over_the_picture_inpaints_it(page: Page) -> None:
     page.click("#clear_mask")
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("image-to-image", timeout=120_000)
-
-
-@pytest.fixture(scope="module")
-def canny_and_depth() -> Iterator[Server]:
-    """A server whose ControlNets serve two control types, canny and depth, and which
-    takes image prompts."""
-    with serving({**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env()}) as srv:
-        yield srv
 
 
 # Chromium tells Playwright nothing of a multipart body with a file in it, so the page's

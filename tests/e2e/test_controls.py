@@ -26,7 +26,6 @@ from devtools.harness import (
     serving,
     shapes_image,
     tiny_controlnets,
-    tiny_ip_adapter_env,
 )
 from tests.e2e.test_clients import ELSEWHERE, section
 
@@ -41,14 +40,6 @@ def data_uri(image) -> str:
 
 
 DEPTH = data_uri(photo(96, 64).convert("L"))  # a stand-in depth map
-
-
-@pytest.fixture(scope="module")
-def canny_and_depth() -> Iterator[Server]:
-    """Canny and depth ControlNets, and an IP-Adapter for image prompts."""
-    env = {**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env(), "FRONT_WORKERS": "2"}
-    with serving(env) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
