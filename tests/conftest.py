@@ -73,10 +73,10 @@ def server() -> Iterator[Server]:
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def canny_and_depth() -> Iterator[Server]:
     """A server whose ControlNets serve two control types, canny and depth, and which takes
-    image prompts, with two front workers: the controls' tests and the studio's share it."""
+    image prompts, with two front workers: for the controls' tests and the studio's."""
     env = {**tiny_controlnets("canny+depth"), **tiny_ip_adapter_env(), "FRONT_WORKERS": "2"}
     with serving(env) as srv:
         yield srv
