@@ -67,15 +67,16 @@ test-tooling: tiny-model $(GPU_MACHINE)
 	$(MAKE) --jobs=2 --output-sync=target tooling-tests soak
 	$(BIN)/pytest -n 2 --dist loadscope --ignore=tests/tooling -m "restarts or thorough" tests
 
-# The soak holds a server busy for SOAK_S (300 s; `SOAK_S=3600 make soak` for an hour), so it
-# runs beside the tooling's other tests: on one of their two pytest workers it would be the
-# last to end, with whatever module pytest-xdist queued behind it.
+# The soak holds a server busy for SOAK_S (300 s; `SOAK_S=3600 make soak` for an hour, then
+# prints its request counts and memory), so it runs beside the tooling's other tests: on one
+# of their two pytest workers it would be the last to end, with whatever module pytest-xdist
+# queued behind it.
 .PHONY: tooling-tests soak
 tooling-tests: tiny-model $(GPU_MACHINE)
 	$(BIN)/pytest -n 2 --dist loadscope --ignore=tests/tooling/test_soak.py tests/tooling
 
 soak: tiny-model
-	$(BIN)/pytest tests/tooling/test_soak.py
+	$(BIN)/pytest -s tests/tooling/test_soak.py
 
 # Figures, never a failure: `make bench BENCH_ARGS="--compare old.json"` compares two runs.
 bench: tiny-model

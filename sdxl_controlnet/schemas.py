@@ -636,12 +636,13 @@ class GPURequest:
 
     def first_control(self) -> np.ndarray:
         """The control image that steers first: the one Canny map (H×W), or the first
-        ControlNet's (H×W×3; an image prompt is no control image)."""
-        assert self.controls is not None, "a checked request"
+        ControlNet's (H×W×3; an image prompt is no control image, and never the only one)."""
+        assert self.controls is not None, "a request with its control images"
         if not self.params.controls:
             return self.controls[0, :, :, 0]
         types = [control.type for control in self.params.controls]
-        return self.controls[next(i for i, type_ in enumerate(types) if type_ != IMAGE_PROMPT)]
+        steering = [i for i, type_ in enumerate(types) if type_ != IMAGE_PROMPT]
+        return self.controls[steering[0]]
 
     @property
     def size(self) -> tuple[int, int]:

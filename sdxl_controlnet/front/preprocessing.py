@@ -352,7 +352,8 @@ def prepare(
                 )
             ]
         )
-    start = repaint = None
+    start: np.ndarray | None = None
+    repaint: np.ndarray | None = None
     if resolved.mode != "text-to-image":
         # The start picture and its mask meet the output as the control image did, or as asked.
         fitting = (size, resize_mode if restyle else params.resize_mode)
