@@ -623,13 +623,20 @@ class GPURequest:
             controls = one if controls is None else None  # both: ``checked`` refuses
         return cls(params, controls, init_image, mask)
 
+    @property
+    def edges(self) -> np.ndarray | None:
+        """The one Canny control as the wire carries it (H×W); None with params.controls."""
+        if self.controls is None or self.params.controls:
+            return None
+        return self.controls[0, :, :, 0]
+
     def arguments(self) -> dict[str, t.Any]:
         """As the keyword arguments of the GPU Service's APIs, which ``of`` reads back."""
-        one_canny = self.controls is not None and not self.params.controls
+        edges = self.edges
         return {
             "params": self.params,
-            "edges": self.controls[0, :, :, 0] if one_canny else None,
-            "controls": None if one_canny else self.controls,
+            "edges": edges,
+            "controls": self.controls if edges is None else None,
             "init_image": self.init_image,
             "mask": self.mask,
         }
@@ -639,7 +646,7 @@ class GPURequest:
         ControlNet's (H×W×3; an image prompt is no control image, and never the only one)."""
         assert self.controls is not None, "a request with its control images"
         if not self.params.controls:
-            return self.controls[0, :, :, 0]
+            return self.edges
         types = [control.type for control in self.params.controls]
         steering = [i for i, type_ in enumerate(types) if type_ != IMAGE_PROMPT]
         return self.controls[steering[0]]
@@ -671,7 +678,7 @@ class GPURequest:
             )
         height, width = self.size
         # As the caller sent them: the one Canny control as edges, H×W.
-        sent = ("controls", controls) if params.controls else ("edges", controls[0, :, :, 0])
+        sent = ("controls", controls) if params.controls else ("edges", self.edges)
         for name, array, shape in (
             ("init_image", self.init_image, (height, width, 3)),
             ("mask", self.mask, (height, width)),

@@ -337,8 +337,10 @@ def prepare(
     if restyle:  # the upload is the start picture too: decoded once, in colour, full size
         image = upright_rgb(image, min_side=None)
     size, resize_mode = sizing(image, params)
+    edges: np.ndarray | None = None
+    controls: np.ndarray | None = None
     if not params.controls:
-        controls = edge_map(image, params)[None, :, :, None]  # the one Canny control: K = C = 1
+        edges = edge_map(image, params)
     else:
         given = control_pictures or [None] * len(params.controls)
         controls = np.stack(
@@ -360,7 +362,7 @@ def prepare(
         start = start_picture(image if restyle else init_image, *fitting)
         repaint = None if mask is None else repaint_mask(mask, *fitting)
     resolved = resolved.model_copy(update={"width": size[0], "height": size[1]})
-    request = GPURequest(resolved.generation_params(), controls, start, repaint)
+    request = GPURequest.of(resolved.generation_params(), edges, controls, start, repaint)
     return request, resolved
 
 

@@ -348,7 +348,7 @@ class ControlNetPipeline:
             logger.info("compiling for %d×%d (warm-up generation)", width, height)
             key = graph_key(height, width, warm_up)
             self._compiled.warmed.add(key)
-            request = GPURequest(warm_up, np.zeros((1, height, width, 1), np.uint8))
+            request = GPURequest.of(warm_up, np.zeros((height, width), np.uint8))
             try:
                 for _ in range(self._compiled.warm_ups):
                     self._thread.submit(
