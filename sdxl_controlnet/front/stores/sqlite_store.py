@@ -160,8 +160,11 @@ class SQLiteJobStore(JobStore):
 
     async def submit(self, task_id: str, input: bytes, secret: str | None) -> Job:
         def submit() -> Job:
-            now = time.time()
             with self._transaction() as db:
+                # Stamped holding the write lock, as Redis stamps it in its script: the line is
+                # ordered by created_at, and a job stamped before waiting for the lock would
+                # join it behind one a runner has already taken.
+                now = time.time()
                 db.execute("DELETE FROM job WHERE completed_at < ?", (now - RETENTION_S,))
                 (waiting,) = db.execute("SELECT count(*) FROM job WHERE status = 'pending'")
                 if refusal := queue_full(waiting[0], settings.job_queue_max):
